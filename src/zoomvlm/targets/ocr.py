@@ -1,0 +1,278 @@
+"""A real reader as a target: RapidOCR (PP-OCR detection + recognition ONNX models shipped in the wheel).
+
+It stands in for a low-resolution VLM on machines without VLM weights: each view is shrunk to a pixel
+budget (like a VLM's input resolution), read, and the transcript is the answer. Its
+:meth:`OCRTarget.loglikelihood` scores an answer from the recogniser's per-frame character
+probabilities (CTC), so the likelihood reward of CropVLM has a real, graded signal here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from zoomvlm.geometry import Budget
+from zoomvlm.targets.base import Generation, TargetRequest, Usage, require_answers
+
+logger = logging.getLogger(__name__)
+
+PROB_FLOOR = 1e-8
+"""Probabilities are clamped here before the log, so one impossible frame costs log(1e-8) = -18.4 nats."""
+
+# RapidOCR resizes behind the caller's back in two places; both are switched off so the view's own
+# size (already shrunk to the budget) is exactly what the detector and recogniser see:
+#  - Global.max_side_len (default 2000) shrinks large images before detection;
+#  - Det.limit_type=min / limit_side_len=736 UPSCALES so the short side is 736 px, which would read
+#    a 384 px "low-resolution" view at ~2x the resolution it claims to have.
+_NO_RESIZE = 1_000_000
+_ENGINE_PARAMS = {
+    "Global.max_side_len": _NO_RESIZE,
+    "Global.log_level": "warning",
+    "Det.limit_type": "max",
+    "Det.limit_side_len": _NO_RESIZE,
+}
+
+
+@dataclass(frozen=True)
+class OCRLine:
+    """One recognised text line.
+
+    Args:
+        text: decoded text.
+        score: the recogniser's mean character confidence in ``[0, 1]``.
+        box: quadrilateral ``[[x, y] x 4]`` in the pixels of the view it was read from.
+        log_probs: ``[T, C]`` per-frame log-probabilities (C = recogniser classes, 0 = CTC blank).
+    """
+
+    text: str
+    score: float
+    box: np.ndarray
+    log_probs: np.ndarray
+
+
+class OCRTarget:
+    """RapidOCR as a :class:`~zoomvlm.targets.base.Target`.
+
+    Args:
+        budget: default per-view budget; the CLI's ``--budget 384`` gives ``Budget(max_side=384)``.
+        text_score: lines whose recogniser confidence is below this are dropped (RapidOCR's default 0.5).
+
+    ``generate`` returns the transcript of all views, line by line in reading order (top-to-bottom,
+    left-to-right, view after view). It ignores the question: a reader answers by reading.
+    """
+
+    def __init__(self, budget: Budget | int | str | None = 384, text_score: float = 0.5):
+        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.text_score = text_score
+        self.name = f"ocr@{self.budget}"
+        self._engine = None
+        self._char_index: dict[str, list[int]] | None = None
+
+    # ---- engine -------------------------------------------------------------------------------
+    @property
+    def engine(self):
+        if self._engine is None:
+            from rapidocr import RapidOCR
+
+            self._engine = RapidOCR(params=dict(_ENGINE_PARAMS))
+            self._engine._load_rec_model()
+        return self._engine
+
+    def read(self, view: Image.Image) -> list[list[OCRLine]]:
+        """Detect and recognise the lines of one view, AS IS (no budget applied here).
+
+        Returns:
+            Rows in reading order (top to bottom), each a list of lines left to right, with confidence
+            >= ``text_score`` and non-empty text.
+        """
+        from rapidocr.main import RapidOCRError
+
+        engine = self.engine
+        img = engine.load_img(np.asarray(view.convert("RGB")))
+        img, op_record = engine.preprocess_img(img)
+        try:
+            crops, det = engine.detect_and_crop(img, op_record)
+            if engine.use_cls:
+                crops, _ = engine.cls_and_rotate(crops)
+        except RapidOCRError:  # nothing detected
+            return []
+        texts, scores, log_probs = self._recognise(crops)
+        lines = [
+            OCRLine(t, s, np.asarray(b, dtype=np.float32), lp)
+            for t, s, b, lp in zip(texts, scores, det.boxes, log_probs, strict=True)
+            if t.strip() and s >= self.text_score
+        ]
+        return reading_order(lines)
+
+    def _recognise(self, crops: list[np.ndarray]) -> tuple[list[str], list[float], list[np.ndarray]]:
+        # RapidOCR's TextRecognizer.__call__ decodes and throws the probabilities away; this repeats its
+        # batching (same resize/normalisation, same decoder) but keeps the [T, C] probabilities for CTC.
+        rec = self.engine.text_rec
+        _, img_h, img_w = rec.rec_image_shape[:3]
+        texts: list[str] = [""] * len(crops)
+        scores: list[float] = [0.0] * len(crops)
+        log_probs: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(crops)
+        order = np.argsort([c.shape[1] / c.shape[0] for c in crops])
+        for start in range(0, len(crops), rec.rec_batch_num):
+            idx = order[start : start + rec.rec_batch_num]
+            ratios = [crops[i].shape[1] / crops[i].shape[0] for i in idx]
+            max_ratio = max([img_w / img_h, *ratios])
+            batch = np.stack([rec.resize_norm_img(crops[i], max_ratio) for i in idx]).astype(np.float32)
+            probs = rec.session(batch)
+            decoded, _ = rec.postprocess_op(probs, False, wh_ratio_list=ratios, max_wh_ratio=max_ratio)
+            lp = np.log(np.clip(probs, PROB_FLOOR, 1.0))
+            for j, i in enumerate(idx):
+                texts[i], scores[i] = decoded[j][0], float(decoded[j][1])
+                log_probs[i] = lp[j]
+        return texts, scores, log_probs
+
+    # ---- Target protocol ----------------------------------------------------------------------
+    def generate(self, requests: Sequence[TargetRequest]) -> list[Generation]:
+        """Transcribe every view of each request (see class docstring). One Generation per request."""
+        out = []
+        for req in requests:
+            start = time.perf_counter()
+            views = req.views(self.budget)
+            lines = [" ".join(line.text for line in row) for view in views for row in self.read(view)]
+            usage = Usage(
+                view_pixels=tuple(v.width * v.height for v in views),
+                seconds=time.perf_counter() - start,
+            )
+            out.append(Generation("\n".join(lines), usage))
+        return out
+
+    def loglikelihood(self, requests: Sequence[TargetRequest]) -> list[float]:
+        """Log-likelihood (nats) that the reader sees ``answer`` as a SUBSTRING of one line of the views.
+
+        Definition: the recogniser's per-frame class probabilities ``p[t, c]`` of all lines of a view are
+        concatenated in reading order into one frame sequence; the answer (spaces removed) is aligned by
+        CTC to a contiguous window of frames; frames before and after the window are free (probability
+        1), so the answer may be any part of a line, e.g. ``"9.00"`` in ``"TOTAL: RM 9.00"``, or run on
+        into the next line (a company name wrapped over two lines). Inside the window, blank and space
+        both count as "no character" and letter case is merged (``p(a) + p(A)``), matching the case- and
+        space-insensitive ``contains`` metric. The score is the best window over the views:
+        ``max_view max_{window} log sum_{CTC paths in window} prod_t p[t, path_t]``.
+
+        An answer no line can hold (no text detected) scores ``len(answer) * log(PROB_FLOOR)``, the
+        same order as the worst line, so the reward stays finite. Characters absent from the
+        recogniser's alphabet are skipped (logged).
+
+        Raises:
+            ValueError: a request has no answer, or an answer with no readable character.
+        """
+        answers = require_answers(requests)
+        out = []
+        for req, answer in zip(requests, answers, strict=True):
+            labels = self._encode(answer)
+            best = len(labels) * math.log(PROB_FLOOR)
+            for view in req.views(self.budget):
+                rows = self.read(view)
+                if rows:
+                    frames = np.concatenate([line.log_probs for row in rows for line in row])
+                    best = max(best, ctc_substring_logprob(frames, labels))
+            out.append(float(best))
+        return out
+
+    def _encode(self, answer: str) -> list[list[int]]:
+        """Each answer character (spaces dropped) -> the class ids it may be read as (case variants)."""
+        if self._char_index is None:
+            chars = self.engine.text_rec.postprocess_op.character
+            index: dict[str, list[int]] = {}
+            for i, ch in enumerate(chars):
+                if i == 0 or ch == " ":  # CTC blank / space class
+                    continue
+                index.setdefault(ch.lower(), []).append(i)
+            self._char_index = index
+        labels, missing = [], []
+        for ch in answer:
+            if ch.isspace():
+                continue
+            ids = self._char_index.get(ch.lower())
+            if ids is None:
+                missing.append(ch)
+            else:
+                labels.append(ids)
+        if missing:
+            logger.warning("characters %r are not in the OCR alphabet; scored without them", missing)
+        if not labels:
+            raise ValueError(f"answer {answer!r} has no character the reader can score")
+        return labels
+
+
+def ctc_substring_logprob(log_probs: np.ndarray, labels: Sequence[Sequence[int]]) -> float:
+    """Best CTC log-probability of ``labels`` over any contiguous window of frames (free prefix/suffix).
+
+    Args:
+        log_probs: ``[T, C]`` per-frame log-probabilities; class 0 is the CTC blank, and the LAST class
+            is treated as blank-like too (PP-OCR's space class).
+        labels: the target sequence; each element lists the class ids that may realise that character
+            (their probabilities are summed, e.g. upper/lower case).
+
+    Returns:
+        ``max_{a <= b} log P_CTC(labels | frames a..b)``, computed by the CTC forward recursion
+        (Graves et al. 2006) with a fresh start allowed at every frame and the end taken at every frame.
+        ``-inf``-free: with clamped inputs it is at least ``T * log(PROB_FLOOR)``-bounded.
+
+    Raises:
+        ValueError: empty labels.
+    """
+    if len(labels) == 0:
+        raise ValueError("ctc_substring_logprob needs at least one label")
+    T = log_probs.shape[0]
+    L = len(labels)
+    blank_cols = [0, log_probs.shape[1] - 1]
+    blank = np.logaddexp.reduce(log_probs[:, blank_cols], axis=1)  # [T]
+    emit = np.stack([np.logaddexp.reduce(log_probs[:, list(ids)], axis=1) for ids in labels], axis=1)  # [T, L]
+    if T < L:
+        return float(L * math.log(PROB_FLOOR))
+    # Extended sequence: b, l1, b, l2, ..., lL, b  (S = 2L + 1); characters at odd positions.
+    S = 2 * L + 1
+    neg = -1e30
+    emit_ext = np.full((T, S), 0.0)
+    emit_ext[:, 0::2] = blank[:, None]
+    emit_ext[:, 1::2] = emit
+    # s-2 -> s skip allowed for characters unless the same character repeats (needs a blank between).
+    can_skip = np.zeros(S, dtype=bool)
+    for k in range(1, L):
+        can_skip[2 * k + 1] = list(labels[k]) != list(labels[k - 1])
+    alpha = np.full(S, neg)
+    alpha[1] = emit_ext[0, 1]
+    best = alpha[S - 2]
+    for t in range(1, T):
+        stay = alpha
+        step = np.concatenate(([neg], alpha[:-1]))
+        skip = np.where(can_skip, np.concatenate(([neg, neg], alpha[:-2])), neg)
+        alpha = np.logaddexp(np.logaddexp(stay, step), skip) + emit_ext[t]
+        # Fresh start: the window may begin at frame t (everything before is the free prefix).
+        alpha[1] = max(alpha[1], emit_ext[t, 1])
+        best = max(best, alpha[S - 2])
+    return float(best)
+
+
+def reading_order(lines: list[OCRLine]) -> list[list[OCRLine]]:
+    """Group lines into rows (top to bottom) and order each row left to right.
+
+    A line joins the current row when its vertical centre lies within half the median line height of
+    the row's first line. RapidOCR's own order sorts by top edge with a fixed 10 px tolerance, which
+    splits one printed line into two rows when a word box sits a few pixels higher ("BHD" before
+    "LIGHTROOM GALLERY SDN").
+    """
+    if not lines:
+        return []
+    centers = [float(line.box[:, 1].mean()) for line in lines]
+    heights = [float(line.box[:, 1].max() - line.box[:, 1].min()) for line in lines]
+    tol = 0.5 * float(np.median(heights))
+    rows: list[list[OCRLine]] = []
+    row_center = None
+    for i in np.argsort(centers, kind="stable"):
+        if row_center is None or centers[i] - row_center > tol:
+            rows.append([])
+            row_center = centers[i]
+        rows[-1].append(lines[i])
+    return [sorted(row, key=lambda line: float(line.box[:, 0].min())) for row in rows]
