@@ -1,0 +1,157 @@
+"""Samples and the JSONL dataset format (the format of ``shared/data/receipts``).
+
+One JSON object per line::
+
+    {"id": "sroie_017_total", "image": "images/sroie_017.jpg", "width": 835, "height": 2333,
+     "question": "How much was paid in total?", "answers": ["39.80"], "field": "total",
+     "evidence_boxes": [[492, 1465, 597, 1497]]}
+
+``image`` is relative to the JSONL file's folder (or absolute); ``width``/``height`` are the native
+size; ``evidence_boxes`` are optional human boxes in native pixels ``[x0, y0, x1, y1]``, used ONLY to
+evaluate localisation and by the ``oracle`` policy, never to train. ``metric`` (optional) names the
+answer metric for that sample.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from zoomvlm.geometry import Box, BoxFormatError
+
+__all__ = ["DatasetError", "Sample", "UnreadableImageError", "load_image", "load_jsonl"]
+
+
+class DatasetError(ValueError):
+    """A dataset file is malformed; the message names the file and line."""
+
+
+class UnreadableImageError(OSError):
+    """An image file is missing or cannot be decoded; the message names it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question about one image.
+
+    Args:
+        id: unique within the dataset (results are keyed by it, so resumed runs skip it exactly once).
+        image: path to the image file.
+        question: the question text.
+        answers: accepted answers (any one is right).
+        width, height: native image size in pixels (as declared by the dataset).
+        evidence_boxes: human evidence boxes, normalised; evaluation and ``oracle`` only.
+        field: optional category (e.g. ``total``), used to split reports.
+        metric: optional answer-metric name overriding the run's default.
+    """
+
+    id: str
+    image: Path
+    question: str
+    answers: tuple[str, ...]
+    width: int
+    height: int
+    evidence_boxes: tuple[Box, ...] = ()
+    field: str | None = None
+    metric: str | None = None
+    meta: dict = dc_field(default_factory=dict, compare=False, hash=False)
+
+    def load_image(self) -> Image.Image:
+        """The native-resolution image, RGB. Raises UnreadableImageError (see :func:`load_image`)."""
+        return load_image(self.image)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image fully (decoded now, not lazily) as RGB.
+
+    Raises:
+        UnreadableImageError: the file does not exist or is not a decodable image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableImageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+
+
+_REQUIRED = {"id": str, "image": str, "question": str, "answers": list, "width": int, "height": int}
+
+
+def _parse_line(obj: object, root: Path, where: str) -> Sample:
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key, kind in _REQUIRED.items():
+        if key not in obj:
+            raise DatasetError(f"{where}: missing field {key!r}")
+        if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+            raise DatasetError(f"{where}: field {key!r} must be {kind.__name__}, got {obj[key]!r}")
+    if obj["width"] <= 0 or obj["height"] <= 0:
+        raise DatasetError(f"{where}: width and height must be positive, got {obj['width']}x{obj['height']}")
+    answers = obj["answers"]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise DatasetError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
+    boxes = []
+    for i, raw in enumerate(obj.get("evidence_boxes") or []):
+        try:
+            boxes.append(Box.from_pixels(raw, obj["width"], obj["height"]))
+        except (BoxFormatError, TypeError, ValueError) as err:
+            raise DatasetError(f"{where}: evidence_boxes[{i}] = {raw!r} is invalid: {err}") from err
+    image = Path(obj["image"])
+    known = set(_REQUIRED) | {"evidence_boxes", "field", "metric"}
+    return Sample(
+        id=obj["id"],
+        image=image if image.is_absolute() else root / image,
+        question=obj["question"],
+        answers=tuple(answers),
+        width=obj["width"],
+        height=obj["height"],
+        evidence_boxes=tuple(boxes),
+        field=obj.get("field"),
+        metric=obj.get("metric"),
+        meta={k: v for k, v in obj.items() if k not in known},
+    )
+
+
+def load_jsonl(path: str | Path, check_images: bool = True) -> list[Sample]:
+    """Read and validate a JSONL dataset; image paths are resolved relative to the file's folder.
+
+    Args:
+        path: the ``.jsonl`` file.
+        check_images: also check that every image file exists (cheap: no decoding).
+
+    Raises:
+        DatasetError: the file is missing or empty, a line is not valid JSON or misses/mistypes a field,
+            an id repeats, or an image file is missing; the message names ``file:line``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {path}")
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from err
+            sample = _parse_line(obj, path.parent, where)
+            if sample.id in seen:
+                raise DatasetError(f"{where}: id {sample.id!r} already used on line {seen[sample.id]}")
+            seen[sample.id] = lineno
+            if check_images and not sample.image.is_file():
+                raise DatasetError(f"{where}: image not found: {sample.image}")
+            samples.append(sample)
+    if not samples:
+        raise DatasetError(f"{path}: no samples")
+    return samples

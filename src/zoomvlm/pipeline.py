@@ -1,0 +1,145 @@
+"""One code path from (image, question) to a scored Record: policy -> views -> target -> metrics + usage.
+
+Inference (``zoomvlm ask``), evaluation (``zoomvlm eval``) and training rewards all build their views
+here, so a crop means the same thing everywhere:
+
+- the global view is the whole ORIGINAL image, shrunk by the target to its budget (native for ``full``);
+- each crop is cut from the ORIGINAL image (never from the shrunk view) and shrunk to the crop budget;
+- the request is ``[global, crop, ...]`` + question (CropVLM's target input).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from PIL import Image
+
+from zoomvlm.data import Sample
+from zoomvlm.geometry import Budget, crop_image
+from zoomvlm.metrics import METRICS, evidence_hit
+from zoomvlm.policies.base import Proposal, ZoomPolicy
+from zoomvlm.targets.base import Target, TargetRequest
+
+__all__ = ["Record", "build_request", "run_batch"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """The result of one sample, one line of ``results.jsonl``.
+
+    Units: pixels are counted per view as the target consumed them; ``rtr`` (Retain Token Ratio, AwaRes
+    sec. 4) = pixels processed across all views / pixels of the native image processed once; seconds are
+    wall-clock, batch time split evenly over the batch.
+    """
+
+    id: str
+    question: str
+    answers: list[str]
+    prediction: str
+    metric: str
+    score: float
+    metrics: dict[str, float]
+    boxes: list[list[float]]
+    policy_raw: str | None
+    policy_error: str | None
+    evidence_hit: float | None
+    view_pixels: list[int]
+    rtr: float
+    visual_tokens: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    policy_seconds: float
+    target_seconds: float
+    width: int
+    height: int
+    field: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def build_request(
+    image: Image.Image, question: str, proposal: Proposal, crop_budget: Budget | None = None
+) -> TargetRequest:
+    """The target request for one proposal: ``[global view, crops...]`` cut from the ORIGINAL ``image``.
+
+    Budgets: the global view gets ``proposal.global_budget`` (else the target's own); each crop gets
+    ``proposal.crop_budget``, else ``crop_budget``, else the target's own. ``None`` entries are resolved
+    by the target, so the request stays target-agnostic.
+    """
+    crops = [crop_image(image, box) for box in proposal.boxes]
+    budgets = [proposal.global_budget] + [proposal.crop_budget or crop_budget] * len(crops)
+    if all(b is None for b in budgets):
+        return TargetRequest((image, *crops), question)
+    return TargetRequest((image, *crops), question, view_budgets=tuple(budgets))
+
+
+def run_batch(
+    samples: Sequence[Sample],
+    policy: ZoomPolicy,
+    target: Target,
+    metric: str = "contains",
+    crop_budget: Budget | None = None,
+    images: Sequence[Image.Image] | None = None,
+) -> list[Record]:
+    """Answer and score a batch of samples.
+
+    Args:
+        samples: the questions; their ``evidence_boxes`` reach only the policy's ``evidence`` argument
+            (read by the evaluation-only oracle) and the ``evidence_hit`` metric.
+        policy, target: see :class:`~zoomvlm.policies.base.ZoomPolicy`, :class:`~zoomvlm.targets.base.Target`.
+        metric: name in :data:`~zoomvlm.metrics.METRICS` used for ``score`` (a sample's own ``metric`` wins).
+        crop_budget: budget of the crops; ``None`` = the target's budget.
+        images: the samples' images if already loaded (native resolution); loaded from disk otherwise.
+
+    Raises:
+        UnreadableImageError: an image cannot be read (names the file).
+        KeyError: an unknown metric name.
+    """
+    if images is None:
+        images = [s.load_image() for s in samples]
+    questions = [s.question for s in samples]
+    start = time.perf_counter()
+    proposals = policy.propose(images, questions, evidence=[s.evidence_boxes for s in samples])
+    policy_seconds = (time.perf_counter() - start) / max(1, len(samples))
+    if len(proposals) != len(samples):
+        raise RuntimeError(f"policy {policy.name} returned {len(proposals)} proposals for {len(samples)} samples")
+    requests = [
+        build_request(img, q, p, crop_budget) for img, q, p in zip(images, questions, proposals, strict=True)
+    ]
+    generations = target.generate(requests)
+    records = []
+    for sample, prop, gen in zip(samples, proposals, generations, strict=True):
+        name = sample.metric or metric
+        if name not in METRICS:
+            raise KeyError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        scores = {m: fn(gen.text, sample.answers) for m, fn in METRICS.items()} if sample.answers else {}
+        usage = gen.usage
+        records.append(
+            Record(
+                id=sample.id,
+                question=sample.question,
+                answers=list(sample.answers),
+                prediction=gen.text,
+                metric=name,
+                score=scores.get(name, float("nan")),
+                metrics=scores,
+                boxes=[b.as_list() for b in prop.boxes],
+                policy_raw=prop.raw,
+                policy_error=prop.error,
+                evidence_hit=evidence_hit(prop.boxes, sample.evidence_boxes),
+                view_pixels=list(usage.view_pixels),
+                rtr=usage.pixels / (sample.width * sample.height),
+                visual_tokens=usage.visual_tokens,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                policy_seconds=policy_seconds,
+                target_seconds=usage.seconds,
+                width=sample.width,
+                height=sample.height,
+                field=sample.field,
+            )
+        )
+    return records

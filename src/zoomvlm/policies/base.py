@@ -1,0 +1,51 @@
+"""The ZoomPolicy seam: given images and questions, decide where the target should look."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+from zoomvlm.geometry import Box, Budget
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A policy's decision for one question.
+
+    Args:
+        boxes: regions to crop from the ORIGINAL image, normalised; ``()`` = no zoom (global view only).
+        global_budget: budget of the global view; ``None`` = the target's own budget. The ``full``
+            policy sets ``Budget()`` (native resolution), the cost ceiling.
+        crop_budget: budget of each crop; ``None`` = the run's crop budget (by default the target's).
+        raw: the policy model's raw output text, where there is one (kept for debugging and rewards).
+        error: why the raw output was invalid (e.g. ``"x2 (10) must be > x1 (40)"``); the policy then
+            fell back (CropVLM: to the whole image) and this failure is counted, never hidden.
+    """
+
+    boxes: tuple[Box, ...] = ()
+    global_budget: Budget | None = None
+    crop_budget: Budget | None = None
+    raw: str | None = None
+    error: str | None = None
+
+
+@runtime_checkable
+class ZoomPolicy(Protocol):
+    """Decides which regions of each image the target should see at higher resolution.
+
+    ``propose`` is batched: one :class:`Proposal` per (image, question), in order. Images are the
+    native-resolution originals. ``evidence`` carries the human evidence boxes (normalised) of each
+    sample; only the evaluation-only ``oracle`` policy reads it, every other policy must ignore it.
+    """
+
+    name: str
+
+    def propose(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        evidence: Sequence[Sequence[Box]] | None = None,
+    ) -> list[Proposal]: ...

@@ -1,0 +1,63 @@
+"""Every prompt template and output parser used by zoomvlm, in one place.
+
+Prompt drift silently changes rewards and benchmark numbers, so each template here has a golden test
+(``tests/test_prompts.py``). Parsers for box text and tool calls live in :mod:`zoomvlm.geometry`
+and are re-exported here so callers have one import for "text in, text out".
+
+>>> cropper_prompt("What is the total?")
+'What is the total?\\nOutline the region in the image that would help answer this question.'
+>>> target_prompt("What is the total?")
+'What is the total?\\nGive a very brief answer.'
+"""
+
+from __future__ import annotations
+
+from zoomvlm.geometry import format_get_crops, format_percent_box, parse_bbox_2d, parse_get_crops, parse_percent_box
+
+__all__ = [
+    "CROPPER_TEMPLATE",
+    "GROUNDING_TEMPLATE",
+    "TARGET_TEMPLATE",
+    "cropper_prompt",
+    "format_get_crops",
+    "format_percent_box",
+    "grounding_prompt",
+    "parse_bbox_2d",
+    "parse_get_crops",
+    "parse_percent_box",
+    "target_prompt",
+]
+
+CROPPER_TEMPLATE = "{question}\nOutline the region in the image that would help answer this question."
+"""CropVLM's cropper prompt (METHODS.md). The question is used verbatim: the official code's
+``str.capitalize()`` lower-cases every other letter of the question and is not copied."""
+
+TARGET_TEMPLATE = "{question}\nGive a very brief answer."
+"""CropVLM's target prompt: one user turn, images ``[full, crop]`` then this text; greedy decoding."""
+
+GROUNDING_TEMPLATE = (
+    "Outline the region in the image that would help answer the following question: {question}\n"
+    "Output the coordinates in JSON format with a 'bbox_2d' field containing [x1, y1, x2, y2]."
+)
+"""CropVLM's seed-box prompt for a grounding VLM (Qwen2.5-VL); answers are parsed by ``parse_bbox_2d``."""
+
+
+def _check(question: str) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"a question must be a non-empty string, got {question!r}")
+    return question.strip()
+
+
+def cropper_prompt(question: str) -> str:
+    """The cropper's user text for ``question``. Raises ValueError on an empty question."""
+    return CROPPER_TEMPLATE.format(question=_check(question))
+
+
+def target_prompt(question: str) -> str:
+    """The target's user text for ``question``. Raises ValueError on an empty question."""
+    return TARGET_TEMPLATE.format(question=_check(question))
+
+
+def grounding_prompt(question: str) -> str:
+    """The grounding VLM's user text for ``question``. Raises ValueError on an empty question."""
+    return GROUNDING_TEMPLATE.format(question=_check(question))

@@ -1,0 +1,187 @@
+"""Any OpenAI-compatible chat endpoint as a target: OpenAI (GPT-4.1-nano), vLLM, llama.cpp, Ollama.
+
+Images travel as base64 JPEG data URLs (after shrinking each view to the budget), requests run with
+bounded concurrency, and 429/5xx/connection errors are retried with exponential backoff (honouring
+``Retry-After``). httpx is used directly rather than the ``openai`` SDK so that one small dependency
+covers every server that speaks the protocol, including ones the SDK's extra validation rejects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+
+import httpx
+from PIL import Image
+
+from zoomvlm.geometry import Budget
+from zoomvlm.prompts import target_prompt
+from zoomvlm.targets.base import Generation, TargetRequest, Usage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class OpenAIAuthError(RuntimeError):
+    """The endpoint refused the API key (HTTP 401/403)."""
+
+
+class OpenAIRequestError(RuntimeError):
+    """The endpoint rejected a request (4xx other than auth/429) or kept failing after all retries."""
+
+
+def image_data_url(image: Image.Image, quality: int = 95) -> str:
+    """``data:image/jpeg;base64,...`` for an RGB image (JPEG at ``quality``: text stays legible)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class OpenAITarget:
+    """A chat-completions endpoint as a :class:`~zoomvlm.targets.base.Target`.
+
+    Args:
+        model: the model name the server expects (``gpt-4.1-nano``, a vLLM served name, ...).
+        budget: default per-view budget applied before upload (GPT-4.1-nano reads ~512 px tiles).
+        base_url: endpoint root ending in ``/v1``; default ``$OPENAI_BASE_URL`` or OpenAI's.
+        api_key: default ``$OPENAI_API_KEY``; may be empty for local servers that need none.
+        max_concurrency: requests in flight at once.
+        max_retries: retries per request on 429, 5xx, timeouts and connection errors.
+        backoff: first retry delay in seconds; doubles each retry (with jitter), capped at 30 s.
+        max_tokens: generation limit; answers are "very brief" by prompt.
+        detail: OpenAI's image ``detail`` (``low``/``high``/``auto``); None = omit (other servers).
+        timeout: seconds per HTTP request.
+
+    ``loglikelihood`` raises NotImplementedError: chat endpoints do not return prompt log-probabilities.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        budget: Budget | int | str | None = 512,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        max_tokens: int = 64,
+        detail: str | None = None,
+        timeout: float = 120.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.model = model
+        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_tokens = max_tokens
+        self.detail = detail
+        self.timeout = timeout
+        self.transport = transport
+        self.name = f"openai:{model}@{self.budget}"
+        if self.base_url == DEFAULT_BASE_URL and not self.api_key:
+            raise OpenAIAuthError("OPENAI_API_KEY is not set (needed for api.openai.com; set OPENAI_BASE_URL for a local server)")
+
+    def _payload(self, views: list[Image.Image], question: str) -> dict:
+        content: list[dict] = []
+        for view in views:
+            image_url = {"url": image_data_url(view)}
+            if self.detail:
+                image_url["detail"] = self.detail
+            content.append({"type": "image_url", "image_url": image_url})
+        content.append({"type": "text", "text": target_prompt(question)})
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
+
+    async def _post(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, payload: dict) -> tuple[dict, float]:
+        async with sem:
+            start = time.perf_counter()
+            for attempt in range(self.max_retries + 1):
+                try:
+                    response = await client.post("/chat/completions", json=payload)
+                except (httpx.TimeoutException, httpx.TransportError) as err:
+                    error = f"{type(err).__name__}: {err}"
+                    retry_after = None
+                else:
+                    if response.status_code in (401, 403):
+                        raise OpenAIAuthError(
+                            f"{self.base_url} refused the API key (HTTP {response.status_code}): {response.text[:200]}"
+                            " -- check OPENAI_API_KEY"
+                        )
+                    if response.status_code == 429 or response.status_code >= 500:
+                        error = f"HTTP {response.status_code}: {response.text[:200]}"
+                        retry_after = response.headers.get("retry-after")
+                    elif response.status_code >= 400:
+                        raise OpenAIRequestError(f"HTTP {response.status_code} from {self.base_url}: {response.text[:500]}")
+                    else:
+                        return response.json(), time.perf_counter() - start
+                if attempt == self.max_retries:
+                    break
+                delay = min(30.0, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+                if retry_after:
+                    try:
+                        delay = max(delay, float(retry_after))
+                    except ValueError:
+                        pass
+                logger.warning("%s (attempt %d/%d); retrying in %.1fs", error, attempt + 1, self.max_retries + 1, delay)
+                await asyncio.sleep(delay)
+            raise OpenAIRequestError(f"{self.base_url} failed after {self.max_retries + 1} attempts: {error}")
+
+    async def _generate(self, payloads: list[dict]) -> list[tuple[dict, float]]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        sem = asyncio.Semaphore(self.max_concurrency)
+        async with httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=self.timeout, transport=self.transport
+        ) as client:
+            return await asyncio.gather(*(self._post(client, sem, p) for p in payloads))
+
+    def generate(self, requests: Sequence[TargetRequest]) -> list[Generation]:
+        """Send all requests concurrently (at most ``max_concurrency`` in flight); results in order.
+
+        Raises:
+            OpenAIAuthError: HTTP 401/403 (bad or missing key).
+            OpenAIRequestError: another 4xx, a malformed response, or retries exhausted.
+        """
+        views = [r.views(self.budget) for r in requests]
+        payloads = [self._payload(v, r.question) for v, r in zip(views, requests, strict=True)]
+        results = asyncio.run(self._generate(payloads))
+        out = []
+        for (body, seconds), v in zip(results, views, strict=True):
+            try:
+                text = body["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError) as err:
+                raise OpenAIRequestError(f"malformed response from {self.base_url}: {str(body)[:300]}") from err
+            usage = body.get("usage") or {}
+            out.append(
+                Generation(
+                    text.strip(),
+                    Usage(
+                        view_pixels=tuple(im.width * im.height for im in v),
+                        prompt_tokens=usage.get("prompt_tokens"),
+                        completion_tokens=usage.get("completion_tokens"),
+                        seconds=seconds,
+                    ),
+                )
+            )
+        return out
+
+    def loglikelihood(self, requests: Sequence[TargetRequest]) -> list[float]:
+        raise NotImplementedError(
+            "OpenAI-compatible chat endpoints do not return prompt log-probabilities; "
+            "use the accuracy reward, or an hf/ocr target for the likelihood reward"
+        )
