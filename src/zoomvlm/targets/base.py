@@ -21,13 +21,14 @@ class TargetRequest:
         question: the user's question (the target applies its own prompt template).
         answer: the continuation to score, for :meth:`Target.loglikelihood` only.
         view_budgets: per-view budget overriding the target's default (e.g. ``Budget()`` = native for the
-            ``full`` policy's global view, or AwaRes's high-resolution crops); ``None`` = all default.
+            ``full`` policy's global view, or AwaRes's high-resolution crops); ``None`` (for all views or
+            one entry) = the target's default.
     """
 
     images: tuple[Image.Image, ...]
     question: str
     answer: str | None = None
-    view_budgets: tuple[Budget, ...] | None = None
+    view_budgets: tuple[Budget | None, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "images", tuple(self.images))
@@ -40,8 +41,11 @@ class TargetRequest:
 
     def views(self, default: Budget) -> list[Image.Image]:
         """The images shrunk to their budgets (``default`` where no per-view budget is set), RGB."""
-        budgets = self.view_budgets or (default,) * len(self.images)
-        return [resize_to_budget(img.convert("RGB"), b) for img, b in zip(self.images, budgets, strict=True)]
+        budgets = self.view_budgets or (None,) * len(self.images)
+        return [
+            resize_to_budget(img.convert("RGB"), default if b is None else b)
+            for img, b in zip(self.images, budgets, strict=True)
+        ]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,33 @@
+"""Small stand-ins for a target, for tests of the pipeline and run bookkeeping (no model needed)."""
+
+from __future__ import annotations
+
+import time
+
+from zoomvlm.geometry import Budget
+from zoomvlm.targets.base import Generation, Usage
+
+
+class EchoTarget:
+    """Answers with the first accepted answer it is told about via ``answers_by_question``; counts calls."""
+
+    def __init__(self, answers_by_question: dict[str, str] | None = None, delay: float = 0.0, budget=Budget(max_side=64)):
+        self.answers = answers_by_question or {}
+        self.delay = delay
+        self.budget = budget
+        self.name = "echo"
+        self.calls = 0
+        self.requests = []
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            self.calls += 1
+            self.requests.append(r)
+            time.sleep(self.delay)
+            views = r.views(self.budget)
+            out.append(Generation(self.answers.get(r.question, "?"), Usage(tuple(v.width * v.height for v in views))))
+        return out
+
+    def loglikelihood(self, requests):
+        return [-1.0 for _ in requests]

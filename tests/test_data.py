@@ -1,0 +1,59 @@
+import json
+
+import pytest
+from PIL import Image
+
+from zoomvlm.data import DatasetError, UnreadableImageError, load_image, load_jsonl
+
+
+def _write(tmp_path, rows, image=True):
+    if image:
+        Image.new("RGB", (100, 200), "white").save(tmp_path / "a.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = {"id": "a_total", "image": "a.png", "width": 100, "height": 200, "question": "Total?", "answers": ["9.00"],
+        "field": "total", "evidence_boxes": [[10, 20, 50, 40]]}  # fmt: skip
+
+
+def test_loads_receipts_format(tmp_path):
+    (sample,) = load_jsonl(_write(tmp_path, [GOOD]))
+    assert sample.image == tmp_path / "a.png"  # relative to the JSONL's folder
+    assert sample.evidence_boxes[0].as_list() == [0.1, 0.1, 0.5, 0.2]
+    assert sample.load_image().size == (100, 200)
+
+
+def test_bundled_demo_is_valid(demo_samples):
+    assert len(demo_samples) == 12
+    assert all(s.evidence_boxes for s in demo_samples)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("{not json", "d.jsonl:1: not valid JSON"),
+        ({k: v for k, v in GOOD.items() if k != "answers"}, "d.jsonl:1: missing field 'answers'"),
+        (GOOD | {"answers": []}, "non-empty list of strings"),
+        (GOOD | {"width": "100"}, "field 'width' must be int"),
+        (GOOD | {"evidence_boxes": [[10, 20, 5, 40]]}, "evidence_boxes[0]"),
+        (GOOD | {"image": "missing.png"}, "image not found"),
+    ],
+)
+def test_bad_lines_name_the_line(tmp_path, row, message):
+    with pytest.raises(DatasetError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_jsonl(_write(tmp_path, [row]))
+
+
+def test_duplicate_ids_rejected(tmp_path):
+    with pytest.raises(DatasetError, match="d.jsonl:2: id 'a_total' already used on line 1"):
+        load_jsonl(_write(tmp_path, [GOOD, GOOD]))
+
+
+def test_unreadable_image(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(UnreadableImageError, match="cannot read image"):
+        load_image(tmp_path / "bad.jpg")
+    with pytest.raises(UnreadableImageError, match="not found"):
+        load_image(tmp_path / "nope.jpg")

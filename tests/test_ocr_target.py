@@ -1,0 +1,80 @@
+"""The real reader (RapidOCR weights from the wheel) on real receipt crops from the bundled demo data."""
+
+import numpy as np
+import pytest
+
+from zoomvlm.geometry import Box, Budget, crop_image
+from zoomvlm.targets.base import TargetRequest
+from zoomvlm.targets.ocr import PROB_FLOOR, ctc_substring_logprob
+
+
+@pytest.fixture(scope="module")
+def receipt(demo_samples):
+    """sroie_017: total 39.80, company LIGHTROOM GALLERY SDN BHD (printed in small type)."""
+    total = next(s for s in demo_samples if s.id == "sroie_017_total")
+    image = total.load_image()
+    pad = lambda b: b.pad(0.03, 0.01)  # noqa: E731
+    return image, crop_image(image, pad(total.evidence_boxes[0]))
+
+
+def test_reads_a_known_line_from_a_crop(ocr_target, receipt):
+    _, crop = receipt
+    (gen,) = ocr_target.generate([TargetRequest([crop], "What is the total?")])
+    assert "39.80" in gen.text
+
+
+def test_budget_respected_and_counted(ocr_target, receipt):
+    image, crop = receipt
+    (gen,) = ocr_target.generate([TargetRequest([image, crop], "q")])
+    assert len(gen.usage.view_pixels) == 2
+    for pixels, img in zip(gen.usage.view_pixels, [image, crop], strict=True):
+        w, h = Budget(max_side=384).fit(*img.size)
+        assert pixels == w * h and max(w, h) <= 384
+    # and the reader does not upscale behind our back: the detector works on the view's own size
+    assert ocr_target.engine.cfg.Det.limit_type == "max"
+    assert ocr_target.engine.cfg.Global.max_side_len >= 100_000
+
+
+def test_low_resolution_misses_what_the_crop_reveals(ocr_target, receipt):
+    image, crop = receipt
+    low, zoomed = ocr_target.generate([TargetRequest([image], "q"), TargetRequest([image, crop], "q")])
+    assert "39.80" not in low.text.replace(" ", "")
+    assert "39.80" in zoomed.text
+
+
+def test_loglikelihood_true_text_far_above_one_char_change(ocr_target, receipt):
+    image, crop = receipt
+    reqs = [TargetRequest([crop], "q", answer=a) for a in ["39.80", "39.60", "9.8", "39. 80"]]
+    true, changed, substring, spaced = ocr_target.loglikelihood(reqs)
+    assert true > -0.5  # near certain
+    assert changed < true - 5  # a one-digit change costs many nats
+    assert substring > -0.5  # any part of a line may be the answer
+    assert spaced == pytest.approx(true, abs=1e-6)  # spaces do not count, as in the contains metric
+    # the crop is what makes the answer likely: the global view alone scores far lower
+    (low,) = ocr_target.loglikelihood([TargetRequest([image], "q", answer="39.80")])
+    assert low < true - 5
+
+
+def test_loglikelihood_requires_answer(ocr_target, receipt):
+    with pytest.raises(ValueError, match="no answer"):
+        ocr_target.loglikelihood([TargetRequest([receipt[1]], "q")])
+
+
+def _onehot_frames(seq, n_classes=6):
+    """Per-frame log-probs that put probability ~1 on the given class ids (0 = blank)."""
+    lp = np.full((len(seq), n_classes), np.log(PROB_FLOOR))
+    for t, c in enumerate(seq):
+        lp[t, c] = 0.0
+    return lp
+
+
+def test_ctc_substring_on_synthetic_frames():
+    # classes: 0 blank, 1 'a', 2 'b', 3 'c', 4 'd', 5 space (last class is blank-like)
+    frames = _onehot_frames([3, 0, 1, 1, 0, 2, 5, 4])  # reads "c a b d" -> "cab d"
+    assert ctc_substring_logprob(frames, [[1], [2]]) == pytest.approx(0.0, abs=1e-6)  # "ab" inside
+    assert ctc_substring_logprob(frames, [[1], [2], [4]]) == pytest.approx(0.0, abs=1e-6)  # space skipped
+    assert ctc_substring_logprob(frames, [[2], [1]]) < -15  # "ba" is not there
+    assert ctc_substring_logprob(frames, [[1], [1]]) < -15  # "aa" needs a blank between the a's
+    assert ctc_substring_logprob(frames, [[3], [4]]) < -15  # "cd" are not adjacent
+    with pytest.raises(ValueError):
+        ctc_substring_logprob(frames, [])
