@@ -25,3 +25,28 @@ def ocr_target():
     from zoomvlm.targets.ocr import OCRTarget
 
     return OCRTarget(384)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlms():
+    """Tiny random-weight SmolVLM, Qwen2.5-VL and LLaVA (real architectures), built once per session."""
+    from zoomvlm import tiny
+
+    return {
+        "smolvlm": tiny.build_tiny_smolvlm(),
+        "qwen2_5_vl": tiny.build_tiny_qwen25vl(),
+        "llava": tiny.build_tiny_llava(),
+    }
+
+
+@pytest.fixture(scope="session")
+def noise_images():
+    """Two random images of different shapes (300x200 landscape, 120x240 portrait)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (240, 120, 3), dtype=np.uint8)),
+    ]

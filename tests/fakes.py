@@ -11,10 +11,12 @@ from zoomvlm.targets.base import Generation, Usage
 class EchoTarget:
     """Answers with the first accepted answer it is told about via ``answers_by_question``; counts calls."""
 
-    def __init__(self, answers_by_question: dict[str, str] | None = None, delay: float = 0.0, budget=Budget(max_side=64)):
+    def __init__(
+        self, answers_by_question: dict[str, str] | None = None, delay: float = 0.0, budget: Budget | None = None
+    ):
         self.answers = answers_by_question or {}
         self.delay = delay
-        self.budget = budget
+        self.budget = budget or Budget(max_side=64)
         self.name = "echo"
         self.calls = 0
         self.requests = []

@@ -96,7 +96,10 @@ def test_images_arrive_as_data_urls_resized_to_budget():
     assert (gen.usage.prompt_tokens, gen.usage.completion_tokens) == (100, 7)
     body = server.bodies[0]
     assert body["model"] == "fake-vlm" and body["temperature"] == 0
-    assert body["messages"][0]["content"][-1] == {"type": "text", "text": "What is the total?\nGive a very brief answer."}
+    assert body["messages"][0]["content"][-1] == {
+        "type": "text",
+        "text": "What is the total?\nGive a very brief answer.",
+    }
 
 
 def test_retries_on_503_then_succeeds():

@@ -61,10 +61,12 @@ def _default_metric(target_spec: str) -> str:
 
 def cmd_ask(args) -> int:
     from zoomvlm.data import Sample, load_image
+    from zoomvlm.geometry import Box
     from zoomvlm.pipeline import run_batch
     from zoomvlm.viz import draw_crops
-    from zoomvlm.geometry import Box
 
+    if args.policy.split(":")[0] == "oracle":
+        raise ValueError("the oracle policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")
     image = load_image(args.image)
     policy, target, crop_budget = _build(args)
     sample = Sample("ask", Path(args.image), args.question, tuple(args.answer or ()), image.width, image.height)
@@ -79,8 +81,9 @@ def cmd_ask(args) -> int:
         print(f"policy {policy.name}: boxes (normalised x0, y0, x1, y1) {boxes}")
         if record.policy_error:
             print(f"policy output invalid ({record.policy_error}); fell back to the whole image")
-        print(f"target {target.name}: views {' + '.join(str(p) for p in record.view_pixels)} px, "
-              f"RTR {record.rtr:.3f}, policy {record.policy_seconds:.2f} s, target {record.target_seconds:.2f} s")  # fmt: skip
+        views = " + ".join(str(p) for p in record.view_pixels)
+        print(f"target {target.name}: views {views} px, RTR {record.rtr:.3f}, "
+              f"policy {record.policy_seconds:.2f} s, target {record.target_seconds:.2f} s")  # fmt: skip
         if args.answer:
             print(f"{record.metric} vs {list(args.answer)}: {record.score:.2f}")
     if args.save:
@@ -148,7 +151,9 @@ def cmd_demo(args) -> int:
         picture = draw_crops(sample.load_image(), [Box(*b) for b in first["boxes"]], sample.evidence_boxes, caption)
         picture.save(out / f"{name}.png")
     print(format_table(rows))
-    print(f"\npictures (red: crop, green: human evidence box): {', '.join(str(out / f'{n}.png') for n in DEMO_POLICIES)}")
+    print(
+        f"\npictures (red: crop, green: human evidence box): {', '.join(str(out / f'{n}.png') for n in DEMO_POLICIES)}"
+    )
     return 0
 
 
@@ -198,13 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from zoomvlm.data import DatasetError, UnreadableImageError
     from zoomvlm.eval import RunMismatchError
 
     try:
         return args.func(args)
-    except (DatasetError, UnreadableImageError, RunMismatchError, ValueError) as err:
+    except (DatasetError, UnreadableImageError, RunMismatchError, ValueError, OSError) as err:
         print(f"zoomvlm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -102,7 +102,12 @@ def run_eval(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = config or {"target": target.name, "policy": policy.name, "metric": metric, "crop_budget": str(crop_budget)}
+    config = config or {
+        "target": target.name,
+        "policy": policy.name,
+        "metric": metric,
+        "crop_budget": str(crop_budget),
+    }
     _check_run_config(out_dir, config)
     results_path = out_dir / "results.jsonl"
     done = {r["id"] for r in read_results(results_path, repair=True)}

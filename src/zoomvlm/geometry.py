@@ -402,8 +402,10 @@ class Budget:
 
     ``Budget()`` (both None) means native resolution. Images are only ever shrunk, never upscaled.
 
-    >>> Budget.parse("384"), Budget.parse("pixels:200000"), Budget.parse("native")
-    (Budget(max_side=384, max_pixels=None), Budget(max_side=None, max_pixels=200000), Budget(max_side=None, max_pixels=None))
+    >>> Budget.parse("384")
+    Budget(max_side=384, max_pixels=None)
+    >>> Budget.parse("pixels:200000"), Budget.parse("native").is_native
+    (Budget(max_side=None, max_pixels=200000), True)
     """
 
     max_side: int | None = None

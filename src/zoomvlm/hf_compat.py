@@ -20,12 +20,11 @@ import importlib.util
 import inspect
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ImagesOnlyVideoProcessor",
     "ensure_processors_without_torchvision",
     "load_processor",
     "placeholder_video_processor",
@@ -41,6 +40,12 @@ _PIL_TWINS = {
     "CLIPImageProcessor": "CLIPImageProcessorPil",
     "LlavaImageProcessor": "LlavaImageProcessorPil",
 }
+
+# `from_pretrained` arguments that concern *where* files come from; everything else passed to `load_processor`
+# overrides a processor/image-processor setting (as with AutoProcessor, e.g. `size=...`).
+_LOADER_KWARGS = frozenset(
+    {"cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code", "proxies"}
+)
 
 _SHIM_APPLIED = False
 
@@ -72,28 +77,29 @@ def ensure_processors_without_torchvision() -> bool:
     import transformers.processing_utils as processing_utils
     from transformers.video_processing_utils import VideoProcessorMixin
 
-    module = processing_utils.transformers_module
-    if module.__dict__.get("VideoProcessorMixin") is not VideoProcessorMixin:
-        setattr(module, "VideoProcessorMixin", VideoProcessorMixin)
+    module = getattr(processing_utils, "transformers_module", None)
+    if module is not None and module.__dict__.get("VideoProcessorMixin") is not VideoProcessorMixin:
+        module.VideoProcessorMixin = VideoProcessorMixin
     _SHIM_APPLIED = True
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def _images_only_video_processor_class() -> type:
     # Built lazily: subclassing BaseVideoProcessor imports transformers' image stack (~3 s), which
     # `import zoomvlm.hf_compat` should not pay.
     from transformers.video_processing_utils import BaseVideoProcessor
 
     class ImagesOnlyVideoProcessor(BaseVideoProcessor):
-        """Placeholder ``video_processor`` for processors that require one (Qwen2.5-VL) without torchvision.
+        """Placeholder ``video_processor`` for processors that require one, used when torchvision is missing.
 
         ``Qwen2VLVideoProcessor`` imports torchvision at module import time, so it cannot even be instantiated
-        here, yet ``Qwen2_5_VLProcessor`` type-checks its ``video_processor`` argument. This subclass of
-        ``BaseVideoProcessor`` satisfies the check and carries the geometry attributes the processor reads
-        (``merge_size``, ``patch_size``, ``temporal_patch_size``); calling it raises. When saved it claims to be
-        ``saved_as`` (default ``Qwen2VLVideoProcessor``) so that a folder written here loads with the real video
-        processor on a machine that has torchvision.
+        here, yet ``Qwen2_5_VLProcessor`` type-checks its ``video_processor`` argument (and ``AutoProcessor``
+        cannot load ``SmolVLMVideoProcessor`` either). This subclass of ``BaseVideoProcessor`` satisfies the
+        check and carries the geometry attributes the processors read (``merge_size``, ``patch_size``,
+        ``temporal_patch_size``); calling it raises. ``to_dict`` (hence ``save_pretrained``) writes back
+        ``saved_config`` under the type name ``saved_as``, so a folder re-saved here still loads with the real
+        video processor on a machine that has torchvision.
         """
 
         patch_size = 14
@@ -101,10 +107,16 @@ def _images_only_video_processor_class() -> type:
         merge_size = 2
         model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
-        def __init__(self, saved_as: str = "Qwen2VLVideoProcessor", **kwargs: Any) -> None:
+        def __init__(
+            self,
+            saved_as: str = "Qwen2VLVideoProcessor",
+            saved_config: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> None:
             kwargs.pop("video_processor_type", None)
             super().__init__(**kwargs)
             self.saved_as = saved_as
+            self.saved_config = dict(saved_config or {})
 
         def __call__(self, *args: Any, **kwargs: Any):
             raise NotImplementedError(
@@ -117,6 +129,8 @@ def _images_only_video_processor_class() -> type:
         def to_dict(self) -> dict[str, Any]:
             out = super().to_dict()
             out.pop("saved_as", None)
+            out.pop("saved_config", None)
+            out.update(self.saved_config)
             out["video_processor_type"] = self.saved_as
             return out
 
@@ -146,9 +160,9 @@ def _transformers_class(name: str):
         return None
 
 
-def _image_processor_from_config(config: dict[str, Any]):
+def _image_processor_from_config(config: dict[str, Any], overrides: dict[str, Any] | None = None):
     """Instantiate the PIL twin of the image processor described by a saved config dict."""
-    config = dict(config)
+    config = {**config, **(overrides or {})}
     name = config.pop("image_processor_type", None) or ""
     config.pop("processor_class", None)
     candidates = [] if name.endswith("Pil") else [_PIL_TWINS.get(name, name + "Pil")]
@@ -162,18 +176,11 @@ def _image_processor_from_config(config: dict[str, Any]):
 
 
 def _video_processor_from_config(config: dict[str, Any] | None):
-    """The saved video processor if it builds without torchvision (SmolVLM's does), else the placeholder."""
+    """A torchvision-free stand-in for the saved video processor (videos need torchvision anyway)."""
     config = dict(config or {})
-    name = config.get("video_processor_type") or "Qwen2VLVideoProcessor"
-    cls = _transformers_class(name)
-    if cls is not None and "dummy" not in getattr(cls, "__module__", ""):
-        try:
-            kwargs = {k: v for k, v in config.items() if k != "video_processor_type"}
-            return cls(**kwargs)
-        except Exception:  # noqa: BLE001 - any failure here means "needs torchvision": use the placeholder
-            pass
-    keep = {k: config[k] for k in ("patch_size", "temporal_patch_size", "merge_size") if k in config}
-    return placeholder_video_processor(saved_as=name, **keep)
+    name = config.pop("video_processor_type", None) or "Qwen2VLVideoProcessor"
+    keep = {k: config[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "size") if k in config}
+    return placeholder_video_processor(saved_as=name, saved_config=config, **keep)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -200,13 +207,17 @@ def _rebuild_processor(folder: Path, **kwargs: Any):
     processor_cls = getattr(transformers, class_name)
     params = inspect.signature(processor_cls.__init__).parameters
 
+    loader_kwargs = {k: v for k, v in kwargs.items() if k in _LOADER_KWARGS}
+    processor_overrides = {k: v for k, v in kwargs.items() if k not in _LOADER_KWARGS and k in params}
+    image_overrides = {k: v for k, v in kwargs.items() if k not in _LOADER_KWARGS and k not in params}
+
     init: dict[str, Any] = {}
-    init["tokenizer"] = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    init["tokenizer"] = AutoTokenizer.from_pretrained(str(folder), **loader_kwargs)
     if "image_processor" in params:
         image_cfg = proc_cfg.get("image_processor") or pre_cfg
         if not image_cfg:
             raise ValueError(f"{folder}: no image processor config found")
-        init["image_processor"] = _image_processor_from_config(image_cfg)
+        init["image_processor"] = _image_processor_from_config(image_cfg, image_overrides)
     if "video_processor" in params:
         init["video_processor"] = _video_processor_from_config(proc_cfg.get("video_processor") or video_cfg)
 
@@ -223,7 +234,24 @@ def _rebuild_processor(folder: Path, **kwargs: Any):
             init["chat_template"] = template_json["chat_template"]
         elif getattr(init["tokenizer"], "chat_template", None):
             init["chat_template"] = init["tokenizer"].chat_template
+    init.update(processor_overrides)
     return processor_cls(**init)
+
+
+def _local_folder(path_or_id: str | os.PathLike, **kwargs: Any) -> Path | None:
+    """``path_or_id`` as a local folder: itself, or the hub cache's snapshot of that repo id (no network)."""
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = snapshot_download(
+            str(path_or_id), local_files_only=True, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+        )
+    except Exception:
+        return None
+    return Path(cached)
 
 
 def load_processor(path_or_id: str | os.PathLike, **kwargs: Any):
@@ -232,19 +260,25 @@ def load_processor(path_or_id: str | os.PathLike, **kwargs: Any):
     1. ``AutoProcessor.from_pretrained(path_or_id, **kwargs)`` (the only step for users with torchvision or
        for hub ids);
     2. if that fails, torchvision is missing and ``path_or_id`` is a local folder written by
-       ``processor.save_pretrained``: rebuild the processor class named in ``processor_config.json`` from the
-       saved tokenizer, the PIL twin of the saved image processor (``SmolVLMImageProcessorPil``,
-       ``Qwen2VLImageProcessorPil``, ``CLIPImageProcessorPil``) and, where needed, a video processor that
-       builds without torchvision (:class:`ImagesOnlyVideoProcessor` for Qwen2.5-VL).
+       ``processor.save_pretrained`` (or a hub id already in the local cache): rebuild the processor class
+       named in ``processor_config.json`` from the saved tokenizer, the PIL twin of the saved image processor
+       (``SmolVLMImageProcessorPil``, ``Qwen2VLImageProcessorPil``, ``CLIPImageProcessorPil``) and, where
+       needed, a video processor that builds without torchvision (``ImagesOnlyVideoProcessor``; SmolVLM and
+       Qwen2.5-VL need one).
+
+    Extra ``kwargs`` are passed to ``AutoProcessor``; in the fallback, loader arguments (``revision``,
+    ``cache_dir``, ...) go to the tokenizer, processor arguments (``image_seq_len``, ``chat_template``, ...) to
+    the processor and anything else (``size``, ``max_pixels``, ...) to the image processor. If both steps fail
+    the ``RuntimeError`` names both causes.
     """
     from transformers import AutoProcessor
 
     ensure_processors_without_torchvision()
     try:
         return AutoProcessor.from_pretrained(str(path_or_id), **kwargs)
-    except Exception as auto_err:  # noqa: BLE001 - re-raised below unless the fallback applies and works
-        folder = Path(path_or_id)
-        if torchvision_available() or not folder.is_dir():
+    except Exception as auto_err:
+        folder = None if torchvision_available() else _local_folder(path_or_id, **kwargs)
+        if folder is None:
             raise
         try:
             return _rebuild_processor(folder, **kwargs)

@@ -106,9 +106,7 @@ def run_batch(
     policy_seconds = (time.perf_counter() - start) / max(1, len(samples))
     if len(proposals) != len(samples):
         raise RuntimeError(f"policy {policy.name} returned {len(proposals)} proposals for {len(samples)} samples")
-    requests = [
-        build_request(img, q, p, crop_budget) for img, q, p in zip(images, questions, proposals, strict=True)
-    ]
+    requests = [build_request(img, q, p, crop_budget) for img, q, p in zip(images, questions, proposals, strict=True)]
     generations = target.generate(requests)
     records = []
     for sample, prop, gen in zip(samples, proposals, generations, strict=True):

@@ -4,34 +4,38 @@ Three builders return ``(model, processor)`` pairs that behave like the real che
 matters to the zoom pipeline (processor maths, image-token expansion, chat templates, ``generate``), only
 with a handful of parameters and a small byte-level BPE vocabulary trained on a built-in corpus:
 
-=======================  =========================================  ==============================  =========
+=======================  =========================================  ==============================  ======
 builder                  model class                                processor (image processor)     params
-=======================  =========================================  ==============================  =========
-``build_tiny_smolvlm``   ``SmolVLMForConditionalGeneration``        ``SmolVLMProcessor``            ~2.4 M
+=======================  =========================================  ==============================  ======
+``build_tiny_smolvlm``   ``SmolVLMForConditionalGeneration``        ``SmolVLMProcessor``            2.8 M
                                                                     (``SmolVLMImageProcessorPil``)
-``build_tiny_qwen25vl``  ``Qwen2_5_VLForConditionalGeneration``     ``Qwen2_5_VLProcessor``         ~2.0 M
+``build_tiny_qwen25vl``  ``Qwen2_5_VLForConditionalGeneration``     ``Qwen2_5_VLProcessor``         2.2 M
                                                                     (``Qwen2VLImageProcessorPil``)
-``build_tiny_llava``     ``LlavaForConditionalGeneration``          ``LlavaProcessor``              ~1.6 M
+``build_tiny_llava``     ``LlavaForConditionalGeneration``          ``LlavaProcessor``              2.1 M
                                                                     (``CLIPImageProcessorPil``)
-=======================  =========================================  ==============================  =========
+=======================  =========================================  ==============================  ======
 
-All three share ONE vocabulary (:func:`build_tokenizer`), so a special token has the same id everywhere;
-only the roles (bos/eos/pad) and the chat template differ per architecture. Everything is deterministic
-given ``seed``; nothing touches the network. ``model.config.image_token_id`` is the placeholder id that the
-processor expands in ``input_ids`` for every architecture (LLaVA stores it as ``image_token_index``, with
-``image_token_id`` as an alias).
+All three share ONE vocabulary (:func:`build_tokenizer`, 1427 tokens), so a special token has the same id
+everywhere; only the roles (bos/eos/pad) and the chat template differ per architecture. Everything is
+deterministic given ``seed``; nothing touches the network. ``model.config.image_token_id`` is the placeholder
+id the processor expands in ``input_ids`` for every architecture (LLaVA stores it as ``image_token_index``;
+``image_token_id`` is an alias); ``processor.image_token_id`` holds the same id.
 
-Building inputs (works for all three; see ``tests/test_tiny_models.py``)::
+Building inputs (identical tensors for all three routes and all three architectures)::
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": q}]}]
+    messages = [{"role": "user", "content": [
+        {"type": "image", "image": img1}, {"type": "image", "image": img2}, {"type": "text", "text": q}]}]
     inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        images=[img1, img2],
-    )
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    # or: images not in the messages ({"type": "image"} only) and processor_kwargs={"images": [img1, img2]}
+    # or: prompt = processor.apply_chat_template(messages, add_generation_prompt=True)   # str
+    #     inputs = processor(text=[prompt], images=[[img1, img2]], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
 
-or, equivalently, ``text = processor.apply_chat_template(messages, add_generation_prompt=True)`` followed by
-``processor(text=[text], images=[[img1, img2]], return_tensors="pt")``.
+Scoring an answer by teacher forcing: ``processor(text=[prompt + assistant_suffix(processor, answer)],
+images=[[img1, img2]], return_tensors="pt")``; the first ``len(prompt ids)`` tokens equal the prompt's, the rest
+are the answer and the end-of-turn token. Always pass ALL processor outputs to the model: Qwen2.5-VL silently
+falls back to 1-D positions (different logits) without ``mm_token_type_ids``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ __all__ = [
     "QWEN25VL_CHAT_TEMPLATE",
     "SMOLVLM_CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
+    "assistant_suffix",
     "build_tiny_llava",
     "build_tiny_qwen25vl",
     "build_tiny_smolvlm",
@@ -177,6 +182,29 @@ You are a helpful assistant.
 yes no one two three four five six seven eight nine ten
 The image shows a document with text, numbers, tables and a logo.
 Picture 1: Picture 2: Video 1:
+Vision-language models read an image and a question, then write an answer one token at a time.
+A small model cannot see fine print in a large photograph, because the image is resized before encoding.
+Cropping the relevant region and looking again at higher resolution often recovers the missing details.
+The policy chooses which tiles to request; the reader model then answers from the crops it received.
+Receipts, invoices, menus, forms, charts, maps, street signs and screenshots all contain small text.
+Good answers are short, exact and copied from the document: amounts, dates, names, addresses and codes.
+The store opened in January and closes at ten in the evening on weekdays, except on public holidays.
+Customers paid by credit card, debit card, cash, voucher or mobile wallet; the change was returned.
+Each line lists the quantity, the unit price and the amount; the subtotal, service charge and tax follow.
+Please keep this receipt as proof of purchase. Goods sold are not returnable or exchangeable.
+The weather was cold and windy, so we stayed inside, drank hot chocolate and talked about the trip.
+Scientists measure temperature, pressure, distance and speed with instruments that must be calibrated.
+History, geography, mathematics, physics, chemistry, biology, music and literature are school subjects.
+Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May June July
+August September October November December morning afternoon evening night today tomorrow yesterday
+red green blue yellow black white orange purple brown grey pink gold silver dark light bright
+north south east west up down inside outside above below between near far before after during
+people person man woman child children family friend teacher doctor driver cashier customer manager
+house school office shop market restaurant hotel hospital station airport street road city country
+bank account card payment balance credit debit transfer deposit withdrawal receipt refund order
+Hello, how are you? I am fine, thank you. Could you help me find the nearest train station, please?
+It is important to check the numbers carefully, since a single wrong digit changes the meaning.
+The chart shows that sales increased from 2019 to 2021 and decreased slightly in the following year.
 """
 
 _ITEMS = ["MILO", "RICE", "BREAD", "EGG", "SUGAR", "TEA", "COFFEE", "NOODLE", "CHICKEN", "WATER", "SOAP", "MILK"]
@@ -209,7 +237,7 @@ def _corpus() -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def _trained_tokenizer_json(vocab_size: int = 1536) -> str:
-    """Train the byte-level BPE once per process (~0.1 s); cached as its JSON serialisation."""
+    """Train the byte-level BPE once per process (~0.1 s on 2 cores); cached as its JSON serialisation."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -229,7 +257,7 @@ def _trained_tokenizer_json(vocab_size: int = 1536) -> str:
 
 
 def build_tokenizer(save_dir: str | os.PathLike | None = None, arch: str | None = None):
-    """A ``PreTrainedTokenizerFast`` (byte-level BPE, ~1.5k tokens) trained offline on a built-in corpus.
+    """A ``PreTrainedTokenizerFast`` (byte-level BPE, 1427 tokens) trained offline on a built-in corpus.
 
     ``arch`` in ``{None, "smolvlm", "qwen2_5_vl", "llava"}`` picks the special-token roles and chat template of
     that model family (e.g. LLaVA's tokenizer prepends ``<s>`` like the llama tokenizer does; SmolVLM and Qwen
@@ -251,6 +279,7 @@ def build_tokenizer(save_dir: str | os.PathLike | None = None, arch: str | None 
     named = set(roles.values())
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
+        model_max_length=8192,  # = the tiny models' max_position_embeddings
         extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in named],
         chat_template=chat_template,
         **roles,
@@ -287,7 +316,7 @@ def _set_generation_ids(model, tokenizer, eos_ids: list[int] | None = None) -> N
 def _text_config(tokenizer, **overrides: Any) -> dict[str, Any]:
     """The shared tiny decoder (llama-style): 2 layers of width 256 instead of ~30 layers of width 576-3584."""
     cfg: dict[str, Any] = {
-        "vocab_size": len(tokenizer),  # ~1.5k instead of 49k-152k: the tiny BPE vocabulary
+        "vocab_size": len(tokenizer),  # 1427 instead of 49k-152k: the tiny BPE vocabulary
         "hidden_size": 256,  # 576 (SmolVLM-256M) ... 2048 (Qwen2.5-VL-3B): width dominates CPU time
         "intermediate_size": 512,  # 2x hidden instead of ~2.7-5.4x: cheapest MLP that is still an MLP
         "num_hidden_layers": 2,  # 2 instead of 30-36: enough to exercise the KV cache across layers
@@ -363,7 +392,7 @@ def build_tiny_smolvlm(seed: int = 0, *, tile_size: int = 256, longest_edge: int
 
 
 def build_tiny_qwen25vl(seed: int = 0, *, max_pixels: int = 128 * 28 * 28, min_pixels: int = 8 * 28 * 28):
-    """A ~2M-parameter ``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor``.
+    """A ~2.2M-parameter ``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor``.
 
     Image path (same code as Qwen2.5-VL-3B/7B): the image is resized to multiples of 28 px with
     ``min_pixels <= H*W <= max_pixels`` (default max 128*28*28 = 100k px, i.e. <= 128 merged tokens), cut into
@@ -439,7 +468,7 @@ def _qwen_video_processor(min_pixels: int, max_pixels: int):
 
 
 def build_tiny_llava(seed: int = 0, *, image_size: int = 112):
-    """A ~1.6M-parameter ``LlavaForConditionalGeneration`` (CLIP vision tower + llama decoder) + ``LlavaProcessor``.
+    """A ~2.1M-parameter ``LlavaForConditionalGeneration`` (CLIP vision tower + llama decoder) + ``LlavaProcessor``.
 
     Image path (same code as llava-1.5-7b-hf): ``CLIPImageProcessorPil`` resizes the shortest side to
     ``image_size`` (default 112) and center-crops to ``image_size``^2: ``pixel_values`` is
@@ -512,3 +541,12 @@ def load_tiny(path: str | os.PathLike):
     processor = load_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     return model, processor
+
+
+def assistant_suffix(processor, answer: str) -> str:
+    """The text after the generation prompt when the assistant answers ``answer`` and ends its turn:
+    SmolVLM ``" {answer}<end_of_utterance>"``, Qwen2-VL/Qwen2.5-VL ``"{answer}<|im_end|>"``, LLaVA-1.5
+    ``" {answer}</s>"`` (delegates to :func:`zoomvlm.targets.hf.answer_text`, the one place that knows)."""
+    from zoomvlm.targets.hf import answer_text
+
+    return answer_text(processor, answer, end_of_turn=True)

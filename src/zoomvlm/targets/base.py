@@ -35,9 +35,7 @@ class TargetRequest:
         if self.view_budgets is not None:
             object.__setattr__(self, "view_budgets", tuple(self.view_budgets))
             if len(self.view_budgets) != len(self.images):
-                raise ValueError(
-                    f"view_budgets has {len(self.view_budgets)} entries for {len(self.images)} images"
-                )
+                raise ValueError(f"view_budgets has {len(self.view_budgets)} entries for {len(self.images)} images")
 
     def views(self, default: Budget) -> list[Image.Image]:
         """The images shrunk to their budgets (``default`` where no per-view budget is set), RGB."""

@@ -91,7 +91,9 @@ class OpenAITarget:
         self.transport = transport
         self.name = f"openai:{model}@{self.budget}"
         if self.base_url == DEFAULT_BASE_URL and not self.api_key:
-            raise OpenAIAuthError("OPENAI_API_KEY is not set (needed for api.openai.com; set OPENAI_BASE_URL for a local server)")
+            raise OpenAIAuthError(
+                "OPENAI_API_KEY is not set (needed for api.openai.com; set OPENAI_BASE_URL for a local server)"
+            )
 
     def _payload(self, views: list[Image.Image], question: str) -> dict:
         content: list[dict] = []
@@ -127,7 +129,9 @@ class OpenAITarget:
                         error = f"HTTP {response.status_code}: {response.text[:200]}"
                         retry_after = response.headers.get("retry-after")
                     elif response.status_code >= 400:
-                        raise OpenAIRequestError(f"HTTP {response.status_code} from {self.base_url}: {response.text[:500]}")
+                        raise OpenAIRequestError(
+                            f"HTTP {response.status_code} from {self.base_url}: {response.text[:500]}"
+                        )
                     else:
                         return response.json(), time.perf_counter() - start
                 if attempt == self.max_retries:
@@ -138,7 +142,9 @@ class OpenAITarget:
                         delay = max(delay, float(retry_after))
                     except ValueError:
                         pass
-                logger.warning("%s (attempt %d/%d); retrying in %.1fs", error, attempt + 1, self.max_retries + 1, delay)
+                logger.warning(
+                    "%s (attempt %d/%d); retrying in %.1fs", error, attempt + 1, self.max_retries + 1, delay
+                )
                 await asyncio.sleep(delay)
             raise OpenAIRequestError(f"{self.base_url} failed after {self.max_retries + 1} attempts: {error}")
 
