@@ -67,8 +67,8 @@ def cmd_ask(args) -> int:
 
     if args.policy.split(":")[0] == "oracle":
         raise ValueError("the oracle policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")
-    image = load_image(args.image)
     policy, target, crop_budget = _build(args)
+    image = load_image(args.image)
     sample = Sample("ask", Path(args.image), args.question, tuple(args.answer or ()), image.width, image.height)
     record = run_batch([sample], policy, target, metric=_default_metric(args.target), crop_budget=crop_budget,
                        images=[image])[0]  # fmt: skip
@@ -131,7 +131,7 @@ def cmd_demo(args) -> int:
     from zoomvlm.targets import load_target
     from zoomvlm.viz import draw_crops
 
-    samples = load_jsonl(demo_data_path())
+    samples = load_jsonl(demo_data_path())[: args.limit]
     target = load_target("ocr", budget=Budget.parse(args.budget))
     out = Path(args.out)
     print(f"zoomvlm demo: {len(samples)} questions on {len({s.image for s in samples})} bundled receipts, "
@@ -143,7 +143,7 @@ def cmd_demo(args) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)  # a demo always runs afresh
         summary = run_eval(samples, policy, target, run_dir, metric="contains", progress=not args.no_progress)
         rows.append((name, summary))
-        first = json.loads((run_dir / "results.jsonl").read_text().splitlines()[args.picture])
+        first = json.loads((run_dir / "results.jsonl").read_text().splitlines()[min(args.picture, len(samples) - 1)])
         sample = next(s for s in samples if s.id == first["id"])
         verdict = "right" if first["score"] else "wrong"
         caption = (f"policy {name}: {sample.question} (answer: {sample.answers[0]}) -> {verdict}, "
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="zoomvlm-demo", help="where results and pictures go. Default: %(default)s")
     p.add_argument("--budget", default="384", help="the reader's per-view budget. Default: %(default)s")
     p.add_argument("--picture", type=int, default=2, help="which question (index) to draw. Default: %(default)s")
+    p.add_argument("--limit", type=int, default=None, help="first N bundled questions only (of 12)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
     return parser

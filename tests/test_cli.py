@@ -1,0 +1,60 @@
+"""The command line, run as a user would (subprocesses for the entry point, main() for speed elsewhere)."""
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from zoomvlm.cli import demo_data_path, main
+from zoomvlm.data import load_jsonl
+
+
+def test_help_is_instant_and_explains():
+    out = subprocess.run([sys.executable, "-m", "zoomvlm.cli", "--help"], capture_output=True, text=True, check=True)
+    for word in ("ask", "eval", "demo", "openai:MODEL", "oracle", "pixels:200000"):
+        assert word in out.stdout
+    # heavy libraries are imported by commands, not by --help
+    code = "import sys, zoomvlm.cli; print('torch' in sys.modules, 'rapidocr' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False False"
+
+
+def test_ask_prints_answer_cost_and_saves_picture(tmp_path, capsys):
+    image = demo_data_path().parent / "images" / "sroie_017.jpg"
+    assert main(["ask", str(image), "How much was paid in total?", "--policy", "center", "--answer", "39.80",
+                 "--save", str(tmp_path / "crop.png")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "policy center: boxes" in out and "RTR" in out and "contains vs ['39.80']" in out
+    with Image.open(tmp_path / "crop.png") as img:
+        assert img.width == 1200 * 835 // 2333 or img.width > 100
+
+
+def test_eval_writes_results_and_resumes(tmp_path, capsys):
+    args = ["eval", "--data", str(demo_data_path()), "--policy", "oracle", "--limit", "2", "--out", str(tmp_path),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "oracle -> ocr@side:384" in table and "accuracy" in table
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["n"] == 2 and summary["evidence_hit_rate"] == 1.0
+    assert main(args[:5] + ["--limit", "3", "--out", str(tmp_path), "--no-progress"]) == 0  # resume to 3
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == [s.id for s in load_jsonl(demo_data_path())[:3]]
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["eval", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "error: dataset file not found" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "x.jpg"), "q", "--policy", "oracle"]) == 2
+    assert "needs human evidence boxes" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "x.jpg"), "q", "--budget", "huge"]) == 2
+    assert "cannot read budget" in capsys.readouterr().err
+
+
+def test_demo_runs_offline(tmp_path):
+    out = subprocess.run(["zoomvlm", "demo", "--limit", "2", "--out", str(tmp_path), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for policy in ("none", "center", "oracle", "full"):
+        assert (tmp_path / f"{policy}.png").stat().st_size > 10_000
+        assert policy in out.stdout
