@@ -88,7 +88,9 @@ def cmd_ask(args) -> int:
             print(f"{record.metric} vs {list(args.answer)}: {record.score:.2f}")
     if args.save:
         boxes = [Box(*b) for b in record.boxes]
-        draw_crops(image, boxes, caption=f"Q: {args.question}\nA: {record.prediction[:200]}").save(args.save)
+        draw_crops(
+            image, boxes, caption=f"Q: {args.question}\nA: {' | '.join(record.prediction.splitlines())[:300]}"
+        ).save(args.save)
         print(f"saved {args.save}", file=sys.stderr)
     return 0
 
