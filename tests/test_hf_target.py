@@ -36,7 +36,8 @@ def test_generate_with_two_images_counts_visual_tokens(target, noise_images):
         ids = proc(text=[prompt], images=[views], return_tensors="pt")["input_ids"]
         assert gen.usage.visual_tokens == int((ids == target.image_token_id).sum()) > 0
         assert len(gen.usage.view_pixels) == len(views) and all(p > 0 for p in gen.usage.view_pixels)
-        assert gen.usage.completion_tokens is not None and gen.usage.prompt_tokens > gen.usage.visual_tokens
+        assert 0 < gen.usage.completion_tokens <= target.max_new_tokens
+        assert gen.usage.prompt_tokens > gen.usage.visual_tokens
     assert gens[0].usage.visual_tokens > gens[1].usage.visual_tokens  # two images cost more than one
 
 

@@ -52,7 +52,7 @@ class VLMCropper:
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
         views = [[resize_to_budget(img.convert("RGB"), self.budget)] for img in images]
         prompts = [chat_prompt(self.processor, 1, cropper_prompt(q)) for q in questions]
-        texts, _ = generate_texts(self.model, self.processor, prompts, views, max_new_tokens=self.max_new_tokens)
+        texts, _, _ = generate_texts(self.model, self.processor, prompts, views, max_new_tokens=self.max_new_tokens)
         out = []
         for text in texts:
             self.n_total += 1

@@ -94,7 +94,7 @@ def _encode(processor, prompts: list[str], images: list[list[Image.Image]], devi
 @torch.inference_mode()
 def generate_texts(
     model, processor, prompts: list[str], images: list[list[Image.Image]], max_new_tokens: int = 32, **gen_kwargs
-) -> tuple[list[str], dict]:
+) -> tuple[list[str], dict, list[int]]:
     """Generate one continuation per prompt (greedy unless ``gen_kwargs`` say otherwise).
 
     Args:
@@ -102,15 +102,18 @@ def generate_texts(
         images: the images of each row, in the order of the image placeholders in its prompt.
 
     Returns:
-        ``(texts, inputs)``: the decoded continuations (special tokens removed, stripped) and the processor
-        outputs that were fed to the model (for token accounting).
+        ``(texts, inputs, n_generated)``: the decoded continuations (special tokens removed, stripped), the
+        processor outputs that were fed to the model, and the number of non-padding tokens generated per
+        row (where padding and end-of-turn share an id, the end token is not counted).
     """
     inputs = _encode(processor, prompts, images, model.device)
     gen_kwargs.setdefault("do_sample", False)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]
     texts = processor.batch_decode(new, skip_special_tokens=True)
-    return [t.strip() for t in texts], inputs
+    pad_id = processor.tokenizer.pad_token_id
+    n_generated = new.ne(pad_id).sum(-1).tolist() if pad_id is not None else [new.shape[1]] * len(texts)
+    return [t.strip() for t in texts], inputs, n_generated
 
 
 class HFTarget:
@@ -191,14 +194,12 @@ class HFTarget:
             return []
         start = time.perf_counter()
         views, prompts = self._prepare(requests)
-        texts, inputs = generate_texts(self.model, self.processor, prompts, views, max_new_tokens=self.max_new_tokens)
+        texts, inputs, n_generated = generate_texts(
+            self.model, self.processor, prompts, views, max_new_tokens=self.max_new_tokens
+        )
         seconds = (time.perf_counter() - start) / len(requests)
-        tok = self.processor.tokenizer
         return [
-            Generation(
-                text, self._usage(inputs, i, views[i], seconds, len(tok(text, add_special_tokens=False)["input_ids"]))
-            )
-            for i, text in enumerate(texts)
+            Generation(text, self._usage(inputs, i, views[i], seconds, n_generated[i])) for i, text in enumerate(texts)
         ]
 
     @torch.inference_mode()
