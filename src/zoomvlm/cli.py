@@ -28,6 +28,9 @@ policies (--policy):
   oracle[:M]      crop around the human evidence box (evaluation only)
   vlm             the shipped learned cropper (tiny, CPU; trained on receipts with the CPU recipes)
   vlm:CKPT        a learned cropper checkpoint (CropVLM), e.g. vlm:runs/tiny_grpo/final
+  crop-set        the shipped AwaRes crop-set policy: low-res view + requested high-res crops (tiny, CPU)
+  crop-set:CKPT   an AwaRes crop-set policy checkpoint (NO_CROPS or GET_CROPS: [...]); :CKPT@HIGH sets the
+                  high-resolution budget (default: the one it was trained with)
 budgets (--budget, --crop-budget):
   384 | side:384 longest side in pixels;  pixels:200000 pixel cap;  native no limit
 """
@@ -102,6 +105,7 @@ def cmd_eval(args) -> int:
     from zoomvlm.benchmark_loaders import BENCHMARKS
     from zoomvlm.data import load_samples
     from zoomvlm.eval import Shard, check_shards, format_table, run_eval
+    from zoomvlm.geometry import Budget
 
     shard = Shard.parse(args.shard) if args.shard else Shard()
     check_shards(args.out, shard)  # fail before a model loads, not after
@@ -125,9 +129,12 @@ def cmd_eval(args) -> int:
     }
     if bench:  # load_samples(config["data"], split=config["split"]) gives the run's samples back
         config["split"] = args.split or bench.split
+    rtr_reference = Budget.parse(args.rtr_reference) if args.rtr_reference else None
+    if rtr_reference is not None:  # only when set, so runs made before the option resume unchanged
+        config["rtr_reference"] = str(rtr_reference)
     summary = run_eval(samples, policy, target, args.out, metric=metric, crop_budget=crop_budget,
                        batch_size=args.batch_size, config=config, progress=not args.no_progress,
-                       shard=shard)  # fmt: skip
+                       shard=shard, rtr_reference=rtr_reference)  # fmt: skip
     print(format_table([(f"{policy.name} -> {target.name}", summary)], markdown=args.markdown))
     if summary["by_field"]:
         print("by field: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary["by_field"].items()))
@@ -237,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "question, view budgets) are not recomputed; records say cached: true and keep the "
                         "original call's timings. Delete the file after changing a target's code. "
                         "Default: off")  # fmt: skip
+    p.add_argument("--rtr-reference", default=None, metavar="BUDGET",
+                   help="count RTR against the whole image at this budget instead of native resolution, "
+                   "e.g. side:768 for an AwaRes run whose high-resolution view is 768 px")  # fmt: skip
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_eval)

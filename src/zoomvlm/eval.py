@@ -230,6 +230,7 @@ def run_eval(
     config: dict | None = None,
     progress: bool = True,
     shard: Shard | None = None,
+    rtr_reference: Budget | None = None,
 ) -> dict:
     """Evaluate ``policy`` + ``target`` on ``samples``, resuming whatever ``out_dir`` already holds.
 
@@ -240,6 +241,8 @@ def run_eval(
             compared on resume. Defaults to the target's and policy's names, the metric and crop budget.
         shard: run only this part of ``samples`` (see :class:`Shard`), writing its own results file.
             ``None`` = the whole benchmark into ``results.jsonl``.
+        rtr_reference: the view RTR is counted against (``None`` = native; see
+            :func:`~zoomvlm.pipeline.run_batch`).
 
     Returns:
         The summary dict also written to ``summary.json``: over the records of ``samples`` in ALL shards
@@ -273,7 +276,9 @@ def run_eval(
     with results_path.open("a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            records = run_batch(batch, policy, target, metric=metric, crop_budget=crop_budget)
+            records = run_batch(
+                batch, policy, target, metric=metric, crop_budget=crop_budget, rtr_reference=rtr_reference
+            )
             f.write("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())

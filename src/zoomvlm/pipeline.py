@@ -30,7 +30,8 @@ class Record:
     """The result of one sample, one line of ``results.jsonl``.
 
     Units: pixels are counted per view as the target consumed them; ``rtr`` (Retain Token Ratio, AwaRes
-    sec. 4) = pixels processed across all views / pixels of the native image processed once; seconds are
+    sec. 4) = pixels processed across all views / pixels of the whole image processed once at the run's
+    RTR reference (native unless ``rtr_reference`` says otherwise); seconds are
     wall-clock, batch time split evenly over the batch. ``cached``: the target's answer came from a response
     cache (:class:`~zoomvlm.cache.CachedTarget`); its usage and ``target_seconds`` are then those measured
     by the call that computed it, not the lookup's.
@@ -68,15 +69,22 @@ def build_request(
 ) -> TargetRequest:
     """The target request for one proposal: ``[global view, crops...]`` cut from the ORIGINAL ``image``.
 
-    Budgets: the global view gets ``proposal.global_budget`` (else the target's own); each crop gets
-    ``proposal.crop_budget``, else ``crop_budget``, else the target's own. ``None`` entries are resolved
+    Budgets: the global view gets ``proposal.global_budget`` (else the target's own); each crop gets its
+    ``proposal.crop_budgets`` entry, else ``proposal.crop_budget``, else ``crop_budget``, else the
+    target's own. ``None`` entries are resolved
     by the target, so the request stays target-agnostic.
     """
     crops = [crop_image(image, box) for box in proposal.boxes]
-    budgets = [proposal.global_budget] + [proposal.crop_budget or crop_budget] * len(crops)
+    per_crop = proposal.crop_budgets or [proposal.crop_budget or crop_budget] * len(crops)
+    budgets = [proposal.global_budget, *per_crop]
     if all(b is None for b in budgets):
         return TargetRequest((image, *crops), question)
     return TargetRequest((image, *crops), question, view_budgets=tuple(budgets))
+
+
+def _reference_pixels(width: int, height: int, reference: Budget | None) -> int:
+    w, h = (width, height) if reference is None else reference.fit(width, height)
+    return w * h
 
 
 def run_batch(
@@ -86,6 +94,7 @@ def run_batch(
     metric: str = "contains",
     crop_budget: Budget | None = None,
     images: Sequence[Image.Image] | None = None,
+    rtr_reference: Budget | None = None,
 ) -> list[Record]:
     """Answer and score a batch of samples.
 
@@ -96,6 +105,9 @@ def run_batch(
         metric: name in :data:`~zoomvlm.metrics.METRICS` used for ``score`` (a sample's own ``metric`` wins).
         crop_budget: budget of the crops; ``None`` = the target's budget.
         images: the samples' images if already loaded (native resolution); loaded from disk otherwise.
+        rtr_reference: the view RTR is counted against: pixels processed / pixels of the whole image under
+            this budget. ``None`` = native resolution. AwaRes compares with its HIGH-resolution view (e.g.
+            ``side:768`` on the receipts testbed), so a low view plus one quadrant is 0.25 + 0.25.
 
     Raises:
         UnreadableImageError: an image cannot be read (names the file).
@@ -134,7 +146,7 @@ def run_batch(
                 policy_error=prop.error,
                 evidence_hit=evidence_hit(prop.boxes, sample.evidence_boxes),
                 view_pixels=list(usage.view_pixels),
-                rtr=usage.pixels / (sample.width * sample.height),
+                rtr=usage.pixels / _reference_pixels(sample.width, sample.height, rtr_reference),
                 visual_tokens=usage.visual_tokens,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,

@@ -20,6 +20,8 @@ class Proposal:
         global_budget: budget of the global view; ``None`` = the target's own budget. The ``full``
             policy sets ``Budget()`` (native resolution), the cost ceiling.
         crop_budget: budget of each crop; ``None`` = the run's crop budget (by default the target's).
+        crop_budgets: one budget per box, overriding ``crop_budget`` (AwaRes: each crop-set region at the
+            high-resolution view's scale, so a quadrant and a half cost what they cover).
         raw: the policy model's raw output text, where there is one (kept for debugging and rewards).
         error: why the raw output was invalid (e.g. ``"x2 (10) must be > x1 (40)"``); the policy then
             fell back (CropVLM: to the whole image) and this failure is counted, never hidden.
@@ -28,8 +30,13 @@ class Proposal:
     boxes: tuple[Box, ...] = ()
     global_budget: Budget | None = None
     crop_budget: Budget | None = None
+    crop_budgets: tuple[Budget, ...] | None = None
     raw: str | None = None
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop_budgets is not None and len(self.crop_budgets) != len(self.boxes):
+            raise ValueError(f"crop_budgets has {len(self.crop_budgets)} entries for {len(self.boxes)} boxes")
 
 
 @runtime_checkable

@@ -186,6 +186,24 @@ class OpenAITarget:
             )
         return out
 
+    def chat(self, texts: Sequence[str], max_tokens: int | None = None) -> list[str]:
+        """Text-only chat: each of ``texts`` as one user message, verbatim (no answer template), temperature 0.
+
+        Used by LLM judges (e.g. AwaRes curation). Same concurrency, retries and errors as :meth:`generate`.
+        """
+        payloads = [
+            {"model": self.model, "messages": [{"role": "user", "content": t}], "temperature": 0,
+             "max_tokens": max_tokens or self.max_tokens}
+            for t in texts
+        ]  # fmt: skip
+        out = []
+        for body, _ in asyncio.run(self._generate(payloads)):
+            try:
+                out.append((body["choices"][0]["message"]["content"] or "").strip())
+            except (KeyError, IndexError, TypeError) as err:
+                raise OpenAIRequestError(f"malformed response from {self.base_url}: {str(body)[:300]}") from err
+        return out
+
     def loglikelihood(self, requests: Sequence[TargetRequest]) -> list[float]:
         raise NotImplementedError(
             "OpenAI-compatible chat endpoints do not return prompt log-probabilities; "

@@ -42,6 +42,45 @@ def cmd_curate_boxes(args) -> int:
     return 0
 
 
+_AWARES_EPILOG = """\
+The target answers from the low-resolution view (--high with sides halved) and from the --high view; the
+judge labels each sample LR (low resolution suffices, or ties) or HR; HR samples get the evidence boxed by
+the grounder and mapped to the crop subset with IoU >= --iou-threshold (fallback: the smallest containing
+crop). Human evidence boxes are never read. Outputs in --out: raw.jsonl (resumable), trajectories.jsonl
+(self-zoom SFT/GRPO), actions.jsonl (external crop-set policy SFT: NO_CROPS / GET_CROPS), curation.json.
+judges (--judge):
+  metric[:NAME]   the dataset metric: LR iff score(low) >= 0.5 or >= score(high). Default: metric:contains
+  llm:MODEL       an OpenAI-compatible LLM judge ($OPENAI_BASE_URL, $OPENAI_API_KEY); prompt in curate_awares.py
+"""
+
+
+def cmd_curate_awares(args) -> int:
+    from zoomvlm.data import load_jsonl
+    from zoomvlm.geometry import Budget
+    from zoomvlm.targets import load_target
+    from zoomvlm.train.curate import OCRGrounder, VLMGrounder
+    from zoomvlm.train.curate_awares import SeedReplayGrounder, curate_awares, load_judge
+
+    samples = load_jsonl(args.data)
+    if args.limit is not None:
+        samples = samples[: args.limit]
+    grounder = OCRGrounder(budget=args.ocr_budget) if args.grounder == "ocr" else VLMGrounder(args.model)
+    if args.seeds:
+        grounder = SeedReplayGrounder(args.seeds, fallback=grounder)
+    judge = load_judge(args.judge)
+    high = Budget.parse(args.high)
+    target = load_target(args.target, budget=high)
+    info = curate_awares(samples, target, high, judge, grounder, args.out, iou_threshold=args.iou_threshold,
+                         progress=not args.no_progress)  # fmt: skip
+    print(
+        f"{info['n']} samples: {info['n_lr']} LR, {info['n_hr']} HR; target accuracy low "
+        f"{100 * info['low_accuracy']:.1f}% vs high {100 * info['high_accuracy']:.1f}% ({info['judge']} judge)"
+    )
+    print(f"HR crops: {info['crop_histogram']}; grounder failures {info['grounder_failures']}")  # fmt: skip
+    print(f"wrote {args.out}/trajectories.jsonl, actions.jsonl, curation.json", file=sys.stderr)
+    return 0
+
+
 def cmd_train(args) -> int:
     from zoomvlm.train.recipe import load_recipe
 
@@ -73,6 +112,24 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_curate_boxes)
+
+    p = csub.add_parser("awares", help="AwaRes labels: LR/HR by a judge, HR evidence -> crop subset; trajectories",
+                        epilog=_AWARES_EPILOG, formatter_class=raw)  # fmt: skip
+    p.add_argument("--data", required=True, help="JSONL dataset with answers (receipts format)")
+    p.add_argument("--target", default="ocr", help="the model whose low/high answers are judged. Default: ocr")
+    p.add_argument("--high", default="side:768", help="high-resolution budget. Default: %(default)s")
+    p.add_argument("--judge", default="metric:contains", help="metric[:NAME] or llm:MODEL. Default: %(default)s")
+    p.add_argument("--grounder", choices=("ocr", "vlm"), default="ocr", help="boxes HR evidence. Default: ocr")
+    p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="grounding VLM for --grounder vlm")
+    p.add_argument("--ocr-budget", default="side:2048", help="reading resolution of --grounder ocr")
+    p.add_argument("--seeds", default=None, metavar="DIR",
+                   help="replay seed boxes from a `zoomvlm curate boxes` output folder (same samples)")  # fmt: skip
+    p.add_argument("--iou-threshold", type=float, default=0.2,
+                   help="box -> crop subset IoU threshold. Default: %(default)s (README: measured)")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_curate_awares)
 
     train = sub.add_parser("train", help="train a cropper: sft on seed boxes, then grpo on the target's reward")
     tsub = train.add_subparsers(dest="stage", required=True)

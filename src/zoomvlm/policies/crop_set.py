@@ -1,0 +1,146 @@
+"""AwaRes crop-set policies: the target sees a LOW-resolution view plus chosen HIGH-resolution crop-set regions.
+
+- :class:`CropSetPolicy` (``crop-set[:CKPT]``): the EXTERNAL crop-set policy, a small VLM in front of a
+  target that cannot be trained (the OCR reader, an API). It sees the low-resolution view and the question
+  and emits ``NO_CROPS`` or ``GET_CROPS: [...]`` (:func:`~zoomvlm.rewards.parse_crop_action`, the same
+  parser as self-zoom). Trained like AwaRes: SFT on curated actions, then GRPO on ``R_ans - C_tool``.
+- :class:`FixedCropSet`: always the same regions (``['all']`` = the always-all-crops baseline).
+- :class:`OracleCropSet`: the crop subset whose IoU with the HUMAN evidence box passes a threshold
+  (AwaRes's mapping rule applied to human boxes): the upper bound of the crop-set interface; EVALUATION ONLY.
+
+All three return :func:`~zoomvlm.awares.crop_set_proposal`: global view = the ``high`` view with each side
+halved, crops at the ``high`` view's scale, so RTR against ``high`` is 0.25 + the requested area.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from zoomvlm.awares import crop_set_proposal, low_res_view
+from zoomvlm.geometry import Box, Budget, crops_for_box
+from zoomvlm.policies.base import Proposal
+from zoomvlm.prompts import crop_set_policy_prompt
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HIGH = Budget(max_side=768)
+"""High-resolution view of the receipts testbed: OCR at 768 px reads far more than at 384 px (the low view);
+see the README's AwaRes section for the measured accuracies."""
+
+DEFAULT_IOU_THRESHOLD = 0.2
+"""Default IoU threshold of the box -> crop-subset mapping (curation and the oracle subset); the README's
+AwaRes section gives the measurement behind it."""
+
+
+def _as_budget(b: Budget | int | str | None, default: Budget) -> Budget:
+    if b is None:
+        return default
+    return b if isinstance(b, Budget) else Budget.parse(b)
+
+
+def trained_high(checkpoint: str) -> Budget:
+    """The high-resolution budget a zoomvlm recipe trained ``checkpoint`` with (``data.high``), else 768 px."""
+    recipe = Path(checkpoint).expanduser() / "zoomvlm_recipe.json"
+    if recipe.is_file():
+        high = json.loads(recipe.read_text()).get("data", {}).get("high")
+        if high:
+            return Budget.parse(high)
+    return DEFAULT_HIGH
+
+
+class CropSetPolicy:
+    """``crop-set:CHECKPOINT``: a small VLM choosing AwaRes crop-set regions for another target.
+
+    Args:
+        checkpoint: hub id or ``save_pretrained`` folder of the policy VLM.
+        high: the high-resolution reference budget; ``None`` = the ``data.high`` the checkpoint was trained
+            with, else 768 px. The policy itself sees the low view (``high`` with sides halved).
+        max_new_tokens: action length limit.
+        model, processor: an already loaded pair (then ``checkpoint`` only names it).
+
+    An action that is neither ``NO_CROPS`` nor a parseable ``GET_CROPS`` is COUNTED (``n_invalid``, and the
+    Proposal's ``error``) and answered from the low view alone, never silently replaced by the full image.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        high: Budget | int | str | None = None,
+        max_new_tokens: int = 24,
+        device: str | None = None,
+        model=None,
+        processor=None,
+        name: str | None = None,
+    ):
+        from zoomvlm.targets.hf import load_vlm
+
+        self.high = _as_budget(high, trained_high(checkpoint))
+        self.max_new_tokens = max_new_tokens
+        if model is None or processor is None:
+            model, processor = load_vlm(checkpoint, device=device)
+        self.model, self.processor = model, processor
+        self.name = name or f"crop-set:{checkpoint}"
+        self.n_invalid = 0
+        self.n_total = 0
+
+    def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
+        from zoomvlm.rewards import parse_crop_action
+        from zoomvlm.targets.hf import chat_prompt, generate_texts
+
+        views = [[low_res_view(img, self.high)] for img in images]
+        prompts = [chat_prompt(self.processor, 1, crop_set_policy_prompt(q)) for q in questions]
+        texts, _, _ = generate_texts(self.model, self.processor, prompts, views, max_new_tokens=self.max_new_tokens)
+        out = []
+        for img, text in zip(images, texts, strict=True):
+            self.n_total += 1
+            keys, error = parse_crop_action(text)
+            if error is not None:
+                self.n_invalid += 1
+                logger.debug("crop-set action %r is invalid (%s); answering from the low view", text, error)
+            out.append(crop_set_proposal(img, keys or [], self.high, raw=text, error=error))
+        return out
+
+
+class FixedCropSet:
+    """Always the same crop-set regions (``keys=[]`` = the low view only; ``['all']`` = always-all-crops)."""
+
+    def __init__(self, keys: Sequence[str], high: Budget | int | str | None = None, name: str | None = None):
+        from zoomvlm.geometry import format_get_crops
+
+        self.keys = list(keys)
+        if self.keys:
+            format_get_crops(self.keys)  # raises ToolCallError on an unknown key
+        self.high = _as_budget(high, DEFAULT_HIGH)
+        self.name = name or f"crop-set-fixed:{','.join(self.keys) or 'none'}"
+
+    def propose(self, images, questions, evidence=None) -> list[Proposal]:
+        return [crop_set_proposal(img, self.keys, self.high) for img in images]
+
+
+class OracleCropSet:
+    """EVALUATION ONLY: the crop subset of the human evidence box(es), by AwaRes's IoU mapping rule.
+
+    Each evidence box is mapped with :func:`~zoomvlm.geometry.crops_for_box`; the subsets are merged. A
+    sample without evidence gets the low view only.
+    """
+
+    def __init__(self, high: Budget | int | str | None = None, iou_threshold: float = DEFAULT_IOU_THRESHOLD):
+        self.high = _as_budget(high, DEFAULT_HIGH)
+        self.iou_threshold = iou_threshold
+        self.name = f"crop-set-oracle:{iou_threshold:g}"
+
+    def propose(self, images, questions, evidence: Sequence[Sequence[Box]] | None = None) -> list[Proposal]:
+        if evidence is None:
+            raise ValueError("the crop-set oracle needs human evidence boxes (evaluation only)")
+        out = []
+        for img, boxes in zip(images, evidence, strict=True):
+            keys: list[str] = []
+            for box in boxes:
+                keys += [k for k in crops_for_box(box, self.iou_threshold) if k not in keys]
+            out.append(crop_set_proposal(img, keys, self.high))
+        return out
