@@ -41,7 +41,7 @@ def test_bundled_recipes_parse():
             "smolvlm256m_lora_grpo"} <= names  # fmt: skip
     for name in names:
         r = load_recipe(name)
-        assert r.kind in {"sft", "grpo"} and r.trainer.get("output_dir")
+        assert r.kind in {"sft", "grpo", "awares_sft", "awares_grpo"} and r.trainer.get("output_dir")
     grpo = load_recipe("smolvlm256m_lora_grpo")
     assert grpo.trainer["num_generations"] == 6 and grpo.trainer["temperature"] == 0.8
     assert grpo.trainer["beta"] == 0.01 and grpo.trainer["scale_rewards"] == "none"

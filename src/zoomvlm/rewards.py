@@ -359,22 +359,34 @@ REWARDS: dict[str, Callable] = {
 the external AwaRes crop-set policy: crop_set_format/awares)."""
 
 
-def build_rewards(weights: dict[str, float], target=None, metric: str = "anls", crop_budget=None):
+def build_rewards(
+    weights: dict[str, float], target=None, metric: str = "anls", crop_budget=None, awares: dict | None = None
+):
     """Reward callables and their weights, in the recipe's order.
 
     Args:
         weights: ``{name: weight}`` with names from :data:`REWARDS`.
-        target: the reward target (required by ``accuracy`` and ``likelihood``).
+        target: the reward target (required by ``accuracy``, ``likelihood`` and ``awares``).
+        awares: settings of the ``awares`` reward: ``high`` (budget, default ``side:768``), ``answer_reward``
+            (``semantic`` or a metric; default ``metric``), ``alpha_miss``, ``alpha_use``, ``lam``
+            (:class:`ToolCost` defaults).
 
     Raises:
         KeyError: an unknown reward name. ValueError: a target reward without a target.
     """
+    awares = awares or {}
     funcs, ws = [], []
     for name, w in weights.items():
         if name not in REWARDS:
             raise KeyError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
-        if name == "format":
-            funcs.append(format_reward)
+        if name in ("format", "crop_set_format"):
+            funcs.append(REWARDS[name])
+        elif name == "awares":
+            if target is None:
+                raise ValueError("reward 'awares' needs a reward target (recipe key `target:`)")
+            cost = ToolCost(**{k: float(awares[k]) for k in ("alpha_miss", "alpha_use", "lam") if k in awares})
+            funcs.append(CropSetReward(target, awares.get("high", "side:768"),
+                                       awares.get("answer_reward", metric), cost))  # fmt: skip
         else:
             if target is None:
                 raise ValueError(f"reward {name!r} needs a reward target (recipe key `target:`)")

@@ -15,8 +15,10 @@ sft.jsonl (TRL prompt-completion conversations), curation.json (failure count, p
 
 _TRAIN_EPILOG = """\
 recipes (--config): a YAML path or a bundled name:
-  tiny_cpu_sft, tiny_cpu_grpo (likelihood reward), tiny_cpu_grpo_accuracy   this machine, no GPU
+  tiny_cpu_sft, tiny_cpu_grpo (likelihood reward), tiny_cpu_grpo_accuracy   cropper, this machine, no GPU
   smolvlm256m_lora_sft, smolvlm256m_lora_grpo                               SmolVLM-256M + LoRA (GPU)
+  tiny_cpu_crop_set_sft, tiny_cpu_crop_set_grpo          AwaRes external crop-set policy, OCR target, CPU
+  qwen25vl7b_awares_sft (awares-sft), qwen25vl7b_awares_grpo (awares-grpo)  AwaRes self-zoom (GPUs)
 override any key: --set trainer.max_steps=10 --set data.limit=32
 A run resumes from the newest checkpoint in its output_dir; the result lands in OUTPUT_DIR/final,
 usable as --policy vlm:OUTPUT_DIR/final.
@@ -84,13 +86,22 @@ def cmd_curate_awares(args) -> int:
 def cmd_train(args) -> int:
     from zoomvlm.train.recipe import load_recipe
 
-    recipe = load_recipe(args.config, args.set or [], kind=args.stage)
+    recipe = load_recipe(args.config, args.set or [], kind=args.stage.replace("-", "_"))
     if args.stage == "sft":
         from zoomvlm.train.sft import run_sft as run
-    else:
+    elif args.stage == "grpo":
         from zoomvlm.train.grpo import run_grpo as run
+    elif args.stage == "awares-sft":
+        from zoomvlm.train.weighted_sft import run_weighted_sft as run
+    else:
+        from zoomvlm.train.awares_grpo import run_awares_grpo as run
     final = run(recipe, output_dir=args.output_dir)
-    print(f"trained cropper saved to {final}; use it with --policy vlm:{final}")
+    if args.stage.startswith("awares"):
+        print(f"trained self-zoom model saved to {final}; it answers with zoomvlm.self_zoom (SelfZoomRunner)")
+    elif recipe.data.get("policy") == "crop_set":
+        print(f"trained crop-set policy saved to {final}; use it with --policy crop-set:{final}")
+    else:
+        print(f"trained cropper saved to {final}; use it with --policy vlm:{final}")
     return 0
 
 
@@ -133,8 +144,10 @@ def add_commands(sub) -> None:
 
     train = sub.add_parser("train", help="train a cropper: sft on seed boxes, then grpo on the target's reward")
     tsub = train.add_subparsers(dest="stage", required=True)
-    for stage, text in (("sft", "supervised fine-tuning on seed boxes (TRL SFTTrainer)"),
-                        ("grpo", "GRPO with the reward target's accuracy/likelihood (TRL GRPOTrainer)")):  # fmt: skip
+    for stage, text in (("sft", "supervised fine-tuning on seed boxes or crop-set actions (TRL SFTTrainer)"),
+                        ("grpo", "GRPO on the reward target's accuracy/likelihood or AwaRes reward (GRPOTrainer)"),
+                        ("awares-sft", "AwaRes self-zoom cold-start SFT on trajectories, tool-call turn x5"),
+                        ("awares-grpo", "AwaRes self-zoom multi-turn GRPO, R = R_ans - C_tool")):  # fmt: skip
         p = tsub.add_parser(stage, help=text, epilog=_TRAIN_EPILOG, formatter_class=raw)
         p.add_argument("--config", required=True, help="recipe YAML path or bundled recipe name")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")

@@ -212,7 +212,7 @@ def curate_awares(
         for s, r in zip(samples, rows, strict=True):
             rec = {"id": s.id, "image": str(Path(s.image).resolve()), "question": s.question,
                    "answers": list(s.answers), "answer": s.answers[0], "label": r["label"], "crops": r["crops"],
-                   "high": str(high), "field": s.field}  # fmt: skip
+                   "high": str(high), "field": s.field, "width": s.width, "height": s.height}  # fmt: skip
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     with (out_dir / "actions.jsonl").open("w", encoding="utf-8") as f:
         for s, r in zip(samples, rows, strict=True):

@@ -48,18 +48,28 @@ GRPO_DEFAULTS = {
 }
 
 
-def grpo_dataset(samples, budget: Budget):
+def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
     """A ``datasets.Dataset`` for GRPO from :class:`~zoomvlm.data.Sample` objects (answers required).
 
-    Columns: ``image`` (the cropper's view, shrunk to ``budget``), ``prompt`` (one user turn, text only: TRL
+    Columns: ``image`` (the policy's view, shrunk to ``budget``), ``prompt`` (one user turn, text only: TRL
     adds the image), and for the rewards ``image_path`` (the ORIGINAL image), ``question``, ``answers``,
-    ``metric``. Human ``evidence_boxes`` are dropped first: they never reach training.
+    ``metric``, ``label`` (AwaRes curation's ``LR``/``HR`` where the data has it, else ``""``). Human
+    ``evidence_boxes`` are dropped first: they never reach training.
+
+    Args:
+        policy: ``cropper`` (CropVLM's prompt) or ``crop_set`` (the external AwaRes crop-set policy's prompt;
+            ``budget`` is then its low-resolution view, the high budget with sides halved).
 
     Raises:
-        ValueError: a sample without answers.
+        ValueError: a sample without answers, or an unknown ``policy``.
     """
     import datasets
 
+    from zoomvlm.prompts import crop_set_policy_prompt
+
+    prompt_fn = {"cropper": cropper_prompt, "crop_set": crop_set_policy_prompt}.get(policy)
+    if prompt_fn is None:
+        raise ValueError(f"unknown data.policy {policy!r}; use cropper or crop_set")
     samples = [replace(s, evidence_boxes=()) for s in samples]
     for s in samples:
         if not s.answers:
@@ -68,11 +78,12 @@ def grpo_dataset(samples, budget: Budget):
     return datasets.Dataset.from_dict(
         {
             "image": views,
-            "prompt": [[{"role": "user", "content": cropper_prompt(s.question)}] for s in samples],
+            "prompt": [[{"role": "user", "content": prompt_fn(s.question)}] for s in samples],
             "image_path": [str(Path(s.image).resolve()) for s in samples],
             "question": [s.question for s in samples],
             "answers": [list(s.answers) for s in samples],
             "metric": [s.metric or "" for s in samples],
+            "label": [str((s.meta or {}).get("label", "")) for s in samples],
         },
         features=datasets.Features(
             {
@@ -82,9 +93,26 @@ def grpo_dataset(samples, budget: Budget):
                 "question": datasets.Value("string"),
                 "answers": datasets.Sequence(datasets.Value("string")),
                 "metric": datasets.Value("string"),
+                "label": datasets.Value("string"),
             }
         ),
     )
+
+
+def policy_view_budget(data_cfg: dict) -> tuple[str, Budget]:
+    """``(policy kind, view budget)`` from a recipe's ``data`` section: the cropper's ``cropper_budget`` (default
+    512), or for ``policy: crop_set`` the low view of ``high`` (a ``side:N`` budget; the low view is ``N // 2``).
+
+    Raises:
+        ValueError: ``crop_set`` without a side budget in ``data.high``.
+    """
+    policy = data_cfg.get("policy", "cropper")
+    if policy != "crop_set":
+        return policy, Budget.parse(data_cfg.get("cropper_budget", 512))
+    high = Budget.parse(data_cfg.get("high", "side:768"))
+    if high.max_side is None or high.max_pixels is not None:
+        raise ValueError(f"data.high must be a side budget (e.g. side:768) for the crop-set policy, got {high}")
+    return policy, Budget(max_side=high.max_side // 2)
 
 
 def build_reward_target(target_cfg: dict):
@@ -113,15 +141,17 @@ def build_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, rew
     samples = load_jsonl(recipe.data["file"])
     if recipe.data.get("limit"):
         samples = samples[: int(recipe.data["limit"])]
-    dataset = grpo_dataset(samples, Budget.parse(recipe.data.get("cropper_budget", 512)))
+    policy, view_budget = policy_view_budget(recipe.data)
+    dataset = grpo_dataset(samples, view_budget, policy)
     if reward_funcs is None:
-        needs_target = any(name != "format" for name in recipe.rewards)
+        needs_target = any(name not in ("format", "crop_set_format") for name in recipe.rewards)
         target = build_reward_target(recipe.target) if needs_target else None
         reward_funcs, reward_weights = build_rewards(
             recipe.rewards,
             target,
             metric=recipe.target.get("metric", "anls"),
             crop_budget=recipe.target.get("crop_budget"),
+            awares={"high": recipe.data.get("high", "side:768"), **recipe.awares},
         )
     if reward_weights is not None:
         trainer_kw.setdefault("reward_weights", list(reward_weights))

@@ -11,6 +11,12 @@ A recipe has four sections (see ``recipes/*.yaml``, bundled with the package):
   every TRL option (accelerate, DeepSpeed, vLLM rollouts, ``loss_type``...) is available.
 - GRPO only: ``rewards`` (``{name: weight}``, names from :data:`zoomvlm.rewards.REWARDS`) and ``target``
   (``spec`` as in ``zoomvlm eval``, ``budget``, ``crop_budget``, ``metric``).
+- AwaRes only: ``data.policy: crop_set`` + ``data.high`` (the external crop-set policy and its
+  high-resolution budget) and ``awares`` (``answer_reward``: ``semantic`` or a metric; the tool-cost
+  constants ``alpha_miss``, ``alpha_use``, ``lam`` of :class:`zoomvlm.rewards.ToolCost`).
+
+Kinds: ``sft`` and ``grpo`` (CropVLM cropper, or the crop-set policy with ``data.policy: crop_set``),
+``awares_sft`` (tool-call-weighted SFT on trajectories) and ``awares_grpo`` (multi-turn self-zoom GRPO).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ class RecipeError(ValueError):
     """A recipe file is missing, malformed, or has an unknown section/key; the message says which."""
 
 
-_SECTIONS = {"kind", "model", "data", "trainer", "rewards", "target"}
+_SECTIONS = {"kind", "model", "data", "trainer", "rewards", "target", "awares"}
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Recipe:
     trainer: dict
     rewards: dict = field(default_factory=dict)
     target: dict = field(default_factory=dict)
+    awares: dict = field(default_factory=dict)
     source: str = ""
 
 
@@ -121,5 +128,6 @@ def load_recipe(
         trainer=tree["trainer"],
         rewards=tree.get("rewards") or {},
         target=tree.get("target") or {},
+        awares=tree.get("awares") or {},
         source=str(path),
     )

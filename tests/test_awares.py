@@ -1,0 +1,260 @@
+"""AwaRes: crop-set geometry and cost, views/RTR, rewards, crop-set policies, curation, crop-set GRPO."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from PIL import Image
+
+from tests.fakes import EchoTarget
+from zoomvlm.awares import crop_set_proposal, high_res_crops, low_res_view, trajectory_messages
+from zoomvlm.geometry import (
+    CROP_SET,
+    Box,
+    Budget,
+    ToolCallError,
+    crop_set_area,
+    crops_for_box,
+    same_scale_budget,
+)
+from zoomvlm.pipeline import run_batch
+from zoomvlm.policies import load_policy
+from zoomvlm.rewards import CropSetReward, ToolCost, crop_set_format_reward, parse_crop_action
+
+HIGH = Budget(max_side=768)
+
+
+# --- geometry ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "keys, area",
+    [(["0"], 0.25), (["5"], 0.5), (["0", "1"], 0.5), (["0", "5"], 0.5), (["4"], 0.25), (["0", "4"], 0.4375),
+     (["7", "8"], 1.0), (["all"], 1.0), ([], 0.0)],
+)  # fmt: skip
+def test_crop_set_area_is_the_union(keys, area):
+    assert crop_set_area(keys) == pytest.approx(area)
+
+
+def test_crop_set_area_rejects_unknown_keys():
+    with pytest.raises(ToolCallError, match="unknown crop"):
+        crop_set_area(["9"])
+
+
+@pytest.mark.parametrize(
+    "box, threshold, keys",
+    [
+        (Box(0.6, 0.6, 0.9, 0.9), 0.2, ["3"]),  # inside one quadrant
+        (Box(0.55, 0.6, 0.95, 0.9), 0.2, ["3", "6", "8"]),  # IoU 0.48 with '3', 0.24 with the halves
+        (Box(0.1, 0.2, 0.9, 0.23), 0.2, ["5"]),  # thin full-width line: no IoU passes -> smallest container
+        (Box(0.4, 0.45, 0.6, 0.55), 0.2, ["4"]),  # around the centre: the center crop holds it
+        (Box(0.3, 0.1, 0.7, 0.9), 0.9, ["4"]),  # in no crop: highest IoU
+        (Box(0.0, 0.0, 1.0, 1.0), 0.2, ["all"]),
+    ],
+)
+def test_crops_for_box(box, threshold, keys):
+    assert crops_for_box(box, threshold) == keys
+
+
+def test_crops_for_box_threshold_checked():
+    with pytest.raises(ValueError, match="iou_threshold"):
+        crops_for_box(Box(0.1, 0.1, 0.2, 0.2), 0.0)
+
+
+# --- views and RTR ------------------------------------------------------------------------------
+def test_low_view_is_a_quarter_and_crops_keep_the_high_scale():
+    image = Image.new("RGB", (1000, 2000))
+    assert low_res_view(image, HIGH).size == (192, 384)  # 768-px view (384x768) with sides halved
+    sizes = [c.size for c in high_res_crops(image, ["0", "5", "all"], HIGH)]
+    assert sizes == [(192, 384), (384, 384), (384, 768)]  # same 0.384 px per original pixel as the high view
+    assert same_scale_budget(CROP_SET["0"], 1000, 2000, Budget()) == Budget()  # native stays native
+
+
+def test_rtr_against_the_high_view_adds_up():
+    """AwaRes sec. 4: no tool call = 0.25 of the high view; one quadrant adds 0.25 (pixels here)."""
+    image = Image.new("RGB", (800, 1600))
+    sample = replace(_sample(image), width=800, height=1600)
+
+    class Policy:
+        name = "fixed"
+
+        def __init__(self, keys):
+            self.keys = keys
+
+        def propose(self, images, questions, evidence=None):
+            return [crop_set_proposal(im, self.keys, HIGH) for im in images]
+
+    target = EchoTarget(budget=HIGH)
+    rtr = {}
+    for keys in ([], ["3"], ["0", "1"], ["all"]):
+        (rec,) = run_batch([sample], Policy(keys), target, images=[image], rtr_reference=HIGH)
+        rtr[tuple(keys)] = rec.rtr
+    assert rtr[()] == pytest.approx(0.25, abs=0.01)
+    assert rtr[("3",)] == pytest.approx(0.50, abs=0.01)
+    assert rtr[("0", "1")] == pytest.approx(0.75, abs=0.01)
+    assert rtr[("all",)] == pytest.approx(1.25, abs=0.01)
+    (native,) = run_batch([sample], Policy(["3"]), target, images=[image])  # default: against native
+    assert native.rtr == pytest.approx(0.5 * (384 * 768) / (800 * 1600), rel=0.02)
+
+
+def _sample(image):
+    from zoomvlm.data import Sample
+
+    return Sample("s", "x.png", "What is the total?", ("12.50",), image.width, image.height)
+
+
+def test_trajectory_messages_layout():
+    direct = trajectory_messages("Q?", "A", [])
+    assert [m["role"] for m in direct] == ["system", "user", "assistant"]
+    tool = trajectory_messages("Q?", "A", ["0", "5"])
+    assert [m["role"] for m in tool] == ["system", "user", "assistant", "user", "assistant"]
+    assert tool[2]["content"][0]["text"] == "GET_CROPS: ['0', '5']"
+    assert sum(c["type"] == "image" for c in tool[3]["content"]) == 2  # the crops come back as a user turn
+
+
+# --- rewards --------------------------------------------------------------------------------------
+def test_tool_cost_is_asymmetric():
+    cost = ToolCost(alpha_miss=0.5, alpha_use=0.1, lam=0.4)
+    assert cost([], needs_hr=True) == 0.5  # missed a needed crop
+    assert cost([], needs_hr=False) == 0.0
+    assert cost(["3"], needs_hr=True) == pytest.approx(0.1 + 0.4 * 0.25)
+    assert cost(["0", "5"], needs_hr=False) == pytest.approx(0.1 + 0.4 * 0.5)  # union area, not the sum
+    with pytest.raises(ValueError, match="alpha_miss > alpha_use"):
+        ToolCost(alpha_miss=0.1, alpha_use=0.2)
+
+
+@pytest.mark.parametrize(
+    "text, keys, ok",
+    [("NO_CROPS", [], True), ("no_crops.", [], True), ("GET_CROPS: ['3']", ["3"], True),
+     ("GET_CROPS: [top-left, '5']", ["0", "5"], True), ("GET_CROPS: []", None, False),
+     ("GET_CROPS: ['banana']", None, False), ("[10, 20, 30, 40].", None, False), ("", None, False)],
+)  # fmt: skip
+def test_parse_crop_action(text, keys, ok):
+    got, error = parse_crop_action(text)
+    assert got == keys and (error is None) == ok
+    assert crop_set_format_reward(completions=[text]) == [1.0 if ok else 0.0]
+
+
+def test_crop_set_reward_answers_from_the_requested_views(demo_samples):
+    """R = contains(answer) - C_tool; identical actions answered once; invalid = low view only."""
+    s = demo_samples[0]
+
+    class ViewAwareTarget(EchoTarget):
+        """Reads the answer only when it gets a crop (more than one view)."""
+
+        def generate(self, requests):
+            gens = super().generate(requests)
+            return [
+                replace(g, text=s.answers[0] if len(r.images) > 1 else "?")
+                for g, r in zip(gens, requests, strict=True)
+            ]
+
+    target = ViewAwareTarget(budget=HIGH)
+    reward = CropSetReward(target, HIGH, answer_reward="contains", cost=ToolCost(0.5, 0.1, 0.4))
+    completions = ["GET_CROPS: ['3']", "GET_CROPS: ['3']", "NO_CROPS", "garbage"]
+    n = len(completions)
+    got = reward(completions=completions, image_path=[str(s.image)] * n, question=[s.question] * n,
+                 answers=[list(s.answers)] * n, label=["HR"] * n)  # fmt: skip
+    assert got == pytest.approx([1 - 0.2, 1 - 0.2, 0 - 0.5, 0 - 0.5])
+    assert target.calls == 2  # one request for ['3'], one for the low view (NO_CROPS and garbage share it)
+    assert all(len(r.images) in (1, 2) for r in target.requests)
+
+
+# --- policies ----------------------------------------------------------------------------------
+def test_fixed_and_oracle_crop_set_policies(demo_samples):
+    s = demo_samples[0]
+    image = s.load_image()
+    (p,) = load_policy("crop-set-fixed:all@side:512").propose([image], [s.question])
+    assert p.boxes == (Box.full(),) and p.global_budget == Budget(max_side=max(Budget(512).fit(*image.size)) // 2)
+    oracle = load_policy("crop-set-oracle:0.2")
+    (p,) = oracle.propose([image], [s.question], evidence=[s.evidence_boxes])
+    expected = crops_for_box(s.evidence_boxes[0], 0.2)
+    assert p.boxes == tuple(CROP_SET[k] for k in expected)
+    with pytest.raises(ValueError, match="evidence"):
+        oracle.propose([image], [s.question])
+    with pytest.raises(ValueError, match="bad policy"):
+        load_policy("crop-set-fixed:9")
+
+
+def test_learned_crop_set_policy_counts_invalid_actions(tmp_path, demo_samples):
+    """A random tiny VLM writes garbage: counted, answered from the low view, never the full image."""
+    from zoomvlm.policies.crop_set import CropSetPolicy
+    from zoomvlm.tiny import build_tiny_smolvlm, save_tiny
+
+    model, processor = build_tiny_smolvlm(tile_size=64, longest_edge=64, image_splitting=False)
+    path = save_tiny(model, processor, tmp_path / "policy")
+    (tmp_path / "policy" / "zoomvlm_recipe.json").write_text(json.dumps({"data": {"high": "side:512"}}))
+    policy = CropSetPolicy(path, max_new_tokens=6)
+    assert policy.high == Budget(max_side=512)  # read back from the training recipe
+    images = [s.load_image() for s in demo_samples[:2]]
+    proposals = policy.propose(images, [s.question for s in demo_samples[:2]])
+    assert policy.n_total == 2
+    for p in proposals:
+        if p.error is not None:
+            assert p.boxes == ()  # low view only
+        assert p.global_budget.max_side <= 256
+    assert policy.n_invalid == sum(p.error is not None for p in proposals)
+
+
+# --- curation -----------------------------------------------------------------------------------
+def test_curate_awares_on_three_receipts(demo_samples, tmp_path):
+    from zoomvlm.targets.ocr import OCRTarget
+    from zoomvlm.train.curate import OCRGrounder
+    from zoomvlm.train.curate_awares import MetricJudge, curate_awares
+
+    samples = demo_samples[:3]
+    target = OCRTarget(768)
+    info = curate_awares(samples, target, HIGH, MetricJudge("contains"), OCRGrounder(), tmp_path / "a",
+                         progress=False)  # fmt: skip
+    assert info["n"] == 3 and info["n_lr"] + info["n_hr"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "a" / "raw.jsonl").read_text().splitlines()]
+    for r in rows:  # the judge rule: LR iff low correct or low >= high
+        assert r["label"] == ("LR" if r["low_score"] >= 0.5 or r["low_score"] >= r["high_score"] else "HR")
+        assert bool(r["crops"]) == (r["label"] == "HR")
+        assert all(k in CROP_SET for k in r["crops"])
+    actions = [json.loads(line) for line in (tmp_path / "a" / "actions.jsonl").read_text().splitlines()]
+    for a, r in zip(actions, rows, strict=True):
+        text = a["completion"][0]["content"][0]["text"]
+        assert parse_crop_action(text) == (r["crops"], None)
+    trajectories = (tmp_path / "a" / "trajectories.jsonl").read_text()
+    assert "evidence" not in trajectories and "evidence" not in (tmp_path / "a" / "raw.jsonl").read_text()
+
+    # no human box reaches curation: moving the evidence boxes changes nothing
+    moved = [replace(s, evidence_boxes=(Box(0.0, 0.0, 0.1, 0.1),)) for s in samples]
+    curate_awares(moved, target, HIGH, MetricJudge("contains"), OCRGrounder(), tmp_path / "b", progress=False)
+    for name in ("raw.jsonl", "trajectories.jsonl", "actions.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+# --- crop-set GRPO --------------------------------------------------------------------------------
+def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples):
+    import torch
+
+    from zoomvlm.train.grpo import build_grpo_trainer
+    from zoomvlm.train.recipe import load_recipe
+
+    data = tmp_path / "traj.jsonl"
+    with data.open("w") as f:
+        for s in demo_samples[:4]:
+            f.write(json.dumps({"id": s.id, "image": str(s.image), "question": s.question, "answers": list(s.answers),
+                                "label": "HR", "width": s.width, "height": s.height}) + "\n")  # fmt: skip
+    recipe = load_recipe("tiny_cpu_crop_set_grpo", [
+        "model.init=tiny-smolvlm", "model.tiny={tile_size: 64, longest_edge: 64, image_splitting: false}",
+        f"data.file={data}", "data.high=side:128", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4",
+        "trainer.num_generations=2", "trainer.max_completion_length=6", 'trainer.save_strategy="no"',
+        "trainer.learning_rate=1e-2"])  # fmt: skip
+
+    def length_reward(prompts=None, completions=(), **_):
+        return [float(len(str(c))) for c in completions]
+
+    target = EchoTarget(budget=Budget(max_side=128))
+    reward = CropSetReward(target, recipe.data["high"], "contains")
+    trainer, _ = build_grpo_trainer(recipe, tmp_path / "grpo", reward_funcs=[crop_set_format_reward, reward,
+                                    length_reward], reward_weights=[1.0, 1.0, 0.1])  # fmt: skip
+    assert trainer.train_dataset[0]["image"].size[1] <= 64  # the low view of side:128
+    assert "NO_CROPS" in trainer.train_dataset[0]["prompt"][0]["content"]
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert sum(not torch.equal(before[k], v.detach()) for k, v in trainer.model.named_parameters()) > 10
+    assert target.calls >= 1  # the AwaRes reward asked the target
