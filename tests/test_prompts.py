@@ -26,3 +26,22 @@ def test_grounding_prompt_golden():
 def test_empty_question_rejected(bad):
     with pytest.raises(ValueError, match="non-empty"):
         target_prompt(bad)
+
+
+def test_crop_set_policy_prompt_golden():
+    from zoomvlm.prompts import crop_set_policy_prompt
+
+    assert crop_set_policy_prompt("What is the total?") == (
+        "What is the total?\nCan this be answered from this low-resolution view? If yes, reply NO_CROPS. "
+        "If not, reply GET_CROPS: [...] with the high-resolution crops to fetch: '0' top-left, '1' top-right, "
+        "'2' bottom-left, '3' bottom-right, '4' center, '5' top, '6' bottom, '7' left, '8' right, "
+        "'all' whole image."
+    )
+
+
+def test_awares_system_prompt_names_every_crop_and_the_exact_syntax():
+    from zoomvlm.geometry import CROP_SET, parse_get_crops
+    from zoomvlm.prompts import AWARES_SYSTEM_PROMPT
+
+    assert all(f"'{k}'" in AWARES_SYSTEM_PROMPT for k in CROP_SET)
+    assert parse_get_crops(AWARES_SYSTEM_PROMPT.split("e.g. ")[1]) == ["3"]  # the example parses
