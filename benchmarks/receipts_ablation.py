@@ -8,8 +8,10 @@ none -> oracle accuracy gap each row closes. Runs are resumable: results go to `
 
     zoomvlm curate boxes --data ../shared/data/receipts/train.jsonl --grounder ocr --out runs/curate_train
     zoomvlm train sft  --config tiny_cpu_sft
-    zoomvlm train grpo --config tiny_cpu_grpo_accuracy
-    zoomvlm train grpo --config tiny_cpu_grpo
+    zoomvlm train grpo --config tiny_cpu_grpo_accuracy          # 20 steps; copy to runs/tiny_grpo_accuracy_20step
+    zoomvlm train grpo --config tiny_cpu_grpo                   # 20 steps; copy to runs/tiny_grpo_20step
+    zoomvlm train grpo --config tiny_cpu_grpo_accuracy --set trainer.max_steps=60   # resumes to 60 steps
+    zoomvlm train grpo --config tiny_cpu_grpo --set trainer.max_steps=60
     python benchmarks/receipts_ablation.py --out runs/ablation
 """
 
@@ -28,8 +30,10 @@ ROWS = [
     ("none", "none"),
     ("center", "center"),
     ("SFT", "vlm:runs/tiny_sft/final"),
-    ("SFT+GRPO(accuracy)", "vlm:runs/tiny_grpo_accuracy/final"),
-    ("SFT+GRPO(likelihood)", "vlm:runs/tiny_grpo/final"),
+    ("SFT+GRPO(accuracy) 20 steps", "vlm:runs/tiny_grpo_accuracy_20step/final"),
+    ("SFT+GRPO(likelihood) 20 steps", "vlm:runs/tiny_grpo_20step/final"),
+    ("SFT+GRPO(accuracy) 60 steps", "vlm:runs/tiny_grpo_accuracy/final"),
+    ("SFT+GRPO(likelihood) 60 steps", "vlm:runs/tiny_grpo/final"),
     ("oracle", "oracle"),
     ("full", "full"),
 ]
@@ -45,7 +49,7 @@ def main() -> None:
     parser.add_argument("--budget", default="384")
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
-    parser.add_argument("--rows", default=None, help="comma-separated row names (default: all 7)")
+    parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     args = parser.parse_args()
 
     samples = load_jsonl(args.data)[: args.limit]
@@ -58,7 +62,7 @@ def main() -> None:
             print(f"skipping {name}: {spec[4:]} not found (train it first, see the docstring)")
             continue
         target = OCRTarget(Budget.parse(args.budget))
-        out = Path(args.out) / name.replace("+", "_").replace("(", "_").replace(")", "")
+        out = Path(args.out) / name.replace("+", "_").replace("(", "_").replace(")", "").replace(" ", "_")
         config = {"data": str(Path(args.data).resolve()), "target": target.name, "policy": spec, "metric": "contains",
                   "limit": args.limit}  # fmt: skip
         results[name] = run_eval(samples, load_policy(spec), target, out, metric="contains", config=config)
