@@ -266,6 +266,27 @@ def _read_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def start_curation(samples, out_dir: str | Path) -> tuple[list, Path, dict[str, dict], list]:
+    """The shared start of every curation: ``(samples, raw_path, done, todo)``.
+
+    Drops every sample's ``evidence_boxes`` (the guard: no human box gets past this line), checks each has
+    an answer, creates ``out_dir`` and reads the rows already in ``out_dir/raw.jsonl`` (resume; a torn last
+    line is redone). ``todo`` = samples not done yet, in order.
+
+    Raises:
+        ValueError: a sample has no answer.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = [replace(s, evidence_boxes=()) for s in samples]
+    for s in samples:
+        if not s.answers:
+            raise ValueError(f"sample {s.id!r} has no answer; curation needs (image, question, answer)")
+    raw_path = out_dir / "raw.jsonl"
+    done = _read_done(raw_path)
+    return samples, raw_path, done, [s for s in samples if s.id not in done]
+
+
 def curate_boxes(samples, grounder, out_dir: str | Path, progress: bool = True) -> dict:
     """Ground every sample, expand the seed boxes, write ``seeds.jsonl``, ``sft.jsonl`` and ``curation.json``.
 
@@ -282,14 +303,7 @@ def curate_boxes(samples, grounder, out_dir: str | Path, progress: bool = True) 
         ValueError: a sample has no answer (the grounders look for the answer).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples = [replace(s, evidence_boxes=()) for s in samples]  # the guard: no human box past this line
-    for s in samples:
-        if not s.answers:
-            raise ValueError(f"sample {s.id!r} has no answer; curation needs (image, question, answer)")
-    raw_path = out_dir / "raw.jsonl"
-    done = _read_done(raw_path)
-    todo = [s for s in samples if s.id not in done]
+    samples, raw_path, done, todo = start_curation(samples, out_dir)  # drops every human box first
     with raw_path.open("a", encoding="utf-8") as f:
         for s in tqdm(todo, desc=f"grounding ({grounder.name})", unit="q", disable=not progress):
             seed = grounder.ground(s.load_image(), s.question, s.answers, key=str(s.image))

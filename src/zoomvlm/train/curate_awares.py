@@ -33,7 +33,6 @@ import os
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -44,7 +43,7 @@ from zoomvlm.metrics import METRICS
 from zoomvlm.pipeline import build_request
 from zoomvlm.policies.base import Proposal
 from zoomvlm.prompts import NO_CROPS, crop_set_policy_prompt
-from zoomvlm.train.curate import _read_done
+from zoomvlm.train.curate import start_curation
 
 __all__ = [
     "JUDGE_PROMPT",
@@ -173,14 +172,7 @@ def curate_awares(
         ValueError: a sample without an answer.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples = [replace(s, evidence_boxes=()) for s in samples]  # the guard: no human box past this line
-    for s in samples:
-        if not s.answers:
-            raise ValueError(f"sample {s.id!r} has no answer; curation needs (image, question, answer)")
-    raw_path = out_dir / "raw.jsonl"
-    done = _read_done(raw_path)
-    todo = [s for s in samples if s.id not in done]
+    samples, raw_path, done, todo = start_curation(samples, out_dir)  # drops every human box first
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="AwaRes curation", unit="q",
                disable=not progress)  # fmt: skip
     with raw_path.open("a", encoding="utf-8") as f:
