@@ -7,7 +7,14 @@ import math
 import pytest
 
 from zoomvlm.geometry import Box, format_percent_box
-from zoomvlm.rewards import AccuracyReward, LikelihoodReward, build_rewards, completion_text, format_reward
+from zoomvlm.rewards import (
+    AccuracyReward,
+    AnswerProbabilityReward,
+    LikelihoodReward,
+    build_rewards,
+    completion_text,
+    format_reward,
+)
 
 
 class CountingTarget:
@@ -84,6 +91,23 @@ def test_likelihood_floor_keeps_rewards_finite(group):
 
     values = LikelihoodReward(Broken(), floor=-50.0)(prompts=None, **group)
     assert values == [-50.0] * 6
+
+
+def test_answer_probability_is_the_per_character_geometric_mean_probability(group):
+    """exp(loglik / len(answer)) of the same scores, in (0, 1]; the -inf floor maps to a tiny positive value."""
+    logliks = LikelihoodReward(CountingTarget())(prompts=None, **group)
+    probs = AnswerProbabilityReward(CountingTarget())(prompts=None, **group)
+    assert probs == pytest.approx([math.exp(ll / len("yes")) for ll in logliks])
+    assert all(0.0 < p <= 1.0 for p in probs) and probs[5] > probs[0] > probs[2]
+    long = dict(group, answers=[["yes sir"]] * 6)  # 7 characters: the same loglik costs less per character
+
+    class AnyAnswer(CountingTarget):
+        def loglikelihood(self, requests):
+            return [-3.0] * len(requests)
+
+    assert AnswerProbabilityReward(AnyAnswer())(prompts=None, **long)[0] == pytest.approx(math.exp(-3.0 / 7))
+    funcs, _ = build_rewards({"answer_probability": 1.0}, CountingTarget())
+    assert funcs[0].__name__ == "answer_probability"
 
 
 def test_build_rewards_by_name_and_errors():

@@ -13,6 +13,9 @@ every extra dataset column as a keyword list aligned with ``completions``; the r
 - ``likelihood``: the reward target's log-likelihood (nats, <= 0) of the answer given
   ``[global view, crop]``: one teacher-forced forward pass for ``hf`` targets, the CTC likelihood for
   ``ocr``; no generation. CropVLM's best reward.
+- ``answer_probability``: the same log-likelihood made bounded, ``exp(log p / n_chars)`` in (0, 1]: the
+  geometric-mean per-character probability of the answer. Our variant (not in the paper): raw
+  log-likelihoods of one group can span 0..-100 nats, so one hopeless box decides the group's advantage.
 
 An invalid box is scored as the pipeline would use it at inference, i.e. with the whole image as the crop
 (the ``format`` reward is what penalises it). Rewards call the :class:`~zoomvlm.targets.base.Target`
@@ -48,6 +51,7 @@ from zoomvlm.policies.base import Proposal
 __all__ = [
     "REWARDS",
     "AccuracyReward",
+    "AnswerProbabilityReward",
     "CropSetReward",
     "SemanticSimilarity",
     "ToolCost",
@@ -348,10 +352,29 @@ class CropSetReward(_TargetReward):
         ]
 
 
+class AnswerProbabilityReward(LikelihoodReward):
+    """``answer_probability``: ``exp(log p(answer | [global, crop], question) / n_chars)``, in (0, 1].
+
+    The geometric-mean per-character probability of the first gold answer (``n_chars`` = its length in
+    characters, at least 1), from the same teacher-forced score as :class:`LikelihoodReward`. Our bounded
+    variant of CropVLM's likelihood reward: raw CTC log-likelihoods of one GRPO group span 0..-100 nats on
+    receipts, so with ``scale_rewards: none`` the worst box alone sets the group's advantages; here every
+    hopeless box scores ~0 and the spread between readable boxes keeps its weight. Length normalisation
+    also puts long and short answers on one scale.
+    """
+
+    __name__ = "answer_probability"
+
+    def __call__(self, prompts=None, completions=(), image_path=(), question=(), answers=(), **kwargs):
+        logliks = super().__call__(prompts, completions, image_path, question, answers, **kwargs)
+        return [math.exp(ll / max(1, len(_first_answer(ans)))) for ll, ans in zip(logliks, answers, strict=True)]
+
+
 REWARDS: dict[str, Callable] = {
     "format": format_reward,
     "accuracy": AccuracyReward,
     "likelihood": LikelihoodReward,
+    "answer_probability": AnswerProbabilityReward,
     "crop_set_format": crop_set_format_reward,
     "awares": CropSetReward,
 }
@@ -391,7 +414,7 @@ def build_rewards(
             if target is None:
                 raise ValueError(f"reward {name!r} needs a reward target (recipe key `target:`)")
             funcs.append(AccuracyReward(target, metric, crop_budget) if name == "accuracy"
-                         else LikelihoodReward(target, crop_budget))  # fmt: skip
+                         else REWARDS[name](target, crop_budget))  # fmt: skip
         ws.append(float(w))
     return funcs, ws
 
