@@ -7,6 +7,8 @@ Rows, all measured in one run with a fresh target each: low-res only, high-res o
 box passes the threshold; evaluation only, the upper bound of the crop-set interface), the SFT crop-set
 policy, and SFT + GRPO at three values of lambda (the area cost). Columns: accuracy (``contains``), RTR,
 fraction of no-crop decisions, mean crops per request, format failures, policy and target ms/question.
+A last row, "oracle decision + subset (derived)", is computed per question from the low-res and oracle rows
+(low view when it was right, else the oracle subset): the ceiling of the crop-set interface on this testbed.
 Learned rows whose checkpoint is missing are skipped with a message. Results in ``--out/<row>/`` (resumable);
 ``--out/report`` gets the accuracy-vs-RTR plot with its Pareto front (``zoomvlm report``).
 
@@ -59,6 +61,27 @@ def decisions(out: Path) -> tuple[float | None, float | None]:
     return 1 - len(asked) / len(records), (sum(asked) / len(asked) if asked else 0.0)
 
 
+def oracle_decision(low: Path, oracle: Path) -> dict | None:
+    """The crop-set interface's ceiling, derived per question from two measured rows (EVALUATION ONLY).
+
+    Answer from the low view when the low-res row got it right (what the curation judge labels LR), else
+    take the oracle subset's answer and cost: accuracy = mean(max(low, oracle)), RTR = mean of the chosen
+    row's RTR. Needs gold answers and human boxes, so it bounds what any learned decision can reach.
+    """
+    lows = {r["id"]: r for r in read_run(low)}
+    oracles = {r["id"]: r for r in read_run(oracle)}
+    ids = sorted(lows.keys() & oracles.keys())
+    if not ids:
+        return None
+    chosen = [lows[i] if lows[i]["score"] >= 0.5 else oracles[i] for i in ids]
+    return {
+        "n": len(ids),
+        "accuracy": sum(max(lows[i]["score"], oracles[i]["score"]) for i in ids) / len(ids),
+        "rtr": sum(r["rtr"] for r in chosen) / len(ids),
+        "no_crop": sum(not r["boxes"] for r in chosen) / len(ids),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/receipts/val.jsonl")
@@ -100,6 +123,13 @@ def main() -> None:
         print(f"| {name} | {_fmt(s['accuracy'], '.1%')} | {_fmt(s['rtr'], '.3f')} | {_fmt(no_crop, '.1%')} | "
               f"{_fmt(per_request, '.2f')} | {_fmt(s['format_failure_rate'], '.1%')} | "
               f"{_fmt(s['policy_s'], '.0f', 1000)} | {_fmt(s['target_s'], '.0f', 1000)} |")  # fmt: skip
+    by_name = dict(zip(results, outs, strict=True))
+    if "low-res only" in by_name and "oracle subset" in by_name:
+        d = oracle_decision(by_name["low-res only"], by_name["oracle subset"])
+        if d is not None:
+            results["oracle decision + subset (derived)"] = d
+            print(f"| oracle decision + subset (derived, {d['n']} q) | {d['accuracy']:.1%} | {d['rtr']:.3f} | "
+                  f"{d['no_crop']:.1%} | - | - | - | - |")  # fmt: skip
     if outs:
         from zoomvlm.report import write_report
 

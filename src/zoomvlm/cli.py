@@ -46,6 +46,10 @@ def _add_run_options(p: argparse.ArgumentParser, policy_default: str) -> None:
         "Default: the target's own (ocr 384 px, openai 512 px, hf: its processor's)",
     )
     p.add_argument("--crop-budget", default=None, help="budget of the crops only (e.g. native). Default: --budget")
+    p.add_argument("--rtr-reference", default=None, metavar="BUDGET",
+                   help="count RTR against the whole image at this budget instead of native resolution, "
+                   "e.g. side:768 for an AwaRes run whose high-resolution view is 768 px. Default: a crop-set "
+                   "policy's high view, else native")  # fmt: skip
 
 
 def _build(args):
@@ -63,6 +67,19 @@ def _default_metric(target_spec: str) -> str:
     return "contains" if target_spec.split(":")[0] == "ocr" else "anls"
 
 
+def _rtr_reference(args, policy):
+    """--rtr-reference, else a crop-set policy's high view (AwaRes counts RTR against it), else None."""
+    from zoomvlm.geometry import Budget
+
+    if args.rtr_reference:
+        return Budget.parse(args.rtr_reference)
+    high = getattr(policy, "high", None)
+    if high is not None:
+        print(f"RTR counted against the crop-set policy's high view {high} (set --rtr-reference to change)",
+              file=sys.stderr)  # fmt: skip
+    return high
+
+
 def cmd_ask(args) -> int:
     from zoomvlm.data import Sample, load_image
     from zoomvlm.geometry import Box
@@ -75,7 +92,7 @@ def cmd_ask(args) -> int:
     image = load_image(args.image)
     sample = Sample("ask", Path(args.image), args.question, tuple(args.answer or ()), image.width, image.height)
     record = run_batch([sample], policy, target, metric=_default_metric(args.target), crop_budget=crop_budget,
-                       images=[image])[0]  # fmt: skip
+                       images=[image], rtr_reference=_rtr_reference(args, policy))[0]  # fmt: skip
     if args.json:
         print(json.dumps(record.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -105,7 +122,6 @@ def cmd_eval(args) -> int:
     from zoomvlm.benchmark_loaders import BENCHMARKS
     from zoomvlm.data import load_samples
     from zoomvlm.eval import Shard, check_shards, format_table, run_eval
-    from zoomvlm.geometry import Budget
 
     shard = Shard.parse(args.shard) if args.shard else Shard()
     check_shards(args.out, shard)  # fail before a model loads, not after
@@ -129,7 +145,7 @@ def cmd_eval(args) -> int:
     }
     if bench:  # load_samples(config["data"], split=config["split"]) gives the run's samples back
         config["split"] = args.split or bench.split
-    rtr_reference = Budget.parse(args.rtr_reference) if args.rtr_reference else None
+    rtr_reference = _rtr_reference(args, policy)
     if rtr_reference is not None:  # only when set, so runs made before the option resume unchanged
         config["rtr_reference"] = str(rtr_reference)
     summary = run_eval(samples, policy, target, args.out, metric=metric, crop_budget=crop_budget,
@@ -244,9 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "question, view budgets) are not recomputed; records say cached: true and keep the "
                         "original call's timings. Delete the file after changing a target's code. "
                         "Default: off")  # fmt: skip
-    p.add_argument("--rtr-reference", default=None, metavar="BUDGET",
-                   help="count RTR against the whole image at this budget instead of native resolution, "
-                   "e.g. side:768 for an AwaRes run whose high-resolution view is 768 px")  # fmt: skip
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_eval)
