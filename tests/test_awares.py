@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.fakes import EchoTarget
-from zoomvlm.awares import crop_set_proposal, high_res_crops, low_res_view, trajectory_messages
+from zoomvlm.awares import crop_set_proposal, high_res_crops, low_res_budget, low_res_view, trajectory_messages
 from zoomvlm.geometry import (
     CROP_SET,
     Box,
@@ -258,3 +260,33 @@ def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples):
     assert trainer.state.global_step == 2
     assert sum(not torch.equal(before[k], v.detach()) for k, v in trainer.model.named_parameters()) > 10
     assert target.calls >= 1  # the AwaRes reward asked the target
+    from zoomvlm.train.common import save_final
+
+    final = save_final(trainer, trainer.processing_class, tmp_path / "grpo", recipe)
+    saved = json.loads((final / "zoomvlm_recipe.json").read_text())
+    assert saved["awares"]["lam"] == recipe.awares["lam"] and saved["data"]["high"] == "side:128"
+
+
+def test_shipped_crop_set_policy_answers_with_the_ocr_target(tmp_path, demo_samples):
+    """`--policy crop-set` loads the policy shipped in the package: valid actions, RTR against its 768 px view."""
+    from zoomvlm.cli import main
+    from zoomvlm.policies import default_crop_set_path
+
+    policy = load_policy("crop-set")
+    assert policy.name == "crop-set" and policy.high == HIGH  # read from the bundled zoomvlm_recipe.json
+    recipe = json.loads((Path(default_crop_set_path()) / "zoomvlm_recipe.json").read_text())
+    assert recipe["kind"] == "grpo" and recipe["data"]["policy"] == "crop_set"
+    images = [s.load_image() for s in demo_samples]
+    proposals = policy.propose(images, [s.question for s in demo_samples])
+    assert policy.n_invalid == 0 and all(p.error is None for p in proposals)  # a trained policy: parseable actions
+    for p, img in zip(proposals, images, strict=True):
+        assert set(p.boxes) <= set(CROP_SET.values())
+        assert p.global_budget == low_res_budget(img, HIGH)
+
+    s = demo_samples[0]
+    out = tmp_path / "ask.json"
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert main(["ask", str(s.image), s.question, "--policy", "crop-set", "--json"]) == 0
+    record = json.loads(out.read_text())
+    keys = [k for k, b in CROP_SET.items() if [b.x0, b.y0, b.x1, b.y1] in record["boxes"]]
+    assert record["rtr"] == pytest.approx(0.25 + crop_set_area(keys), abs=0.02)  # low view + crops, vs 768 px

@@ -218,8 +218,11 @@ def plot_accuracy_vs_rtr(runs: Sequence[Run], path: str | Path) -> Path:
             continue
         rtrs += [p[0] for p in pts]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, s=40, zorder=3, label=benchmark_label(bench))
+        seen: dict[tuple[float, float], int] = {}
         for (x, y), label in zip(pts, labels, strict=True):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            k = seen[(round(x, 3), round(y, 1))] = seen.get((round(x, 3), round(y, 1)), -1) + 1
+            # runs on the same point (e.g. two policies that never crop) get stacked labels, not overprinted
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 + 10 * k), fontsize=8)
         front = [pts[i] for i in pareto_front(pts)]
         xs, ys = [p[0] for p in front], [p[1] for p in front]
         ax.step(xs + [max(p[0] for p in pts)], ys + [ys[-1]], where="post", color=color, alpha=0.6, lw=1.5, zorder=2)
@@ -230,7 +233,9 @@ def plot_accuracy_vs_rtr(runs: Sequence[Run], path: str | Path) -> Path:
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xticks([], minor=True)
     ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
-    ax.set_xlabel("mean RTR (pixels processed / native pixels)")
+    refs = {r.config.get("rtr_reference") for r in runs}
+    reference = f"whole image at {refs.pop()}" if len(refs) == 1 and None not in refs else "native pixels"
+    ax.set_xlabel(f"mean RTR (pixels processed / {reference})")
     ax.set_ylabel("accuracy %")
     ax.set_title("accuracy vs cost (line: Pareto front)")
     ax.grid(True, alpha=0.3)

@@ -136,6 +136,7 @@ def save_final(trainer, processor, output_dir: str | Path, recipe) -> Path:
                 "trainer": recipe.trainer,
                 "rewards": recipe.rewards,
                 "target": recipe.target,
+                "awares": recipe.awares,  # lam etc.: without it a lambda sweep's checkpoints look identical
             },
             indent=2,
             default=str,
