@@ -34,6 +34,7 @@ ROWS = [
     ("SFT+GRPO(likelihood) 20 steps", "vlm:runs/tiny_grpo_20step/final"),
     ("SFT+GRPO(accuracy) 60 steps", "vlm:runs/tiny_grpo_accuracy/final"),
     ("SFT+GRPO(likelihood) 60 steps", "vlm:runs/tiny_grpo/final"),
+    ("SFT+GRPO(answer_probability) 20 of 60 steps", "vlm:runs/tiny_grpo_answer_probability/checkpoint-20"),
     ("oracle", "oracle"),
     ("full", "full"),
 ]
