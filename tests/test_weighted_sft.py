@@ -224,3 +224,30 @@ def test_two_steps_change_the_model_and_save_checkpoint_and_final(trajectories, 
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+
+
+def test_trajectory_records_resolve_images_and_name_the_bad_line(tmp_path):
+    from zoomvlm.train.common import trajectory_records
+
+    Image.new("RGB", (40, 20), "white").save(tmp_path / "a.png")
+    good = {"image": "a.png", "question": "q?", "answer": "x", "high": 768}
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "high": None}) + "\n")
+
+    records = trajectory_records(path, None, required=("question", "answer"))
+    where, row, high, image = next(records)
+    assert (where, high, image) == (f"{path}:1", "side:768", tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"t.jsonl:3: no `high` budget"):
+        next(records)
+    # the run-wide budget overrides the records' (and fills a missing one)
+    assert [h for _, _, h, _ in trajectory_records(path, "side:512", required=())] == ["side:512"] * 2
+
+    path.write_text(json.dumps({**good, "image": "missing.png"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"t.jsonl:1: image not found: .*missing.png"):
+        list(trajectory_records(path, None, required=()))
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"t.jsonl:1: not a JSON object"):
+        list(trajectory_records(path, None, required=()))
+    path.write_text(json.dumps({"image": "a.png", "high": 768}) + "\n")
+    with pytest.raises(ValueError, match=r"t.jsonl:1: .*missing \['answer'\]"):
+        list(trajectory_records(path, None, required=("answer",)))

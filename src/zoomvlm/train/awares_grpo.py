@@ -52,7 +52,6 @@ Run it (no CLI stage is wired yet)::
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -65,7 +64,7 @@ from zoomvlm.awares import high_res_crops, tool_output_text
 from zoomvlm.geometry import Budget, ToolCallError, crop_set_area, parse_get_crops
 from zoomvlm.prompts import AWARES_SYSTEM_PROMPT
 from zoomvlm.rewards import SemanticSimilarity, ToolCost, answer_scores
-from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs
+from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs, trajectory_records
 from zoomvlm.train.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -218,27 +217,13 @@ def awares_grpo_dataset(path: str | Path, high: str | int | Budget | None = None
     """
     import datasets
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"trajectories file {path} not found; write it with `zoomvlm curate awares`")
-    override = None if high is None else str(high if isinstance(high, Budget) else Budget.parse(high))
     cols: dict[str, list] = {k: [] for k in ("prompt", "image_path", "question", "answers", "label", "high")}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where, row = f"{path}:{i}", json.loads(line)
+    for where, row, record_high, image in trajectory_records(path, high, required=("question",)):
         answers = row.get("answers") or ([row["answer"]] if row.get("answer") else [])
-        if not row.get("image") or not row.get("question") or not answers:
+        if not row.get("question") or not answers:
             raise ValueError(f"{where}: a GRPO record needs image, question and answers")
         if row.get("label") not in ("LR", "HR"):
             raise ValueError(f"{where}: label must be 'LR' or 'HR', got {row.get('label')!r}")
-        record_high = override or row.get("high")
-        if record_high is None:
-            raise ValueError(f"{where}: no `high` budget in the record; pass high= (recipe data.high)")
-        image = Path(row["image"]).expanduser()
-        image = image if image.is_absolute() else path.parent / image
-        if not image.is_file():
-            raise ValueError(f"{where}: image not found: {image}")
         cols["prompt"].append(
             [{"role": "system", "content": AWARES_SYSTEM_PROMPT}, {"role": "user", "content": row["question"]}]
         )
@@ -246,7 +231,7 @@ def awares_grpo_dataset(path: str | Path, high: str | int | Budget | None = None
         cols["question"].append(row["question"])
         cols["answers"].append([str(a) for a in answers])
         cols["label"].append(row["label"])
-        cols["high"].append(str(Budget.parse(record_high)))
+        cols["high"].append(record_high)
         if limit and len(cols["prompt"]) >= limit:
             break
     if not cols["prompt"]:

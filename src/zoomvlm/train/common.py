@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -75,6 +76,53 @@ def trainer_kwargs(defaults: dict, recipe_trainer: dict, output_dir=None) -> dic
             logger.warning("no CUDA device: training in float32 on CPU (recipe asked for bf16)")
         kw["bf16"] = False  # TRL defaults to bf16, which CPU training rejects
     return kw
+
+
+def trajectory_records(
+    path: str | Path, high: str | int | Budget | None, required: tuple[str, ...]
+) -> Iterator[tuple[str, dict, str, Path]]:
+    """Read AwaRes trajectory records (``zoomvlm curate awares``) one by one, with what every loader checks.
+
+    Args:
+        path: the JSONL file; image paths are absolute or relative to its folder.
+        high: the high-resolution budget for every record; ``None`` keeps each record's own ``high``.
+        required: fields every record must have (besides ``image``).
+
+    Yields:
+        ``(where, record, high, image)``: ``where`` is ``"file:line"`` for the caller's own error messages,
+        ``high`` the record's budget in canonical form (e.g. ``"side:768"``), ``image`` the resolved image path.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: a record is not JSON, lacks a required field, has no
+            (or an unparseable) ``high``, or names a missing image; the message names ``file:line``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trajectories file {path} not found; write it with `zoomvlm curate awares`")
+    override = None if high is None else str(high if isinstance(high, Budget) else Budget.parse(high))
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not a JSON object ({err})") from err
+        missing = sorted({"image", *required} - set(row))
+        if missing:
+            raise ValueError(f"{where}: a record needs {', '.join(('image', *required))} (missing {missing})")
+        record_high = override or row.get("high")
+        if record_high is None:
+            raise ValueError(f"{where}: no `high` budget in the record; pass high= (recipe data.high)")
+        try:
+            record_high = str(Budget.parse(record_high))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        image = Path(row["image"]).expanduser()
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise ValueError(f"{where}: image not found: {image}")
+        yield where, row, record_high, image
 
 
 def cropper_view(path: str | Path, budget: Budget) -> Image.Image:

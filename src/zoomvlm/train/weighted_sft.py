@@ -26,7 +26,6 @@ budget overriding the records' ``high``, and ``trainer.tool_call_weight`` the up
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from zoomvlm.geometry import Budget, ToolCallError, parse_get_crops
-from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs
+from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs, trajectory_records
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.sft import SFT_DEFAULTS
 
@@ -95,33 +94,11 @@ def trajectory_dataset(path: str | Path, high: str | int | Budget | None = None,
 
     from zoomvlm.awares import trajectory_messages
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"trajectories file {path} not found; write it with `zoomvlm curate awares`")
-    override = None if high is None else str(high if isinstance(high, Budget) else Budget.parse(high))
     columns: dict[str, list] = {name: [] for name in TRAJECTORY_COLUMNS}
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        row = json.loads(line)
-        missing = {"image", "question", "answer"} - set(row)
-        if missing:
-            raise ValueError(f"{where}: a trajectory needs image, question and answer (missing {sorted(missing)})")
+    for where, row, record_high, image in trajectory_records(path, high, required=("question", "answer")):
         crops = [str(c) for c in row.get("crops") or []]
         if "label" in row and row["label"] != ("HR" if crops else "LR"):
             raise ValueError(f"{where}: label {row['label']!r} but crops {crops}")
-        record_high = override or row.get("high")
-        if record_high is None:
-            raise ValueError(f"{where}: no `high` budget in the record; pass high= (recipe data.high)")
-        try:
-            record_high = str(Budget.parse(record_high))
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from err
-        image = Path(row["image"]).expanduser()
-        image = image if image.is_absolute() else path.parent / image
-        if not image.is_file():
-            raise ValueError(f"{where}: image not found: {image}")
         try:
             messages = trajectory_messages(row["question"], row["answer"], crops)
         except ToolCallError as err:
