@@ -142,3 +142,47 @@ def test_train_cli_sft_then_policy(sft_file, tmp_path, capsys):
     assert f"vlm:{out / 'final'}" in capsys.readouterr().out
     rc = main(["train", "grpo", "--config", "tiny_cpu_sft"])
     assert rc == 2 and "expected 'grpo'" in capsys.readouterr().err
+
+
+def test_box_preserving_crop_keeps_the_boxed_pixels_and_maps_the_box():
+    import random
+
+    from PIL import Image, ImageDraw
+
+    from zoomvlm.geometry import Box
+    from zoomvlm.train.sft import box_preserving_crop
+
+    image = Image.new("RGB", (300, 200), "white")
+    ImageDraw.Draw(image).rectangle([120, 80, 179, 109], fill="black")  # the object: 60 x 30 px
+    box = Box(120 / 300, 80 / 200, 180 / 300, 110 / 200)
+    rng = random.Random(0)
+    sizes = set()
+    for _ in range(20):
+        crop, moved = box_preserving_crop(image, box, rng)
+        sizes.add(crop.size)
+        x0, y0, x1, y1 = moved.to_pixels(*crop.size)
+        assert (x1 - x0, y1 - y0) == (60, 30)  # the object keeps its pixels...
+        inside = crop.crop((x0, y0, x1, y1)).convert("L")
+        assert inside.getextrema() == (0, 0)  # ...exactly under the mapped box
+        assert crop.convert("L").histogram()[0] == 60 * 30  # and nothing of it is cut away
+    assert len(sizes) > 10  # the crops differ
+    crop, moved = box_preserving_crop(image, Box.full(), rng)
+    assert crop.size == image.size and moved == Box.full()
+
+
+def test_sft_dataset_augment_rewrites_the_box_in_the_crop_frame(sft_file):
+    from zoomvlm.geometry import Budget, parse_percent_box
+    from zoomvlm.train.sft import sft_dataset
+
+    plain = sft_dataset(sft_file, budget=Budget(max_side=64))
+    with pytest.raises(ValueError, match="augment"):
+        sft_dataset(sft_file, budget=Budget(max_side=64), augment=1.5)
+    augmented = sft_dataset(sft_file, budget=Budget(max_side=64), augment=1.0)
+    row, aug = plain[0], augmented[0]
+    assert aug["prompt"] == row["prompt"]
+    old = parse_percent_box(row["completion"][-1]["content"])
+    new = parse_percent_box(aug["completion"][-1]["content"])
+    # the boxed region keeps its pixel size (to the 1 % rounding of the text format)
+    assert abs((new.x1 - new.x0) * aug["image"].width - (old.x1 - old.x0) * row["image"].width) <= 2
+    assert abs((new.y1 - new.y0) * aug["image"].height - (old.y1 - old.y0) * row["image"].height) <= 2
+    assert aug["image"].size != row["image"].size or new != old

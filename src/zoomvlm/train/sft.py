@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
-from zoomvlm.geometry import Budget
+from PIL import Image
+
+from zoomvlm.geometry import Box, Budget, crop_image, format_percent_box, parse_percent_box
 from zoomvlm.train.common import build_cropper, cropper_views, resume_checkpoint, save_final, trainer_kwargs
 from zoomvlm.train.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SFT_DEFAULTS", "run_sft", "sft_dataset"]
+__all__ = ["SFT_DEFAULTS", "box_preserving_crop", "run_sft", "sft_dataset"]
 
 SFT_DEFAULTS = {
     # CropVLM (METHODS.md): lr 5e-5 cosine, warmup 0.03, effective batch 16, 1 epoch, loss on the box only.
@@ -33,15 +36,24 @@ SFT_DEFAULTS = {
 }
 
 
-def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None):
+def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None, augment: float = 0.0):
     """A ``datasets.Dataset`` of ``{image, prompt, completion}`` from ``sft.jsonl`` (``zoomvlm curate boxes``).
 
     ``image`` is the cropper's view (shrunk to ``budget`` once, here, so epochs do not re-decode 6000-px scans);
     ``prompt``/``completion`` are TRL conversational turns (text only: TRL inserts the image into the user turn).
 
+    Args:
+        augment: probability that a row, each time it is read, is replaced by a :func:`box_preserving_crop` of
+            its view with the completion box rewritten in the crop's frame. A receipt's layout moves with every
+            crop, so a cropper can no longer fit the boxes from the question alone and must look at the image.
+            ``0`` (CropVLM's recipe) = the stored rows as they are.
+
     Raises:
-        FileNotFoundError: no such file. ValueError: a line is not an SFT record (names the line).
+        FileNotFoundError: no such file. ValueError: a line is not an SFT record (names the line), or
+            ``augment`` is not in ``[0, 1]``.
     """
+    if not 0.0 <= augment <= 1.0:
+        raise ValueError(f"augment is a probability in [0, 1], got {augment}")
     import datasets
 
     path = Path(sft_file)
@@ -58,7 +70,7 @@ def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None):
         if limit and len(rows) >= limit:
             break
     views = cropper_views([r["image"] for r in rows], budget)
-    return datasets.Dataset.from_dict(
+    dataset = datasets.Dataset.from_dict(
         {
             "image": views,
             "prompt": [_text_only(r["prompt"]) for r in rows],
@@ -72,6 +84,67 @@ def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None):
             }
         ),
     )
+    return dataset.with_transform(_CropAugment(augment)) if augment > 0 else dataset
+
+
+def box_preserving_crop(image: Image.Image, box: Box, rng: random.Random) -> tuple[Image.Image, Box]:
+    """A random crop of ``image`` that still contains ``box``, and ``box`` in the crop's normalised frame.
+
+    Each side of the crop is drawn uniformly between the image edge and the box's side (the classic
+    detection augmentation "random crop keeping the object"), so the object keeps its pixels but moves and
+    its normalised size changes.
+
+    Args:
+        image: any PIL image. box: normalised to ``image``. rng: the source of randomness.
+
+    Returns:
+        ``(crop, box_in_crop)``; ``box_in_crop`` is normalised to ``crop`` (e.g. ``box`` = whole image gives
+        the whole image and the whole box back).
+    """
+    window = Box(rng.uniform(0, box.x0), rng.uniform(0, box.y0), rng.uniform(box.x1, 1), rng.uniform(box.y1, 1))
+    crop = crop_image(image, window)
+    # Map the box into the window with the window's PIXEL edges (crop_image rounds to whole pixels).
+    w, h = image.size
+    px0, py0, _, _ = window.to_pixels(w, h)
+    cw, ch = crop.size
+
+    def clamp(v: float) -> float:
+        return min(1.0, max(0.0, v))
+
+    moved = Box(
+        clamp((box.x0 * w - px0) / cw),
+        clamp((box.y0 * h - py0) / ch),
+        clamp((box.x1 * w - px0) / cw),
+        clamp((box.y1 * h - py0) / ch),
+    )
+    return crop, moved
+
+
+class _CropAugment:
+    """``with_transform`` hook of :func:`sft_dataset`: with probability ``p`` per row read, a box-preserving crop.
+
+    The random stream is reseeded from ``torch.initial_seed()``, which torch sets per dataloader worker and per
+    epoch from the trainer's seed: a run is reproducible and every epoch draws new crops.
+    """
+
+    def __init__(self, p: float):
+        self.p, self._seed, self._rng = p, None, random.Random(0)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        import torch
+
+        if self._seed != torch.initial_seed():
+            self._seed = torch.initial_seed()
+            self._rng = random.Random(self._seed)
+        images, completions = [], []
+        for image, completion in zip(batch["image"], batch["completion"], strict=True):
+            if self._rng.random() < self.p:
+                box = parse_percent_box(completion[-1]["content"])
+                image, box = box_preserving_crop(image, box, self._rng)
+                completion = [*completion[:-1], {"role": "assistant", "content": format_percent_box(box)}]
+            images.append(image)
+            completions.append(completion)
+        return {**batch, "image": images, "completion": completions}
 
 
 def _text_only(turns: list[dict]) -> list[dict]:
@@ -95,7 +168,9 @@ def run_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
 
     trainer_kw = trainer_kwargs(SFT_DEFAULTS, recipe.trainer, output_dir)
     budget = Budget.parse(recipe.data.get("cropper_budget", 512))
-    dataset = sft_dataset(recipe.data["sft_file"], budget, recipe.data.get("limit"))
+    dataset = sft_dataset(
+        recipe.data["sft_file"], budget, recipe.data.get("limit"), augment=float(recipe.data.get("augment", 0.0))
+    )
     model, processor, peft_config = build_cropper(recipe.model)
     args = SFTConfig(**trainer_kw)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
