@@ -246,7 +246,7 @@ def test_trajectory_records_resolve_images_and_name_the_bad_line(tmp_path):
     with pytest.raises(ValueError, match=r"t.jsonl:1: image not found: .*missing.png"):
         list(trajectory_records(path, None, required=()))
     path.write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"t.jsonl:1: not a JSON object"):
+    with pytest.raises(ValueError, match=r"t.jsonl:1: not valid JSON"):
         list(trajectory_records(path, None, required=()))
     path.write_text(json.dumps({"image": "a.png", "high": 768}) + "\n")
     with pytest.raises(ValueError, match=r"t.jsonl:1: .*missing \['answer'\]"):

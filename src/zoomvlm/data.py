@@ -19,7 +19,7 @@ stay on disk until :meth:`Sample.load_image` is called.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -141,6 +141,26 @@ def _parse_line(obj: object, root: Path, where: str) -> Sample:
     )
 
 
+def iter_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[str, object]]:
+    """The JSON values of a JSONL file, one per non-blank line, with ``"file:line"`` for error messages.
+
+    Yields:
+        ``(where, value)``, ``where`` = ``"<path>:<line number>"`` (1-based).
+
+    Raises:
+        error: a line is not valid JSON (the message names ``file:line``). OSError: the file cannot be read.
+    """
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{where}: not valid JSON ({err.msg})") from err
+
+
 def load_jsonl(path: str | Path, check_images: bool = True) -> list[Sample]:
     """Read and validate a JSONL dataset; image paths are resolved relative to the file's folder.
 
@@ -156,23 +176,15 @@ def load_jsonl(path: str | Path, check_images: bool = True) -> list[Sample]:
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
     samples: list[Sample] = []
-    seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{where}: not valid JSON ({err.msg})") from err
-            sample = _parse_line(obj, path.parent, where)
-            if sample.id in seen:
-                raise DatasetError(f"{where}: id {sample.id!r} already used on line {seen[sample.id]}")
-            seen[sample.id] = lineno
-            if check_images and not sample.image.is_file():
-                raise DatasetError(f"{where}: image not found: {sample.image}")
-            samples.append(sample)
+    seen: dict[str, str] = {}
+    for where, obj in iter_jsonl(path, DatasetError):
+        sample = _parse_line(obj, path.parent, where)
+        if sample.id in seen:
+            raise DatasetError(f"{where}: id {sample.id!r} already used on line {seen[sample.id].rsplit(':', 1)[1]}")
+        seen[sample.id] = where
+        if check_images and not sample.image.is_file():
+            raise DatasetError(f"{where}: image not found: {sample.image}")
+        samples.append(sample)
     if not samples:
         raise DatasetError(f"{path}: no samples")
     return samples

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from zoomvlm.data import iter_jsonl
 from zoomvlm.geometry import Budget, resize_to_budget
 
 logger = logging.getLogger(__name__)
@@ -100,14 +101,9 @@ def trajectory_records(
     if not path.is_file():
         raise FileNotFoundError(f"trajectories file {path} not found; write it with `zoomvlm curate awares`")
     override = None if high is None else str(high if isinstance(high, Budget) else Budget.parse(high))
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not a JSON object ({err})") from err
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a record must be a JSON object")
         missing = sorted({"image", *required} - set(row))
         if missing:
             raise ValueError(f"{where}: a record needs {', '.join(('image', *required))} (missing {missing})")
