@@ -1,16 +1,16 @@
 """What ``zoomvlm eval`` costs beyond the target: loading, cropping/resizing, scoring, writing, the cache.
 
-Runs the real :func:`zoomvlm.eval.run_eval` (fresh run directories in a temporary folder) on the receipts
+Runs the real :func:`zoomvlm.evaluation.run.run_eval` (fresh run directories in a temporary folder) on the receipts
 val split with the OCR target, for each policy three times side by side: response cache off, cache on
 and cold (an empty cache file: every request computed and stored), cache on and warm (the same file
 again: every request served from it). Each stage is timed by wrapping the library's own functions for
 the duration of the run, so the measured path is the one users run:
 
 - load: ``Sample.load_image`` (decode the native image);  policy: ``policy.propose``;
-- crop: ``zoomvlm.pipeline.crop_image`` (cut crops from the native image);
+- crop: ``pipeline.crop_image`` (cut crops from the native image);
 - resize: ``TargetRequest.views`` (shrink each view to its budget; called inside the target);
 - target: the target's ``generate`` minus its resize time (what a faster model would save);
-- score: every metric of ``zoomvlm.metrics.METRICS`` and ``evidence_hit``;
+- score: every metric of ``zoomvlm.core.metrics.METRICS`` and ``evidence_hit``;
 - cache: ``CachedTarget.generate`` minus the target inside it (pixel hashing, SQLite lookups and writes);
 - write+other: the rest of the wall time of ``run_eval`` (JSON + fsync of results, summary, bookkeeping).
 
@@ -29,14 +29,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import zoomvlm.pipeline
-from zoomvlm.cache import CachedTarget
-from zoomvlm.data import Sample, load_jsonl
-from zoomvlm.eval import run_eval
-from zoomvlm.geometry import Budget
-from zoomvlm.metrics import METRICS
+import zoomvlm.core.pipeline as pipeline
+from zoomvlm.core.geometry import Budget
+from zoomvlm.core.metrics import METRICS
+from zoomvlm.data.samples import Sample, load_jsonl
+from zoomvlm.evaluation.run import run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.targets.base import TargetRequest
+from zoomvlm.targets.cache import CachedTarget
 from zoomvlm.targets.ocr import OCRTarget
 
 STAGES = ("load", "policy", "crop", "resize", "target", "score", "cache", "write+other")
@@ -62,18 +62,23 @@ class Clock:
 @contextmanager
 def instrumented(clock: Clock):
     """Time the library's stage functions (restored afterwards)."""
-    saved = (Sample.load_image, TargetRequest.views, zoomvlm.pipeline.crop_image, zoomvlm.pipeline.evidence_hit,
+    saved = (Sample.load_image, TargetRequest.views, pipeline.crop_image, pipeline.evidence_hit,
              dict(METRICS))  # fmt: skip
     Sample.load_image = clock.wrap("load", Sample.load_image)
     TargetRequest.views = clock.wrap("resize", TargetRequest.views)
-    zoomvlm.pipeline.crop_image = clock.wrap("crop", zoomvlm.pipeline.crop_image)
-    zoomvlm.pipeline.evidence_hit = clock.wrap("score", zoomvlm.pipeline.evidence_hit)
+    pipeline.crop_image = clock.wrap("crop", pipeline.crop_image)
+    pipeline.evidence_hit = clock.wrap("score", pipeline.evidence_hit)
     for name, fn in saved[4].items():  # run_batch reads this very dict
         METRICS[name] = clock.wrap("score", fn)
     try:
         yield
     finally:
-        Sample.load_image, TargetRequest.views, zoomvlm.pipeline.crop_image, zoomvlm.pipeline.evidence_hit = saved[:4]
+        (
+            Sample.load_image,
+            TargetRequest.views,
+            pipeline.crop_image,
+            pipeline.evidence_hit,
+        ) = saved[:4]
         METRICS.update(saved[4])
 
 

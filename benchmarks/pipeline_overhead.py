@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from zoomvlm.data import load_jsonl
-from zoomvlm.geometry import Budget
-from zoomvlm.pipeline import build_request
+from zoomvlm.core.geometry import Budget
+from zoomvlm.core.pipeline import build_request
+from zoomvlm.data.samples import load_jsonl
 from zoomvlm.policies import load_policy
 from zoomvlm.targets.base import TargetRequest
 from zoomvlm.targets.ocr import OCRTarget

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zoomvlm.data import load_jsonl
-from zoomvlm.eval import run_eval
-from zoomvlm.geometry import Budget
+from zoomvlm.core.geometry import Budget
+from zoomvlm.data.samples import load_jsonl
+from zoomvlm.evaluation.run import run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.targets.ocr import OCRTarget
 

@@ -26,11 +26,11 @@ import argparse
 import json
 from pathlib import Path
 
-from zoomvlm.data import load_jsonl
-from zoomvlm.eval import read_run, run_eval
-from zoomvlm.geometry import Budget
-from zoomvlm.policies.crop_set import CropSetPolicy, FixedCropSet, OracleCropSet
-from zoomvlm.policies.simple import NoZoom
+from zoomvlm.awares.policies import CropSetPolicy, FixedCropSet, OracleCropSet
+from zoomvlm.core.geometry import Budget
+from zoomvlm.data.samples import load_jsonl
+from zoomvlm.evaluation.run import read_run, run_eval
+from zoomvlm.policies.baselines import NoZoom
 from zoomvlm.targets.ocr import OCRTarget
 
 LAMBDAS = ("0.1", "0.3", "1.0")
@@ -131,7 +131,7 @@ def main() -> None:
             print(f"| oracle decision + subset (derived, {d['n']} q) | {d['accuracy']:.1%} | {d['rtr']:.3f} | "
                   f"{d['no_crop']:.1%} | - | - | - | - |")  # fmt: skip
     if outs:
-        from zoomvlm.report import write_report
+        from zoomvlm.evaluation.report import write_report
 
         paths = write_report([str(o) for o in outs], Path(args.out) / "report")
         print(f"\nplot and report: {', '.join(str(p) for p in paths.values())}")

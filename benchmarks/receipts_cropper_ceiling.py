@@ -29,12 +29,12 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from zoomvlm.data import load_jsonl
-from zoomvlm.eval import run_eval
-from zoomvlm.geometry import Box, Budget
+from zoomvlm.core.geometry import Box, Budget
+from zoomvlm.data.samples import load_jsonl
+from zoomvlm.evaluation.run import run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.policies.base import Proposal
-from zoomvlm.policies.simple import OracleCrop
+from zoomvlm.policies.baselines import OracleCrop
 from zoomvlm.targets.ocr import OCRTarget
 
 

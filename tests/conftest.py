@@ -9,8 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from zoomvlm.cli import demo_data_path  # noqa: E402
-from zoomvlm.data import load_jsonl  # noqa: E402
+from zoomvlm.cli.main import demo_data_path  # noqa: E402
+from zoomvlm.data.samples import load_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def ocr_target():
 @pytest.fixture(scope="session")
 def tiny_vlms():
     """Tiny random-weight SmolVLM, Qwen2.5-VL and LLaVA (real architectures), built once per session."""
-    from zoomvlm import tiny
+    import tiny_models as tiny
 
     return {
         "smolvlm": tiny.build_tiny_smolvlm(),
@@ -50,3 +50,21 @@ def noise_images():
         Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)),
         Image.fromarray(rng.integers(0, 256, (240, 120, 3), dtype=np.uint8)),
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_init(tmp_path_factory):
+    """A from-scratch tiny SmolVLM cropper saved as a folder (``model.init`` of the CPU recipes in tests): one
+    64 px view, so a training step takes well under a second on 2 cores."""
+    import tiny_models as tiny
+
+    path = tmp_path_factory.mktemp("tiny_init") / "smolvlm_64px"
+    return tiny.save_tiny(*tiny.build_tiny_smolvlm(tile_size=64, longest_edge=64, image_splitting=False), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25vl_init(tmp_path_factory):
+    """A from-scratch tiny Qwen2.5-VL saved as a folder (``model.init`` of the self-zoom training tests)."""
+    import tiny_models as tiny
+
+    return tiny.save_tiny(*tiny.build_tiny_qwen25vl(), tmp_path_factory.mktemp("tiny_init") / "qwen25vl")

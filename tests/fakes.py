@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from zoomvlm.geometry import Budget
+from zoomvlm.core.geometry import Budget
 from zoomvlm.targets.base import Generation, Usage
 
 

@@ -11,8 +11,14 @@ import pytest
 from PIL import Image
 
 from tests.fakes import EchoTarget
-from zoomvlm.awares import crop_set_proposal, high_res_crops, low_res_budget, low_res_view, trajectory_messages
-from zoomvlm.geometry import (
+from zoomvlm.awares.protocol import (
+    crop_set_proposal,
+    high_res_crops,
+    low_res_budget,
+    low_res_view,
+    trajectory_messages,
+)
+from zoomvlm.core.geometry import (
     CROP_SET,
     Box,
     Budget,
@@ -21,9 +27,9 @@ from zoomvlm.geometry import (
     crops_for_box,
     same_scale_budget,
 )
-from zoomvlm.pipeline import run_batch
+from zoomvlm.core.pipeline import run_batch
+from zoomvlm.cropvlm.rewards import CropSetReward, ToolCost, crop_set_format_reward, parse_crop_action
 from zoomvlm.policies import load_policy
-from zoomvlm.rewards import CropSetReward, ToolCost, crop_set_format_reward, parse_crop_action
 
 HIGH = Budget(max_side=768)
 
@@ -100,7 +106,7 @@ def test_rtr_against_the_high_view_adds_up():
 
 
 def _sample(image):
-    from zoomvlm.data import Sample
+    from zoomvlm.data.samples import Sample
 
     return Sample("s", "x.png", "What is the total?", ("12.50",), image.width, image.height)
 
@@ -180,8 +186,9 @@ def test_fixed_and_oracle_crop_set_policies(demo_samples):
 
 def test_learned_crop_set_policy_counts_invalid_actions(tmp_path, demo_samples):
     """A random tiny VLM writes garbage: counted, answered from the low view, never the full image."""
-    from zoomvlm.policies.crop_set import CropSetPolicy
-    from zoomvlm.tiny import build_tiny_smolvlm, save_tiny
+    from tiny_models import build_tiny_smolvlm, save_tiny
+
+    from zoomvlm.awares.policies import CropSetPolicy
 
     model, processor = build_tiny_smolvlm(tile_size=64, longest_edge=64, image_splitting=False)
     path = save_tiny(model, processor, tmp_path / "policy")
@@ -200,9 +207,9 @@ def test_learned_crop_set_policy_counts_invalid_actions(tmp_path, demo_samples):
 
 # --- curation -----------------------------------------------------------------------------------
 def test_curate_awares_on_three_receipts(demo_samples, tmp_path):
+    from zoomvlm.awares.curation import MetricJudge, curate_awares
+    from zoomvlm.cropvlm.curation import OCRGrounder
     from zoomvlm.targets.ocr import OCRTarget
-    from zoomvlm.train.curate import OCRGrounder
-    from zoomvlm.train.curate_awares import MetricJudge, curate_awares
 
     samples = demo_samples[:3]
     target = OCRTarget(768)
@@ -229,7 +236,7 @@ def test_curate_awares_on_three_receipts(demo_samples, tmp_path):
 
 
 # --- crop-set GRPO --------------------------------------------------------------------------------
-def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples):
+def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples, tiny_smolvlm_init):
     import torch
 
     from zoomvlm.train.grpo import build_grpo_trainer
@@ -241,7 +248,7 @@ def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples):
             f.write(json.dumps({"id": s.id, "image": str(s.image), "question": s.question, "answers": list(s.answers),
                                 "label": "HR", "width": s.width, "height": s.height}) + "\n")  # fmt: skip
     recipe = load_recipe("tiny_cpu_crop_set_grpo", [
-        "model.init=tiny-smolvlm", "model.tiny={tile_size: 64, longest_edge: 64, image_splitting: false}",
+        f"model.init={tiny_smolvlm_init}",
         f"data.file={data}", "data.high=side:128", "trainer.max_steps=2", "trainer.per_device_train_batch_size=4",
         "trainer.num_generations=2", "trainer.max_completion_length=6", 'trainer.save_strategy="no"',
         "trainer.learning_rate=1e-2"])  # fmt: skip
@@ -269,7 +276,7 @@ def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples):
 
 def test_shipped_crop_set_policy_answers_with_the_ocr_target(tmp_path, demo_samples):
     """`--policy crop-set` loads the policy shipped in the package: valid actions, RTR against its 768 px view."""
-    from zoomvlm.cli import main
+    from zoomvlm.cli.main import main
     from zoomvlm.policies import default_crop_set_path
 
     policy = load_policy("crop-set")

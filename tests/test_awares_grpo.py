@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from zoomvlm.awares import high_res_crops, low_res_view, trajectory_messages
-from zoomvlm.data import load_image
-from zoomvlm.geometry import Budget
-from zoomvlm.rewards import ToolCost
-from zoomvlm.train.awares_grpo import AwaResReward, awares_grpo_dataset, build_awares_grpo_trainer, run_awares_grpo
+from zoomvlm.awares.grpo import AwaResReward, awares_grpo_dataset, build_awares_grpo_trainer, run_awares_grpo
+from zoomvlm.awares.protocol import high_res_crops, low_res_view, trajectory_messages
+from zoomvlm.core.geometry import Budget
+from zoomvlm.cropvlm.rewards import ToolCost
+from zoomvlm.data.samples import load_image
 from zoomvlm.train.recipe import Recipe, load_recipe
 
 HIGH = "side:224"  # a quadrant crop is then ~10 image tokens: every forward pass stays well under a second on CPU
@@ -30,10 +30,10 @@ def records(demo_samples, tmp_path_factory):
     return path
 
 
-def _recipe(records, **trainer) -> Recipe:
+def _recipe(records, init, **trainer) -> Recipe:
     return Recipe(
         kind="awares_grpo",
-        model={"init": "tiny-qwen25vl"},
+        model={"init": init},
         data={"file": str(records), "high": HIGH},
         rewards={"answer": "contains"},  # deterministic R_ans; the semantic route is tested with a stub below
         trainer={
@@ -49,9 +49,11 @@ def _recipe(records, **trainer) -> Recipe:
 
 
 @pytest.fixture(scope="module")
-def built(records, tmp_path_factory):
+def built(records, tmp_path_factory, tiny_qwen25vl_init):
     """``(trainer, processor)`` shared by the tests that only roll out (none of them takes a step)."""
-    trainer, processor = build_awares_grpo_trainer(_recipe(records), tmp_path_factory.mktemp("grpo"))
+    trainer, processor = build_awares_grpo_trainer(
+        _recipe(records, tiny_qwen25vl_init), tmp_path_factory.mktemp("grpo")
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by train(); compute_loss outside train() reads it
     return trainer, processor
 
@@ -217,7 +219,7 @@ def test_dataset_rows_and_errors(records, tmp_path):
 
 RECIPE = """\
 kind: awares_grpo
-model: {{init: tiny-qwen25vl}}
+model: {{init: {init}}}
 data: {{file: {file}, high: "side:224"}}
 rewards: {{answer: contains, alpha_miss: 0.5, alpha_use: 0.1, lam: 0.3}}
 trainer:
@@ -234,8 +236,8 @@ trainer:
 """
 
 
-def test_two_grpo_steps_change_the_parameters(records, tmp_path):
-    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records))
+def test_two_grpo_steps_change_the_parameters(records, tmp_path, tiny_qwen25vl_init):
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records, init=tiny_qwen25vl_init))
     trainer, _ = build_awares_grpo_trainer(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "grpo")
     assert trainer.beta == 0.04 and trainer.ref_model is not None  # KL to the starting model
     # Even rollouts call the tool and answer right, odd ones are sampled: rewards differ within each group.
@@ -249,8 +251,8 @@ def test_two_grpo_steps_change_the_parameters(records, tmp_path):
     assert logged["tools/call_frequency"] >= 0.5 and logged["reward_std"] > 0
 
 
-def test_run_awares_grpo_saves_the_final_model(records, tmp_path):
-    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records))
+def test_run_awares_grpo_saves_the_final_model(records, tmp_path, tiny_qwen25vl_init):
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records, init=tiny_qwen25vl_init))
     recipe = load_recipe(tmp_path / "recipe.yaml", ["trainer.max_steps=1"])
     final = run_awares_grpo(recipe, tmp_path / "run")
     assert final == tmp_path / "run" / "final" and (final / "config.json").is_file()

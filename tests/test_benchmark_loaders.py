@@ -16,8 +16,8 @@ from PIL import Image
 
 datasets = pytest.importorskip("datasets")
 
-from zoomvlm.benchmark_loaders import BENCHMARKS, HubImage, parse_inline_options, parse_option_lines  # noqa: E402
-from zoomvlm.data import DatasetError, Sample, UnreadableImageError, load_samples  # noqa: E402
+from zoomvlm.data.benchmarks import BENCHMARKS, HubImage, parse_inline_options, parse_option_lines  # noqa: E402
+from zoomvlm.data.samples import DatasetError, Sample, UnreadableImageError, load_samples  # noqa: E402
 
 V, L, IMG = datasets.Value, datasets.Sequence, datasets.Image
 SIZES = [(64, 48), (30, 90), (50, 50)]
@@ -218,7 +218,7 @@ def test_realworldqa(load):
 
 
 def test_every_benchmark_has_a_fixture_and_a_metric():
-    from zoomvlm.metrics import METRICS
+    from zoomvlm.core.metrics import METRICS
 
     assert set(SCHEMAS) == set(BENCHMARKS)
     assert all(b.metric in METRICS for b in BENCHMARKS.values())
@@ -306,7 +306,7 @@ def test_option_parsers():
 def test_run_eval_scores_benchmark_samples_with_their_own_metrics(load, tmp_path):
     from fakes import EchoTarget
 
-    from zoomvlm.eval import run_eval
+    from zoomvlm.evaluation.run import run_eval
     from zoomvlm.policies import load_policy
 
     vstar, pope = load("vstar"), load("pope")
@@ -323,7 +323,7 @@ def test_run_eval_scores_benchmark_samples_with_their_own_metrics(load, tmp_path
 
 
 def test_cli_eval_on_a_benchmark_by_name(tmp_path, monkeypatch, capsys):
-    from zoomvlm.cli import main
+    from zoomvlm.cli.main import main
 
     write_hub_copy(tmp_path / "hub", "pope")
     monkeypatch.setenv("ZOOMVLM_DATA_DIR", str(tmp_path / "hub"))

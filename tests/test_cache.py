@@ -6,13 +6,13 @@ import pytest
 from fakes import EchoTarget
 from PIL import Image
 
-from zoomvlm.cache import CachedGeneration, CachedTarget, image_digest
-from zoomvlm.data import Sample
-from zoomvlm.eval import read_run, run_eval
-from zoomvlm.geometry import Budget
-from zoomvlm.pipeline import run_batch
+from zoomvlm.core.geometry import Budget
+from zoomvlm.core.pipeline import run_batch
+from zoomvlm.data.samples import Sample
+from zoomvlm.evaluation.run import read_run, run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.targets.base import TargetRequest
+from zoomvlm.targets.cache import CachedGeneration, CachedTarget, image_digest
 
 
 def _image(color="white", size=(40, 30)):

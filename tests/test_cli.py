@@ -7,8 +7,8 @@ import sys
 from fakes import EchoTarget
 from PIL import Image
 
-from zoomvlm.cli import demo_data_path, main
-from zoomvlm.data import load_jsonl
+from zoomvlm.cli.main import demo_data_path, main
+from zoomvlm.data.samples import load_jsonl
 
 
 def test_help_is_instant_and_explains():
@@ -16,7 +16,7 @@ def test_help_is_instant_and_explains():
     for word in ("ask", "eval", "demo", "openai:MODEL", "oracle", "pixels:200000"):
         assert word in out.stdout
     # heavy libraries are imported by commands, not by --help
-    code = "import sys, zoomvlm.cli; print('torch' in sys.modules, 'rapidocr' in sys.modules)"
+    code = "import sys, zoomvlm.cli.main; print('torch' in sys.modules, 'rapidocr' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False False"
 
 

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from zoomvlm.geometry import Box
-from zoomvlm.train.curate import OCRGrounder, SeedBox, VLMGrounder, curate_boxes, expand_seed_boxes, sft_record
+from zoomvlm.core.geometry import Box
+from zoomvlm.cropvlm.curation import OCRGrounder, SeedBox, VLMGrounder, curate_boxes, expand_seed_boxes, sft_record
 
 
 class SpyGrounder:

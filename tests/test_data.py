@@ -3,7 +3,7 @@ import json
 import pytest
 from PIL import Image
 
-from zoomvlm.data import DatasetError, UnreadableImageError, load_image, load_jsonl
+from zoomvlm.data.samples import DatasetError, UnreadableImageError, load_image, load_jsonl
 
 
 def _write(tmp_path, rows, image=True):

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from zoomvlm.geometry import (
+from zoomvlm.core.geometry import (
     CROP_SET,
     Box,
     BoxFormatError,

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from zoomvlm.data import Sample
-from zoomvlm.pipeline import run_batch
+from zoomvlm.core.pipeline import run_batch
+from zoomvlm.core.prompts import target_prompt
+from zoomvlm.data.samples import Sample
 from zoomvlm.policies import load_policy
-from zoomvlm.prompts import target_prompt
 from zoomvlm.targets.base import TargetRequest
 from zoomvlm.targets.hf import HFTarget, answer_text, chat_prompt
 

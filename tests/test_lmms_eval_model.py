@@ -9,7 +9,7 @@ import pytest
 from fakes import EchoTarget
 from PIL import Image
 
-from zoomvlm.lmms_eval_model import ZoomVLM
+from zoomvlm.integrations.lmms_eval import ZoomVLM
 
 
 class FakeInstance:
@@ -87,7 +87,7 @@ def test_through_lmms_eval(demo_samples):
     from lmms_eval.api.model import lmms
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
-    from zoomvlm.lmms_eval_model import manifest
+    from zoomvlm.integrations.lmms_eval import manifest
 
     registry = ModelRegistryV2()
     registry.register_manifest(manifest())

@@ -1,7 +1,7 @@
 import pytest
 
-from zoomvlm.geometry import Box
-from zoomvlm.metrics import (
+from zoomvlm.core.geometry import Box
+from zoomvlm.core.metrics import (
     aggregate,
     anls,
     contains,

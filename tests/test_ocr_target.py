@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from zoomvlm.geometry import Budget, crop_image
+from zoomvlm.core.geometry import Budget, crop_image
 from zoomvlm.targets.base import TargetRequest
 from zoomvlm.targets.ocr import PROB_FLOOR, ctc_substring_logprob
 

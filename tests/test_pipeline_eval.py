@@ -10,13 +10,13 @@ import pytest
 from fakes import EchoTarget
 from PIL import Image
 
-from zoomvlm.cache import CachedTarget
-from zoomvlm.data import Sample
-from zoomvlm.eval import RunMismatchError, Shard, read_results, read_run, results_files, run_eval
-from zoomvlm.geometry import Box, Budget
-from zoomvlm.pipeline import build_request, run_batch
+from zoomvlm.core.geometry import Box, Budget
+from zoomvlm.core.pipeline import build_request, run_batch
+from zoomvlm.data.samples import Sample
+from zoomvlm.evaluation.run import RunMismatchError, Shard, read_results, read_run, results_files, run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.policies.base import Proposal
+from zoomvlm.targets.cache import CachedTarget
 
 
 def _samples(tmp_path, n):
@@ -89,8 +89,8 @@ def test_resume_after_kill_9(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from pathlib import Path
         from fakes import EchoTarget
-        from zoomvlm.data import Sample
-        from zoomvlm.eval import run_eval
+        from zoomvlm.data.samples import Sample
+        from zoomvlm.evaluation.run import run_eval
         from zoomvlm.policies import load_policy
         img = Path({str(tmp_path / "img.png")!r})
         samples = [Sample(f"s{{i}}", img, f"q{{i}}", (f"a{{i}}",), 400, 800) for i in range(40)]
@@ -171,9 +171,9 @@ def test_sharded_cached_resume_after_kill_9(tmp_path):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from pathlib import Path
         from fakes import EchoTarget
-        from zoomvlm.cache import CachedTarget
-        from zoomvlm.data import Sample
-        from zoomvlm.eval import Shard, run_eval
+        from zoomvlm.targets.cache import CachedTarget
+        from zoomvlm.data.samples import Sample
+        from zoomvlm.evaluation.run import Shard, run_eval
         from zoomvlm.policies import load_policy
         img = Path({str(tmp_path / "img.png")!r})
         samples = [Sample(f"s{{i}}", img, f"q{{i}}", (f"a{{i}}",), 400, 800) for i in range({n})]

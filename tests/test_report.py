@@ -11,11 +11,11 @@ import pytest
 from fakes import EchoTarget
 from PIL import Image
 
-from zoomvlm.cli import main
-from zoomvlm.data import load_jsonl
-from zoomvlm.eval import Shard, run_eval
+from zoomvlm.cli.main import main
+from zoomvlm.data.samples import load_jsonl
+from zoomvlm.evaluation.report import Run, gallery_rows, load_run, markdown_table, pareto_front, write_report
+from zoomvlm.evaluation.run import Shard, run_eval
 from zoomvlm.policies import load_policy
-from zoomvlm.report import Run, gallery_rows, load_run, markdown_table, pareto_front, write_report
 
 BLUE = (0, 0, 255)
 EVIL = '<script>alert("x")</script> & <b>co</b>'

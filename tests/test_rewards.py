@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from zoomvlm.geometry import Box, format_percent_box
-from zoomvlm.rewards import (
+from zoomvlm.core.geometry import Box, format_percent_box
+from zoomvlm.cropvlm.rewards import (
     AccuracyReward,
     AnswerProbabilityReward,
     LikelihoodReward,

@@ -1,4 +1,4 @@
-"""AwaRes self-zoom (zoomvlm.self_zoom) on tiny random-weight VLMs: KV reuse equals recompute, RTR accounting,
+"""AwaRes self-zoom (zoomvlm.awares.self_zoom) on tiny random-weight VLMs: KV reuse equals recompute, RTR accounting,
 tool errors are recorded (never replaced by the full image), the direct-answer path."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from zoomvlm import self_zoom
-from zoomvlm.awares import high_res_crops, low_res_view
-from zoomvlm.geometry import Budget, resize_to_budget
-from zoomvlm.self_zoom import (
+from zoomvlm.awares import self_zoom
+from zoomvlm.awares.protocol import high_res_crops, low_res_view
+from zoomvlm.awares.self_zoom import (
     SelfZoomRunner,
     continue_with_crops,
     count_outcomes,
@@ -21,6 +20,7 @@ from zoomvlm.self_zoom import (
     self_zoom_generate,
     start_self_zoom,
 )
+from zoomvlm.core.geometry import Budget, resize_to_budget
 from zoomvlm.targets.hf import HFTarget
 
 # 600x400 under side:336 -> high view 336x224 (12x8 merged Qwen tokens = 96, under the tiny processor's
@@ -133,7 +133,7 @@ def test_unparseable_tool_call_is_recorded_not_replaced(qwen, image, monkeypatch
     forced = "GET_CROPS: [banana]"
     original = self_zoom.start_self_zoom
     monkeypatch.setattr(self_zoom, "start_self_zoom", lambda *a, **k: original(*a, **k, forced_text=forced))
-    with caplog.at_level(logging.WARNING, logger="zoomvlm.self_zoom"):
+    with caplog.at_level(logging.WARNING, logger="zoomvlm.awares.self_zoom"):
         (result,) = self_zoom_generate(qwen.model, qwen.processor, [image], [QUESTION], HIGH, max_new_tokens=4)
 
     assert result.tool_error is not None and "banana" in result.tool_error

@@ -1,4 +1,4 @@
-"""Tiny VLMs of the real architectures (zoomvlm.tiny) build, process 2 images, generate, save and reload."""
+"""Tiny VLMs of the real architectures (tiny_models) build, process 2 images, generate, save and reload."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tiny_models as tiny  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from zoomvlm import tiny  # noqa: E402
-from zoomvlm.hf_compat import load_processor  # noqa: E402
+from zoomvlm.targets.hf_compat import load_processor  # noqa: E402
 
 BUILDERS = {
     "smolvlm": tiny.build_tiny_smolvlm,

@@ -7,14 +7,16 @@ import json
 import pytest
 import torch
 
-from zoomvlm.cli import demo_data_path, main
-from zoomvlm.geometry import Box
-from zoomvlm.rewards import completion_text, format_reward
-from zoomvlm.train.curate import sft_record
+from zoomvlm.cli.main import demo_data_path, main
+from zoomvlm.core.geometry import Box, Budget
+from zoomvlm.cropvlm.curation import sft_record
+from zoomvlm.cropvlm.rewards import completion_text, format_reward
 from zoomvlm.train.recipe import RecipeError, bundled_recipes, load_recipe
 
-TINY = ["model.init=tiny-smolvlm", "model.tiny={tile_size: 64, longest_edge: 64, image_splitting: false}",
-        "data.cropper_budget=64"]  # fmt: skip
+
+@pytest.fixture
+def TINY(tiny_smolvlm_init):  # noqa: N802 - the recipe overrides that make every tiny recipe a 64 px model
+    return [f"model.init={tiny_smolvlm_init}", "data.cropper_budget=64"]
 
 
 @pytest.fixture
@@ -63,16 +65,16 @@ def test_recipe_errors_are_clear(tmp_path):
     assert r.trainer["max_steps"] == 3 and r.trainer["learning_rate"] == 1e-4 and r.model["lora"] is None
 
 
-def test_sft_two_steps_change_the_model_and_save_a_loadable_cropper(sft_file, tmp_path):
+def test_sft_two_steps_change_the_model_and_save_a_loadable_cropper(sft_file, tmp_path, TINY):
     from trl import SFTConfig, SFTTrainer
 
-    from zoomvlm.policies.vlm import VLMCropper
+    from zoomvlm.cropvlm.cropper import VLMCropper
     from zoomvlm.train.common import build_cropper, save_final
     from zoomvlm.train.sft import SFT_DEFAULTS, sft_dataset
 
     recipe = load_recipe("tiny_cpu_sft", TINY + [f"data.sft_file={sft_file}"])
     model, processor, _ = build_cropper(recipe.model)
-    ds = sft_dataset(sft_file, budget=__import__("zoomvlm.geometry").geometry.Budget(max_side=64))
+    ds = sft_dataset(sft_file, budget=Budget(max_side=64))
     before = _params(model)
     args = SFTConfig(**{**SFT_DEFAULTS, "output_dir": str(tmp_path / "out"), "max_steps": 2, "bf16": False,
                         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
@@ -93,7 +95,7 @@ def test_sft_two_steps_change_the_model_and_save_a_loadable_cropper(sft_file, tm
     assert len(proposals) == 1 and len(proposals[0].boxes) == 1
 
 
-def test_grpo_two_steps_change_the_model(tmp_path):
+def test_grpo_two_steps_change_the_model(tmp_path, TINY):
     from zoomvlm.train.grpo import build_grpo_trainer
 
     def length_reward(prompts=None, completions=(), **_):  # varies across a random model's samples
@@ -113,7 +115,7 @@ def test_grpo_two_steps_change_the_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_step_with_the_real_ocr_target(tmp_path):
+def test_grpo_step_with_the_real_ocr_target(tmp_path, TINY):
     """One real GRPO step whose likelihood reward is the OCR reader's CTC score on 2 receipts."""
     from zoomvlm.train.grpo import build_grpo_trainer
 
@@ -132,7 +134,7 @@ def test_grpo_step_with_the_real_ocr_target(tmp_path):
     assert trainer.reward_funcs[1].n_calls >= 1
 
 
-def test_train_cli_sft_then_policy(sft_file, tmp_path, capsys):
+def test_train_cli_sft_then_policy(sft_file, tmp_path, capsys, TINY):
     out = tmp_path / "cli_sft"
     rc = main(["train", "sft", "--config", "tiny_cpu_sft", "--output-dir", str(out),
                *[f"--set={s}" for s in TINY], f"--set=data.sft_file={sft_file}", "--set=trainer.max_steps=1",
@@ -149,7 +151,7 @@ def test_box_preserving_crop_keeps_the_boxed_pixels_and_maps_the_box():
 
     from PIL import Image, ImageDraw
 
-    from zoomvlm.geometry import Box
+    from zoomvlm.core.geometry import Box
     from zoomvlm.train.sft import box_preserving_crop
 
     image = Image.new("RGB", (300, 200), "white")
@@ -171,7 +173,7 @@ def test_box_preserving_crop_keeps_the_boxed_pixels_and_maps_the_box():
 
 
 def test_sft_dataset_augment_rewrites_the_box_in_the_crop_frame(sft_file):
-    from zoomvlm.geometry import Budget, parse_percent_box
+    from zoomvlm.core.geometry import Budget, parse_percent_box
     from zoomvlm.train.sft import sft_dataset
 
     plain = sft_dataset(sft_file, budget=Budget(max_side=64))

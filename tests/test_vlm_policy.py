@@ -1,11 +1,11 @@
 """The learned-cropper policy loads a save_pretrained checkpoint and counts invalid boxes."""
 
 import pytest
+import tiny_models as tiny
 
-from zoomvlm import tiny
-from zoomvlm.geometry import Box
+from zoomvlm.core.geometry import Box
 from zoomvlm.policies import load_policy
-from zoomvlm.policies import vlm as vlm_module
+from zoomvlm.cropvlm import cropper as vlm_module
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models as tiny
 import torch
 from PIL import Image
 
-from zoomvlm import tiny
-from zoomvlm.awares import tool_output_text, trajectory_messages
-from zoomvlm.geometry import format_get_crops
-from zoomvlm.prompts import AWARES_SYSTEM_PROMPT
-from zoomvlm.train.recipe import Recipe
-from zoomvlm.train.weighted_sft import (
+from zoomvlm.awares.protocol import tool_output_text, trajectory_messages
+from zoomvlm.awares.weighted_sft import (
     ToolWeightedSFTTrainer,
     WeightedSFTConfig,
     _runs,
@@ -22,6 +19,9 @@ from zoomvlm.train.weighted_sft import (
     training_chat_template,
     trajectory_dataset,
 )
+from zoomvlm.core.geometry import format_get_crops
+from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
+from zoomvlm.train.recipe import Recipe
 
 HIGH = "side:224"  # low view <= 112 px, crops <= 112 px: a few dozen image tokens per image keeps a step < 1 s
 TOOL_WEIGHT = 5.0

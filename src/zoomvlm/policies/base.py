@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from zoomvlm.geometry import Box, Budget
+from zoomvlm.core.geometry import Box, Budget
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zoomvlm.geometry import Budget
+from zoomvlm.core.geometry import Budget
 from zoomvlm.targets.base import Generation, Target, TargetRequest, Usage
 
 __all__ = ["Generation", "Target", "TargetRequest", "Usage", "load_target", "TARGET_SPECS"]

@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from zoomvlm.geometry import Budget, resize_to_budget
+from zoomvlm.core.geometry import Budget, resize_to_budget
 
 
 @dataclass(frozen=True)

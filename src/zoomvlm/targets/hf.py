@@ -2,7 +2,7 @@
 
 One request = one user turn: its views as images, then the target prompt; greedy decoding. Batches are
 left-padded so every row's answer starts at the same position. The same chat-formatting helpers serve
-the learned cropper (:mod:`zoomvlm.policies.vlm`), so prompts are built one way everywhere.
+the learned cropper (:mod:`zoomvlm.cropvlm.cropper`), so prompts are built one way everywhere.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from zoomvlm.geometry import Budget
-from zoomvlm.prompts import target_prompt
+from zoomvlm.core.geometry import Budget
+from zoomvlm.core.prompts import target_prompt
 from zoomvlm.targets.base import Generation, TargetRequest, Usage, require_answers
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def load_vlm(model_id: str, device: str | None = None, dtype: str | torch.dtype 
     A folder holding a peft LoRA adapter (``adapter_config.json``) is loaded onto its base model and merged.
 
     ``device=None`` picks CUDA when available, else CPU. On machines without torchvision the processor is
-    rebuilt by :func:`zoomvlm.hf_compat.load_processor`.
+    rebuilt by :func:`zoomvlm.targets.hf_compat.load_processor`.
 
     Raises:
         FileNotFoundError: ``model_id`` is a local path (starts with ``/``, ``.`` or ``~``) that does not exist.
@@ -40,7 +40,7 @@ def load_vlm(model_id: str, device: str | None = None, dtype: str | torch.dtype 
 
     from transformers import AutoModelForImageTextToText
 
-    from zoomvlm.hf_compat import load_processor
+    from zoomvlm.targets.hf_compat import load_processor
 
     if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().exists():
         raise FileNotFoundError(f"checkpoint folder not found: {model_id}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from zoomvlm.geometry import Budget
+from zoomvlm.core.geometry import Budget
 from zoomvlm.targets.base import Generation, TargetRequest, Usage, require_answers
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import httpx
 from PIL import Image
 
-from zoomvlm.geometry import Budget
-from zoomvlm.prompts import target_prompt
+from zoomvlm.core.geometry import Budget
+from zoomvlm.core.prompts import target_prompt
 from zoomvlm.targets.base import Generation, TargetRequest, Usage
 
 logger = logging.getLogger(__name__)

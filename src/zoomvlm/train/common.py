@@ -9,47 +9,37 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoomvlm.data import iter_jsonl
-from zoomvlm.geometry import Budget, resize_to_budget
+from zoomvlm.core.geometry import Budget, resize_to_budget
+from zoomvlm.data.samples import iter_jsonl
 
 logger = logging.getLogger(__name__)
-
-TINY = "tiny-smolvlm"
-"""``model.init`` for a from-scratch tiny SmolVLM-architecture cropper (:func:`zoomvlm.tiny.build_tiny_smolvlm`)."""
 
 FINAL = "final"
 """Sub-folder of ``output_dir`` holding the finished model + processor (load it with ``vlm:OUTPUT_DIR/final``)."""
 
 
-def build_cropper(model_cfg: dict, init_dir: str | Path | None = None):
+def build_cropper(model_cfg: dict):
     """``(model, processor, peft_config)`` for a recipe's ``model`` section.
 
-    ``init``: ``tiny-smolvlm`` (random init, options in ``tiny``: ``tile_size``, ``longest_edge``), else a hub id
-    or local folder loaded with :func:`zoomvlm.targets.hf.load_vlm` (LoRA adapters are merged on load).
-    ``lora``: peft ``LoraConfig`` keywords (CropVLM: r 128, alpha 256, dropout 0.05, q/k/v/o/gate/up/down/fc1/fc2
+    ``init``: a hub id or a local ``save_pretrained`` folder, loaded with :func:`zoomvlm.targets.hf.load_vlm`
+    (LoRA adapters are merged on load). The CPU recipes start from a from-scratch tiny model written by
+    ``python scripts/make_tiny_init.py`` (the command is in each recipe's comment).
+    ``lora``: peft ``LoraConfig`` keywords (CropVLM: r 128, alpha 256, dropout 0.05; q/k/v/o/gate/up/down/fc1/fc2
     + connector proj), or null to train all weights.
 
-    ``init_dir``: where a from-scratch model is saved before training. GRPO needs it: TRL builds the frozen
-    KL reference model by loading ``model.config._name_or_path``, which a model built in memory does not have.
-
     Raises:
-        FileNotFoundError: a local ``init`` folder does not exist. ImportError: LoRA without peft.
+        FileNotFoundError: ``init`` names a local folder (absolute, ``./``, ``runs/...``) that does not exist.
+        ImportError: LoRA without peft.
     """
-    init = model_cfg.get("init")
-    if not init:
-        raise ValueError("recipe model.init is required (hub id, local folder, or 'tiny-smolvlm')")
-    if init == TINY:
-        from zoomvlm.tiny import build_tiny_smolvlm
+    init = str(model_cfg["init"])
+    if not Path(init).exists() and (Path(init).is_absolute() or init.startswith(".") or init.count("/") != 1):
+        raise FileNotFoundError(
+            f"model.init folder {init!r} not found; for the tiny CPU recipes write it first with "
+            f"`python scripts/make_tiny_init.py --out {init} ...` (see the recipe's comment)"
+        )
+    from zoomvlm.targets.hf import load_vlm
 
-        model, processor = build_tiny_smolvlm(seed=int(model_cfg.get("seed", 0)), **(model_cfg.get("tiny") or {}))
-        if init_dir is not None:
-            model.save_pretrained(init_dir)
-            processor.save_pretrained(init_dir)
-            model.config._name_or_path = str(init_dir)
-    else:
-        from zoomvlm.targets.hf import load_vlm
-
-        model, processor = load_vlm(str(init), device="cpu", dtype=model_cfg.get("dtype", "auto"))
+    model, processor = load_vlm(init, device="cpu", dtype=model_cfg.get("dtype", "auto"))
     model.train()
     peft_config = None
     if model_cfg.get("lora"):
@@ -123,7 +113,7 @@ def trajectory_records(
 
 def cropper_view(path: str | Path, budget: Budget) -> Image.Image:
     """The cropper's input: the image shrunk to ``budget`` (its processor may resize/tile further)."""
-    from zoomvlm.data import load_image
+    from zoomvlm.data.samples import load_image
 
     return resize_to_budget(load_image(path), budget)
 

@@ -1,7 +1,7 @@
 """Stage 2 of CropVLM: GRPO on the reward target's own signal, with TRL's maintained ``GRPOTrainer``.
 
 For each prompt (image + question) the policy (the cropper) samples G boxes (``num_generations``, default 6, at
-temperature 0.8); the rewards of :mod:`zoomvlm.rewards` score each box by what the reward target makes of
+temperature 0.8); the rewards of :mod:`zoomvlm.cropvlm.rewards` score each box by what the reward target makes of
 ``[global view, crop]``; TRL turns the weighted sum into advantages and takes one policy-gradient step with a KL
 penalty (beta 0.01) to the starting model. CropVLM's advantage is reward minus group mean with no division by
 the group's std (Dr-GRPO, ``scale_rewards: none``); ``loss_type: dr_grpo`` gives Dr-GRPO's length-unbiased
@@ -15,9 +15,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from zoomvlm.geometry import Budget
-from zoomvlm.prompts import cropper_prompt
-from zoomvlm.rewards import build_rewards
+from zoomvlm.core.geometry import Budget
+from zoomvlm.core.prompts import cropper_prompt
+from zoomvlm.cropvlm.rewards import build_rewards
 from zoomvlm.train.common import build_cropper, cropper_views, resume_checkpoint, save_final, trainer_kwargs
 from zoomvlm.train.recipe import Recipe
 
@@ -49,7 +49,7 @@ GRPO_DEFAULTS = {
 
 
 def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
-    """A ``datasets.Dataset`` for GRPO from :class:`~zoomvlm.data.Sample` objects (answers required).
+    """A ``datasets.Dataset`` for GRPO from :class:`~zoomvlm.data.samples.Sample` objects (answers required).
 
     Columns: ``image`` (the policy's view, shrunk to ``budget``), ``prompt`` (one user turn, text only: TRL
     adds the image), and for the rewards ``image_path`` (the ORIGINAL image), ``question``, ``answers``,
@@ -65,7 +65,7 @@ def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
     """
     import datasets
 
-    from zoomvlm.prompts import crop_set_policy_prompt
+    from zoomvlm.core.prompts import crop_set_policy_prompt
 
     prompt_fn = {"cropper": cropper_prompt, "crop_set": crop_set_policy_prompt}.get(policy)
     if prompt_fn is None:
@@ -135,7 +135,7 @@ def build_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, rew
     """
     from trl import GRPOConfig, GRPOTrainer
 
-    from zoomvlm.data import load_jsonl
+    from zoomvlm.data.samples import load_jsonl
 
     trainer_kw = trainer_kwargs(GRPO_DEFAULTS, recipe.trainer, output_dir)
     samples = load_jsonl(recipe.data["file"])
@@ -155,7 +155,7 @@ def build_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, rew
         )
     if reward_weights is not None:
         trainer_kw.setdefault("reward_weights", list(reward_weights))
-    model, processor, peft_config = build_cropper(recipe.model, init_dir=Path(trainer_kw["output_dir"]) / "init")
+    model, processor, peft_config = build_cropper(recipe.model)
     args = GRPOConfig(**trainer_kw)
     trainer = GRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
                           processing_class=processor, peft_config=peft_config)  # fmt: skip

@@ -2,18 +2,19 @@
 
 A recipe has four sections (see ``recipes/*.yaml``, bundled with the package):
 
-- ``model``: ``init`` (a hub id, a local ``save_pretrained`` folder such as an SFT result, or ``tiny-smolvlm``
+- ``model``: ``init`` (a hub id, a local ``save_pretrained`` folder such as an SFT result, e.g. the tiny
+  init that ``scripts/make_tiny_init.py`` writes;
   for a from-scratch tiny SmolVLM-architecture model with a locally built tokenizer), ``tiny`` (its size
   options), ``lora`` (peft ``LoraConfig`` keywords, or null for full fine-tuning), ``seed``.
 - ``data``: ``sft_file`` (SFT: the ``sft.jsonl`` written by ``zoomvlm curate boxes``) or ``file`` (GRPO: a
   receipts-format JSONL with answers), ``limit``, and ``cropper_budget`` (the cropper's input size).
 - ``trainer``: keyword arguments of TRL's ``SFTConfig`` / ``GRPOConfig``, passed through unchanged, so
   every TRL option (accelerate, DeepSpeed, vLLM rollouts, ``loss_type``...) is available.
-- GRPO only: ``rewards`` (``{name: weight}``, names from :data:`zoomvlm.rewards.REWARDS`) and ``target``
+- GRPO only: ``rewards`` (``{name: weight}``, names from :data:`zoomvlm.cropvlm.rewards.REWARDS`) and ``target``
   (``spec`` as in ``zoomvlm eval``, ``budget``, ``crop_budget``, ``metric``).
 - AwaRes only: ``data.policy: crop_set`` + ``data.high`` (the external crop-set policy and its
   high-resolution budget) and ``awares`` (``answer_reward``: ``semantic`` or a metric; the tool-cost
-  constants ``alpha_miss``, ``alpha_use``, ``lam`` of :class:`zoomvlm.rewards.ToolCost`).
+  constants ``alpha_miss``, ``alpha_use``, ``lam`` of :class:`zoomvlm.cropvlm.rewards.ToolCost`).
 
 Kinds: ``sft`` and ``grpo`` (CropVLM cropper, or the crop-set policy with ``data.policy: crop_set``),
 ``awares_sft`` (tool-call-weighted SFT on trajectories) and ``awares_grpo`` (multi-turn self-zoom GRPO).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoomvlm.geometry import Box, Budget, crop_image, format_percent_box, parse_percent_box
+from zoomvlm.core.geometry import Box, Budget, crop_image, format_percent_box, parse_percent_box
 from zoomvlm.train.common import build_cropper, cropper_views, resume_checkpoint, save_final, trainer_kwargs
 from zoomvlm.train.recipe import Recipe
 

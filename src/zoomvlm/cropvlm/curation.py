@@ -35,7 +35,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from zoomvlm.geometry import (
+from zoomvlm.core.geometry import (
     Box,
     BoxFormatError,
     Budget,
@@ -45,7 +45,7 @@ from zoomvlm.geometry import (
     percentile_thresholds,
     resize_to_budget,
 )
-from zoomvlm.prompts import cropper_prompt, grounding_prompt
+from zoomvlm.core.prompts import cropper_prompt, grounding_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class VLMGrounder:
 
     Qwen2.5-VL answers in the pixel frame of the image AFTER its processor's resize (multiples of 28 px
     within min/max pixels). That size is read from the processor's ``image_grid_thw`` (patch 14 px) and
-    :func:`~zoomvlm.geometry.parse_bbox_2d` maps the box back to the normalised frame of the original.
+    :func:`~zoomvlm.core.geometry.parse_bbox_2d` maps the box back to the normalised frame of the original.
     """
 
     name = "vlm"
@@ -226,7 +226,7 @@ def expand_seed_boxes(seed_boxes: Sequence[Box]) -> tuple[list[Box], tuple[float
 
     Returns:
         The expanded boxes (same order) and the (p20, p40, p60, p80) area-ratio thresholds used
-        (:func:`~zoomvlm.geometry.percentile_thresholds`, :func:`~zoomvlm.geometry.expand_small_box`).
+        (:func:`~zoomvlm.core.geometry.percentile_thresholds`, :func:`~zoomvlm.core.geometry.expand_small_box`).
         Failed seeds (whole image) take part in the percentiles as CropVLM's do: they are boxes of area 1.
     """
     thresholds = percentile_thresholds(b.area for b in seed_boxes)
@@ -291,7 +291,7 @@ def curate_boxes(samples, grounder, out_dir: str | Path, progress: bool = True) 
     """Ground every sample, expand the seed boxes, write ``seeds.jsonl``, ``sft.jsonl`` and ``curation.json``.
 
     Args:
-        samples: :class:`~zoomvlm.data.Sample` list (with answers). Their ``evidence_boxes`` are dropped here,
+        samples: :class:`~zoomvlm.data.samples.Sample` list (with answers). Their ``evidence_boxes`` are dropped here,
             before any grounder sees them: human boxes never reach a training file.
         grounder: an object with ``name`` and ``ground(image, question, answers, key) -> SeedBox``.
         out_dir: output folder; raw groundings already in ``out_dir/raw.jsonl`` are reused (resume).

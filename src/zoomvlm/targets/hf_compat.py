@@ -87,7 +87,7 @@ def ensure_processors_without_torchvision() -> bool:
 @cache
 def _images_only_video_processor_class() -> type:
     # Built lazily: subclassing BaseVideoProcessor imports transformers' image stack (~3 s), which
-    # `import zoomvlm.hf_compat` should not pay.
+    # `import zoomvlm.targets.hf_compat` should not pay.
     from transformers.video_processing_utils import BaseVideoProcessor
 
     class ImagesOnlyVideoProcessor(BaseVideoProcessor):
@@ -120,7 +120,7 @@ def _images_only_video_processor_class() -> type:
 
         def __call__(self, *args: Any, **kwargs: Any):
             raise NotImplementedError(
-                "Video inputs need torchvision; this placeholder (zoomvlm.hf_compat) only lets image-only "
+                "Video inputs need torchvision; this placeholder (zoomvlm.targets.hf_compat) only lets image-only "
                 "processors build."
             )
 
@@ -286,7 +286,7 @@ def load_processor(path_or_id: str | os.PathLike, **kwargs: Any):
             raise RuntimeError(
                 f"Could not load a processor from {str(path_or_id)!r}.\n"
                 f"  AutoProcessor.from_pretrained failed: {type(auto_err).__name__}: {auto_err}\n"
-                f"  Rebuilding without torchvision (zoomvlm.hf_compat) failed: "
+                f"  Rebuilding without torchvision (zoomvlm.targets.hf_compat) failed: "
                 f"{type(rebuild_err).__name__}: {rebuild_err}\n"
                 "Installing torchvision usually fixes the first error."
             ) from rebuild_err

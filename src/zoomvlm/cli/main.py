@@ -53,7 +53,7 @@ def _add_run_options(p: argparse.ArgumentParser, policy_default: str) -> None:
 
 
 def _build(args):
-    from zoomvlm.geometry import Budget
+    from zoomvlm.core.geometry import Budget
     from zoomvlm.policies import load_policy
     from zoomvlm.targets import load_target
 
@@ -69,7 +69,7 @@ def _default_metric(target_spec: str) -> str:
 
 def _rtr_reference(args, policy):
     """--rtr-reference, else a crop-set policy's high view (AwaRes counts RTR against it), else None."""
-    from zoomvlm.geometry import Budget
+    from zoomvlm.core.geometry import Budget
 
     if args.rtr_reference:
         return Budget.parse(args.rtr_reference)
@@ -81,10 +81,10 @@ def _rtr_reference(args, policy):
 
 
 def cmd_ask(args) -> int:
-    from zoomvlm.data import Sample, load_image
-    from zoomvlm.geometry import Box
-    from zoomvlm.pipeline import run_batch
-    from zoomvlm.viz import draw_crops
+    from zoomvlm.core.geometry import Box
+    from zoomvlm.core.pipeline import run_batch
+    from zoomvlm.core.viz import draw_crops
+    from zoomvlm.data.samples import Sample, load_image
 
     if args.policy.split(":")[0] == "oracle":
         raise ValueError("the oracle policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")
@@ -119,9 +119,9 @@ def cmd_ask(args) -> int:
 def cmd_eval(args) -> int:
     import dataclasses
 
-    from zoomvlm.benchmark_loaders import BENCHMARKS
-    from zoomvlm.data import load_samples
-    from zoomvlm.eval import Shard, check_shards, format_table, run_eval
+    from zoomvlm.data.benchmarks import BENCHMARKS
+    from zoomvlm.data.samples import load_samples
+    from zoomvlm.evaluation.run import Shard, check_shards, format_table, run_eval
 
     shard = Shard.parse(args.shard) if args.shard else Shard()
     check_shards(args.out, shard)  # fail before a model loads, not after
@@ -129,7 +129,7 @@ def cmd_eval(args) -> int:
     samples = load_samples(args.data, split=args.split, limit=args.limit)
     policy, target, crop_budget = _build(args)
     if args.cache:
-        from zoomvlm.cache import CachedTarget
+        from zoomvlm.targets.cache import CachedTarget
 
         target = CachedTarget(target, args.cache)
     bench = BENCHMARKS.get(args.data.lower())
@@ -167,7 +167,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from zoomvlm.report import write_report
+    from zoomvlm.evaluation.report import write_report
 
     paths = write_report(args.runs, args.out, per_run=args.per_run)
     print((Path(args.out) / "report.md").read_text())
@@ -181,12 +181,12 @@ def demo_data_path() -> Path:
 
 
 def cmd_demo(args) -> int:
-    from zoomvlm.data import load_jsonl
-    from zoomvlm.eval import format_table, run_eval
-    from zoomvlm.geometry import Box, Budget
+    from zoomvlm.core.geometry import Box, Budget
+    from zoomvlm.core.viz import draw_crops
+    from zoomvlm.data.samples import load_jsonl
+    from zoomvlm.evaluation.run import format_table, run_eval
     from zoomvlm.policies import load_policy
     from zoomvlm.targets import load_target
-    from zoomvlm.viz import draw_crops
 
     samples = load_jsonl(demo_data_path())[: args.limit]
     target = load_target("ocr", budget=Budget.parse(args.budget))
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
 
-    from zoomvlm.train.cli import add_commands as add_train_commands
+    from zoomvlm.cli.train import add_commands as add_train_commands
 
     add_train_commands(sub)
     return parser
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     import sqlite3
 
-    from zoomvlm.data import DatasetError, UnreadableImageError
-    from zoomvlm.eval import RunMismatchError
+    from zoomvlm.data.samples import DatasetError, UnreadableImageError
+    from zoomvlm.evaluation.run import RunMismatchError
     from zoomvlm.train.recipe import RecipeError
 
     try:

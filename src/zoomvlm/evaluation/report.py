@@ -13,7 +13,7 @@ writes into ``--out``:
   mixed, the crops drawn on the image (red; human evidence boxes green), question, prediction, gold
   answers and the verdict; runs of one benchmark that share a question are shown side by side.
 
-Runs split with ``--shard i/n`` are merged from the shards present (see :func:`zoomvlm.eval.read_run`).
+Runs split with ``--shard i/n`` are merged from the shards present (see :func:`zoomvlm.evaluation.run.read_run`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoomvlm.data import DatasetError, Sample, UnreadableImageError, load_jsonl
-from zoomvlm.eval import read_run, results_files, summarize
-from zoomvlm.geometry import Box
+from zoomvlm.core.geometry import Box
+from zoomvlm.data.samples import DatasetError, Sample, UnreadableImageError, load_jsonl
+from zoomvlm.evaluation.run import read_run, results_files, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Run:
         path: the run directory.
         label: a short unique name (the directory name, with parents added if two runs share it).
         config: its ``run.json`` (``data``, ``target``, ``policy``, ``crop_budget``, ``metric``...).
-        records: merged results of all shards present, as written (see :class:`~zoomvlm.pipeline.Record`).
+        records: merged results of all shards present, as written (see :class:`~zoomvlm.core.pipeline.Record`).
         shards: the number of shards the run is split into (1 = unsplit).
         shards_present: how many of them have a results file.
     """
@@ -78,7 +78,7 @@ class Run:
         return str(self.config.get("data", "?"))
 
     def stats(self) -> dict:
-        """:func:`~zoomvlm.eval.summarize` of the records plus ``cached_rate`` (share of answers served
+        """:func:`~zoomvlm.evaluation.run.summarize` of the records plus ``cached_rate`` (share of answers served
         from the response cache; their seconds are those of the original call) and latencies in ms."""
         s = summarize(self.records)
         n = len(self.records)
@@ -89,7 +89,7 @@ class Run:
 
 
 def load_run(path: str | Path, label: str | None = None) -> Run:
-    """Read a run directory written by :func:`zoomvlm.eval.run_eval` (``zoomvlm eval --out``).
+    """Read a run directory written by :func:`zoomvlm.evaluation.run.run_eval` (``zoomvlm eval --out``).
 
     Raises:
         ValueError: ``path`` has no ``run.json`` (not a run directory), or its results are corrupt.
@@ -126,11 +126,11 @@ def load_benchmark_samples(spec: str, split: str | None = None) -> dict[str, Sam
     This is the one place that turns a data spec into samples for reports (images, human evidence boxes).
 
     Raises:
-        DatasetError: the spec cannot be read (see :func:`zoomvlm.data.load_samples`).
+        DatasetError: the spec cannot be read (see :func:`zoomvlm.data.samples.load_samples`).
     """
     from pathlib import Path
 
-    from zoomvlm.data import load_samples
+    from zoomvlm.data.samples import load_samples
 
     if Path(spec).is_file():
         return {s.id: s for s in load_jsonl(spec, check_images=False)}
@@ -332,7 +332,7 @@ def write_gallery(runs: Sequence[Run], out_dir: str | Path, per_run: int = 8) ->
     """
     import jinja2
 
-    from zoomvlm.viz import draw_crops
+    from zoomvlm.core.viz import draw_crops
 
     out_dir = Path(out_dir)
     pictures = out_dir / "gallery"

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
 
-from zoomvlm.geometry import Box
+from zoomvlm.core.geometry import Box
 
 __all__ = [
     "GENERIC_METRICS",

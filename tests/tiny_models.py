@@ -45,7 +45,11 @@ import random
 from functools import lru_cache
 from typing import Any
 
-from zoomvlm.hf_compat import ensure_processors_without_torchvision, load_processor, placeholder_video_processor
+from zoomvlm.targets.hf_compat import (
+    ensure_processors_without_torchvision,
+    load_processor,
+    placeholder_video_processor,
+)
 
 __all__ = [
     "LLAVA_CHAT_TEMPLATE",
@@ -527,7 +531,7 @@ def build_tiny_llava(seed: int = 0, *, image_size: int = 112):
 def save_tiny(model, processor, path: str | os.PathLike) -> str:
     """Save model + processor in the standard ``save_pretrained`` layout (one folder); returns the path.
 
-    Reload with :func:`load_tiny`, or ``zoomvlm.hf_compat.load_processor(path)`` +
+    Reload with :func:`load_tiny`, or ``zoomvlm.targets.hf_compat.load_processor(path)`` +
     ``AutoModelForImageTextToText.from_pretrained(path)``.
     """
     os.makedirs(path, exist_ok=True)

@@ -2,7 +2,7 @@
 
 One rollout (awares_paper_excerpt sec. 3.4; METHODS.md, AwaRes): turn 1 sees the low-resolution view and the
 question and either answers or emits ``GET_CROPS: [...]``; the requested crops at the high-resolution scale come
-back as a new USER turn (:func:`zoomvlm.awares.trajectory_messages`, the SFT format); turn 2 answers. Each
+back as a new USER turn (:func:`zoomvlm.awares.protocol.trajectory_messages`, the SFT format); turn 2 answers. Each
 rollout gets one reward ``R = R_ans - C_tool`` (:class:`AwaResReward`); TRL turns the group of G = 8 rollouts
 into advantages ``(R - mean) / std`` and takes a PPO-clipped step with a KL penalty (``beta``) to the reference
 model, which is the starting (SFT) policy.
@@ -39,13 +39,13 @@ whose text still holds a valid call gets its end-of-turn token from the tool (ma
 returns ``image_grid_thw`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are supported: TRL's tool-image forward path is
 written for them. Unparseable tool calls (``GET_CROPS`` present but no valid list) are never replaced by the
 full image: they are counted (``trainer.invalid_tool_calls``, metric ``tools/failure_frequency``) and the
-turn-1 text is the final answer. Calls are read by :func:`~zoomvlm.geometry.parse_get_crops` (tolerant, anywhere
+turn-1 text is the final answer. Calls are read by :func:`~zoomvlm.core.geometry.parse_get_crops` (tolerant, anywhere
 in turn 1); one tool round per rollout, as in AwaRes (turn 2's text is final whatever it says).
 
 Run it (no CLI stage is wired yet)::
 
     from zoomvlm.train.recipe import load_recipe
-    from zoomvlm.train.awares_grpo import run_awares_grpo
+    from zoomvlm.awares.grpo import run_awares_grpo
 
     run_awares_grpo(load_recipe("qwen25vl7b_awares_grpo.yaml"), output_dir="runs/awares_grpo")
 """
@@ -60,10 +60,10 @@ from pathlib import Path
 import torch
 from trl import GRPOTrainer
 
-from zoomvlm.awares import high_res_crops, tool_output_text
-from zoomvlm.geometry import Budget, ToolCallError, crop_set_area, parse_get_crops
-from zoomvlm.prompts import AWARES_SYSTEM_PROMPT
-from zoomvlm.rewards import SemanticSimilarity, ToolCost, answer_scores
+from zoomvlm.awares.protocol import high_res_crops, tool_output_text
+from zoomvlm.core.geometry import Budget, ToolCallError, crop_set_area, parse_get_crops
+from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
+from zoomvlm.cropvlm.rewards import SemanticSimilarity, ToolCost, answer_scores
 from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs, trajectory_records
 from zoomvlm.train.recipe import Recipe
 
@@ -71,7 +71,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AWARES_GRPO_DEFAULTS",
-    "TINY_QWEN25VL",
     "AwaResGRPOTrainer",
     "AwaResReward",
     "awares_action",
@@ -106,9 +105,6 @@ AWARES_GRPO_DEFAULTS = {
     "remove_unused_columns": False,  # the rollout and the reward read image_path, high, answers, label
     "bf16": True,
 }
-
-TINY_QWEN25VL = "tiny-qwen25vl"
-"""``model.init`` for a from-scratch tiny Qwen2.5-VL (:func:`zoomvlm.tiny.build_tiny_qwen25vl`), for CPU tests."""
 
 
 def get_crops(crops: list[str]) -> str:
@@ -166,9 +162,9 @@ def awares_action(completion) -> tuple[list[str] | None, str, str | None]:
 class AwaResReward:
     """``awares``: AwaRes's ``R = R_ans - C_tool`` for one self-zoom rollout (sec. 3.4.1), a TRL reward function.
 
-    ``R_ans`` = :func:`~zoomvlm.rewards.answer_scores` of the final answer (:func:`awares_action`) against the
+    ``R_ans`` = :func:`~zoomvlm.cropvlm.rewards.answer_scores` of the final answer (:func:`awares_action`) against the
     ``answers`` column: ``"semantic"`` (AwaRes: sentence-embedding cosine) or a metric name (``contains``,
-    ``anls``...), in ``[0, 1]``. ``C_tool`` = :class:`~zoomvlm.rewards.ToolCost` of the requested crops, with
+    ``anls``...), in ``[0, 1]``. ``C_tool`` = :class:`~zoomvlm.cropvlm.rewards.ToolCost` of the requested crops, with
     ``needs_hr`` = (``label`` column == ``"HR"``); an unparseable call requests nothing. Logs ``awares/r_ans``
     and ``awares/c_tool`` (batch means) through TRL's ``log_metric``.
 
@@ -207,7 +203,7 @@ def awares_grpo_dataset(path: str | Path, high: str | int | Budget | None = None
     Each record needs ``image`` (path, absolute or relative to the file), ``question``, ``answers`` (or
     ``answer``) and ``label`` (``LR``/``HR``); ``high`` comes from the argument or the record. Stored columns:
     ``prompt`` (``[system: AWARES_SYSTEM_PROMPT, user: question]``; TRL puts the image before the question, as
-    :func:`~zoomvlm.awares.trajectory_messages`), ``image_path`` (the ORIGINAL image, crops are cut from it),
+    :func:`~zoomvlm.awares.protocol.trajectory_messages`), ``image_path`` (the ORIGINAL image, crops are cut from it),
     ``question``, ``answers``, ``label``, ``high``. A transform adds ``image``, the turn-1 low-resolution view,
     when a row is read, so no image is held in memory up front.
 
@@ -241,8 +237,8 @@ def awares_grpo_dataset(path: str | Path, high: str | int | Budget | None = None
 
 def _with_low_view(batch: dict[str, list]) -> dict[str, list]:
     """``with_transform`` hook: adds ``image``, the turn-1 low-resolution view of each row's original image."""
-    from zoomvlm.awares import low_res_view
-    from zoomvlm.data import load_image
+    from zoomvlm.awares.protocol import low_res_view
+    from zoomvlm.data.samples import load_image
 
     views = [
         low_res_view(load_image(p), Budget.parse(h)) for p, h in zip(batch["image_path"], batch["high"], strict=True)
@@ -307,7 +303,7 @@ class AwaResGRPOTrainer(GRPOTrainer):
     def tool_turn_text(self, keys: Sequence[str]) -> str:
         """The tool-output turn for ``keys`` as the chat template renders it after turn 1's end-of-turn (eos)
         token, up to the next assistant header: the crops' user turn of
-        :func:`~zoomvlm.awares.trajectory_messages`, one image placeholder per crop (not yet expanded).
+        :func:`~zoomvlm.awares.protocol.trajectory_messages`, one image placeholder per crop (not yet expanded).
 
         Raises:
             ValueError: the template does not end an assistant turn with the eos token, or is not prefix-preserving.
@@ -347,7 +343,7 @@ class AwaResGRPOTrainer(GRPOTrainer):
 
     def _original(self, path: str):
         """The original image at ``path`` (a small LRU cache: the G rollouts of a prompt share it)."""
-        from zoomvlm.data import load_image
+        from zoomvlm.data.samples import load_image
 
         if path not in self._originals:
             self._originals[path] = load_image(path)
@@ -474,26 +470,6 @@ class AwaResGRPOTrainer(GRPOTrainer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _build_model(model_cfg: dict, init_dir: Path):
-    """``(model, processor, peft_config)``: ``tiny-qwen25vl`` here (saved to ``init_dir``: TRL loads the KL
-    reference from ``config._name_or_path``), anything else through :func:`~zoomvlm.train.common.build_cropper`."""
-    if model_cfg.get("init") != TINY_QWEN25VL:
-        return build_cropper(model_cfg, init_dir=init_dir)
-    from zoomvlm.tiny import build_tiny_qwen25vl
-
-    model, processor = build_tiny_qwen25vl(seed=int(model_cfg.get("seed", 0)), **(model_cfg.get("tiny") or {}))
-    model.save_pretrained(init_dir)
-    processor.save_pretrained(init_dir)
-    model.config._name_or_path = str(init_dir)
-    model.train()
-    peft_config = None
-    if model_cfg.get("lora"):
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **model_cfg["lora"])
-    return model, processor, peft_config
-
-
 def build_awares_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, reward_funcs=None):
     """``(trainer, processor)``: an :class:`AwaResGRPOTrainer` for an ``awares_grpo`` recipe, ready to ``train()``.
 
@@ -502,7 +478,7 @@ def build_awares_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = No
     section the external crop-set policy's GRPO reads (a ``rewards:`` section with these keys, ``answer`` for
     ``answer_reward``, is accepted too);
     ``trainer.*`` = ``GRPOConfig`` keywords over :data:`AWARES_GRPO_DEFAULTS`; ``model`` as for
-    :func:`~zoomvlm.train.common.build_cropper` (the SFT result), or ``tiny-qwen25vl``.
+    :func:`~zoomvlm.train.common.build_cropper` (the SFT result).
 
     Raises:
         KeyError: an unknown ``rewards`` key or answer reward.
@@ -522,7 +498,7 @@ def build_awares_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = No
         cost = ToolCost(**{k: float(rewards[k]) for k in ("alpha_miss", "alpha_use", "lam") if k in rewards})
         answer = rewards.get("answer_reward", rewards.get("answer", "semantic"))
         reward_funcs = [AwaResReward(str(answer), cost)]
-    model, processor, peft_config = _build_model(recipe.model, Path(trainer_kw["output_dir"]) / "init")
+    model, processor, peft_config = build_cropper(recipe.model)
     args = GRPOConfig(**trainer_kw)
     trainer = AwaResGRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
                                 processing_class=processor, peft_config=peft_config)  # fmt: skip

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from zoomvlm.geometry import Box, Budget
+from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.policies.base import Proposal
 
 

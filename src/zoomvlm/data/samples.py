@@ -12,7 +12,7 @@ evaluate localisation and by the ``oracle`` policy, never to train. ``metric`` (
 answer metric for that sample.
 
 Standard benchmarks (TextVQA, DocVQA, ChartQA, OCRBench, V* Bench, HR-Bench, POPE, RealWorldQA) come from
-Hugging Face ``datasets`` through :func:`load_samples` (see :mod:`zoomvlm.benchmark_loaders`); their images
+Hugging Face ``datasets`` through :func:`load_samples` (see :mod:`zoomvlm.data.benchmarks`); their images
 stay on disk until :meth:`Sample.load_image` is called.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from zoomvlm.geometry import Box, BoxFormatError
+from zoomvlm.core.geometry import Box, BoxFormatError
 
 __all__ = ["DatasetError", "Sample", "UnreadableImageError", "load_image", "load_jsonl", "load_samples"]
 
@@ -200,14 +200,14 @@ def load_samples(
     """Samples of a benchmark by name, or of a JSONL file in the receipts format.
 
     Args:
-        spec: a benchmark name from :data:`zoomvlm.benchmark_loaders.BENCHMARKS` (``textvqa``, ``docvqa``,
+        spec: a benchmark name from :data:`zoomvlm.data.benchmarks.BENCHMARKS` (``textvqa``, ``docvqa``,
             ``chartqa``, ``ocrbench``, ``vstar``, ``hrbench4k``, ``hrbench8k``, ``pope``, ``realworldqa``) or the
             path of a ``.jsonl`` file.
         split: the benchmark split; ``None`` = the split the field reports (e.g. TextVQA ``validation``).
             JSONL files have no splits.
         limit: the first ``limit`` samples only (in dataset order; nothing past them is read).
         data_dir: a local copy of the benchmark's hub repository (see
-            :func:`zoomvlm.benchmark_loaders.load_benchmark`); ``None`` = ``$ZOOMVLM_DATA_DIR/<hub id>`` if that
+            :func:`zoomvlm.data.benchmarks.load_benchmark`); ``None`` = ``$ZOOMVLM_DATA_DIR/<hub id>`` if that
             exists, else the hub.
         cache_dir: the ``datasets`` cache folder; ``None`` = its default.
 
@@ -217,7 +217,7 @@ def load_samples(
     """
     if limit is not None and limit <= 0:
         raise DatasetError(f"limit must be a positive number of samples, got {limit}")
-    from zoomvlm.benchmark_loaders import BENCHMARKS, load_benchmark
+    from zoomvlm.data.benchmarks import BENCHMARKS, load_benchmark
 
     name = str(spec)
     if name.lower() in BENCHMARKS:

@@ -4,7 +4,7 @@ A run directory holds:
 
 - ``run.json``: what was run (data, target, policy, budgets, metric). Resuming with a different
   configuration is refused, so one file never mixes two runs.
-- ``results.jsonl``: one :class:`~zoomvlm.pipeline.Record` per line, written and flushed as each batch
+- ``results.jsonl``: one :class:`~zoomvlm.core.pipeline.Record` per line, written and flushed as each batch
   finishes. A rerun skips ids already there; a line torn by ``kill -9`` is cut off and that sample is
   redone, so every sample ends up exactly once.
 - or, for a run split with ``--shard i/n``, one such file per shard,
@@ -30,9 +30,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from zoomvlm.data import Sample
-from zoomvlm.geometry import Budget
-from zoomvlm.pipeline import run_batch
+from zoomvlm.core.geometry import Budget
+from zoomvlm.core.pipeline import run_batch
+from zoomvlm.data.samples import Sample
 from zoomvlm.policies.base import ZoomPolicy
 from zoomvlm.targets.base import Target
 
@@ -236,13 +236,13 @@ def run_eval(
 
     Args:
         samples: the whole benchmark, in its order (all shards pass the same list).
-        target: any target, e.g. a :class:`~zoomvlm.cache.CachedTarget` so reruns cost nothing.
+        target: any target, e.g. a :class:`~zoomvlm.targets.cache.CachedTarget` so reruns cost nothing.
         config: what identifies the run (data, target, policy, budgets...); stored in ``run.json`` and
             compared on resume. Defaults to the target's and policy's names, the metric and crop budget.
         shard: run only this part of ``samples`` (see :class:`Shard`), writing its own results file.
             ``None`` = the whole benchmark into ``results.jsonl``.
         rtr_reference: the view RTR is counted against (``None`` = native; see
-            :func:`~zoomvlm.pipeline.run_batch`).
+            :func:`~zoomvlm.core.pipeline.run_batch`).
 
     Returns:
         The summary dict also written to ``summary.json``: over the records of ``samples`` in ALL shards
@@ -306,9 +306,9 @@ def summarize(records: Sequence[dict]) -> dict:
         ``policy_s``, ``target_s``, ``total_s`` (mean seconds per question); ``format_failures`` (count of
         invalid policy outputs) and ``format_failure_rate``; ``by_field`` accuracy per ``field``; plus the
         benchmark numbers that are not per-sample means (``pope_f1``, ``ocrbench_score``...) when such records
-        are present (:func:`zoomvlm.metrics.aggregate`).
+        are present (:func:`zoomvlm.core.metrics.aggregate`).
     """
-    from zoomvlm.metrics import aggregate
+    from zoomvlm.core.metrics import aggregate
 
     hits = [r["evidence_hit"] for r in records if r.get("evidence_hit") is not None]
     fields: dict[str, list[float]] = {}

@@ -59,7 +59,7 @@ def manifest():
     """The ``lmms_eval.models`` entry point: lmms-eval's ``ModelManifest`` for ``--model zoomvlm``."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="zoomvlm", simple_class_path="zoomvlm.lmms_eval_model.ZoomVLM")
+    return ModelManifest(model_id="zoomvlm", simple_class_path="zoomvlm.integrations.lmms_eval.ZoomVLM")
 
 
 def _as_bool(value: Any) -> bool:
@@ -85,7 +85,7 @@ class ZoomVLM(_LmmsBase):
     """A zoomvlm target behind a zoom policy, answering lmms-eval requests.
 
     Each request's first image goes to the policy at native resolution; the target answers from the global
-    view plus the policy's crops (:func:`zoomvlm.pipeline.build_request`), exactly as ``zoomvlm eval`` does.
+    view plus the policy's crops (:func:`zoomvlm.core.pipeline.build_request`), exactly as ``zoomvlm eval`` does.
     After a run, ``self.usage`` holds one dict per answered request (``rtr``, ``view_pixels``, tokens).
 
     Args:
@@ -113,7 +113,7 @@ class ZoomVLM(_LmmsBase):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        from zoomvlm.geometry import Budget
+        from zoomvlm.core.geometry import Budget
         from zoomvlm.policies import load_policy
         from zoomvlm.targets import load_target
 
@@ -142,7 +142,7 @@ class ZoomVLM(_LmmsBase):
         return images[0].convert("RGB")
 
     def _requests(self, images: Sequence[Image.Image], texts: Sequence[str], answers=None):
-        from zoomvlm.pipeline import build_request
+        from zoomvlm.core.pipeline import build_request
         from zoomvlm.targets.base import TargetRequest
 
         proposals = self.policy.propose(images, texts)

@@ -1,9 +1,9 @@
 """AwaRes cold-start SFT (awares_paper_excerpt sec. 3.3): TRL's ``SFTTrainer`` with the tool-call turn up-weighted.
 
 Training data are the trajectories written by ``zoomvlm curate awares`` (one JSONL record each, see
-:mod:`zoomvlm.awares`): direct-answer (LR) conversations ``[system, user(low view, question), assistant(answer)]``
-and tool-call (HR) conversations ``[system, user(low view, question), assistant(GET_CROPS: [...]),
-user(crops, tool text), assistant(answer)]``.
+:mod:`zoomvlm.awares.protocol`): direct-answer (LR) conversations
+``[system, user(low view, question), assistant(answer)]`` and tool-call (HR) conversations
+``[system, user(low view, question), assistant(GET_CROPS: [...]), user(crops, tool text), assistant(answer)]``.
 
 What is supervised comes from TRL itself: ``assistant_only_loss=True`` renders the conversation with a training
 chat template whose ``{% generation %}`` markers give the assistant-token mask, so the system prompt, the
@@ -16,7 +16,7 @@ question, every image token and the whole tool-output turn (the crops are observ
 Run it (no CLI stage is wired yet)::
 
     from zoomvlm.train.recipe import load_recipe
-    from zoomvlm.train.weighted_sft import run_weighted_sft
+    from zoomvlm.awares.weighted_sft import run_weighted_sft
 
     run_weighted_sft(load_recipe("my_awares_sft.yaml"), output_dir="runs/awares_sft")
 
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from zoomvlm.geometry import Budget, ToolCallError, parse_get_crops
+from zoomvlm.core.geometry import Budget, ToolCallError, parse_get_crops
 from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs, trajectory_records
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.sft import SFT_DEFAULTS
@@ -74,9 +74,9 @@ def trajectory_dataset(path: str | Path, high: str | int | Budget | None = None,
     """A ``datasets.Dataset`` of AwaRes trajectories whose rows read as ``{"messages", "images"}`` (TRL's
     conversational vision format).
 
-    ``messages`` is :func:`~zoomvlm.awares.trajectory_messages` (image placeholders ``{"type": "image"}``);
-    ``images`` is :func:`~zoomvlm.awares.trajectory_images` ``[low-res view, *high-res crops]`` (PIL, RGB). Only
-    the text and the image PATHS are stored: a ``with_transform`` decodes the image and cuts the views when a row
+    ``messages`` is :func:`~zoomvlm.awares.protocol.trajectory_messages` (image placeholders ``{"type": "image"}``);
+    ``images`` is :func:`~zoomvlm.awares.protocol.trajectory_images` ``[low-res view, *high-res crops]`` (PIL, RGB).
+    Only the text and the image PATHS are stored: a ``with_transform`` decodes the image and cuts the views when a row
     is read (by the collator, in the dataloader workers), so a large file costs no memory up front.
 
     Args:
@@ -92,7 +92,7 @@ def trajectory_dataset(path: str | Path, high: str | int | Budget | None = None,
     """
     import datasets
 
-    from zoomvlm.awares import trajectory_messages
+    from zoomvlm.awares.protocol import trajectory_messages
 
     columns: dict[str, list] = {name: [] for name in TRAJECTORY_COLUMNS}
     for where, row, record_high, image in trajectory_records(path, high, required=("question", "answer")):
@@ -116,8 +116,8 @@ def trajectory_dataset(path: str | Path, high: str | int | Budget | None = None,
 
 def _with_images(batch: dict[str, list]) -> dict[str, list]:
     """``with_transform`` hook: the stored columns -> ``{"messages", "images"}`` (decodes the images now)."""
-    from zoomvlm.awares import trajectory_images
-    from zoomvlm.data import load_image
+    from zoomvlm.awares.protocol import trajectory_images
+    from zoomvlm.data.samples import load_image
 
     images = [
         trajectory_images(load_image(p), crops, Budget.parse(high))
@@ -130,7 +130,7 @@ def _with_images(batch: dict[str, list]) -> dict[str, list]:
 # Chat templates with {% generation %} markers
 # ----------------------------------------------------------------------------------------------------------------
 
-# zoomvlm.tiny.SMOLVLM_CHAT_TEMPLATE (SmolVLM-Instruct's template plus <video>) with TRL's smolvlm_training.jinja
+# tiny_models.SMOLVLM_CHAT_TEMPLATE (SmolVLM-Instruct's template plus <video>) with TRL's smolvlm_training.jinja
 # change: the assistant turn gets its own branch whose content and <end_of_utterance>\n sit inside
 # {% generation %}. Renders byte-identically to the stock template (tested), so a processor saved with it still
 # prompts the same at inference.
@@ -150,7 +150,7 @@ SMOLVLM_TRAINING_CHAT_TEMPLATE = (
 
 
 def _our_training_templates() -> dict[str, str]:
-    from zoomvlm.tiny import SMOLVLM_CHAT_TEMPLATE
+    from tiny_models import SMOLVLM_CHAT_TEMPLATE
 
     return {SMOLVLM_CHAT_TEMPLATE: SMOLVLM_TRAINING_CHAT_TEMPLATE}
 
@@ -210,7 +210,7 @@ def tool_call_loss_weights(
     Each contiguous run of supervised tokens (``labels != -100``) in row ``b`` is one assistant turn of
     ``messages[b]``, in order: the ``{% generation %}`` span is the turn's content plus its end-of-turn token,
     and turns are separated by unsupervised role headers. A turn whose text holds a ``GET_CROPS`` call
-    (:func:`~zoomvlm.geometry.parse_get_crops`) gets ``tool_call_weight``, every other supervised token 1.0,
+    (:func:`~zoomvlm.core.geometry.parse_get_crops`) gets ``tool_call_weight``, every other supervised token 1.0,
     unsupervised tokens 0. Fewer runs than turns is allowed (``max_length`` truncation drops trailing turns).
 
     Raises:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoomvlm.geometry import Box, BoxFormatError, Budget, parse_percent_box, resize_to_budget
+from zoomvlm.core.geometry import Box, BoxFormatError, Budget, parse_percent_box, resize_to_budget
+from zoomvlm.core.prompts import cropper_prompt
 from zoomvlm.policies.base import Proposal
-from zoomvlm.prompts import cropper_prompt
 from zoomvlm.targets.hf import chat_prompt, generate_texts, load_vlm
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ class VLMCropper:
     """``vlm:CHECKPOINT``: CropVLM's cropper as a zoom policy.
 
     The cropper sees the image (shrunk to ``budget``; SmolVLM's processor then tiles it) and
-    :func:`~zoomvlm.prompts.cropper_prompt`, and answers ``"[x1, y1, x2, y2]."`` in percentages
-    (parsed by :func:`~zoomvlm.geometry.parse_percent_box`). An invalid answer falls back to the whole
+    :func:`~zoomvlm.core.prompts.cropper_prompt`, and answers ``"[x1, y1, x2, y2]."`` in percentages
+    (parsed by :func:`~zoomvlm.core.geometry.parse_percent_box`). An invalid answer falls back to the whole
     image, as in CropVLM, and is COUNTED: the Proposal carries the raw text and the parse error, and
     :attr:`n_invalid` / :attr:`n_total` keep running totals.
 

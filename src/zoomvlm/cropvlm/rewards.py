@@ -9,7 +9,7 @@ every extra dataset column as a keyword list aligned with ``completions``; the r
 
 - ``format``: 1.0 for a valid ``"[x1, y1, x2, y2]."`` box, 0.0 otherwise.
 - ``accuracy``: the reward target answers from ``[global view, crop]``; the dataset's metric
-  (:data:`~zoomvlm.metrics.METRICS`) of that answer, in [0, 1].
+  (:data:`~zoomvlm.core.metrics.METRICS`) of that answer, in [0, 1].
 - ``likelihood``: the reward target's log-likelihood (nats, <= 0) of the answer given
   ``[global view, crop]``: one teacher-forced forward pass for ``hf`` targets, the CTC likelihood for
   ``ocr``; no generation. CropVLM's best reward.
@@ -34,8 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoomvlm.data import load_image
-from zoomvlm.geometry import (
+from zoomvlm.core.geometry import (
     Box,
     BoxFormatError,
     Budget,
@@ -44,8 +43,9 @@ from zoomvlm.geometry import (
     parse_get_crops,
     parse_percent_box,
 )
-from zoomvlm.metrics import METRICS
-from zoomvlm.pipeline import build_request
+from zoomvlm.core.metrics import METRICS
+from zoomvlm.core.pipeline import build_request
+from zoomvlm.data.samples import load_image
 from zoomvlm.policies.base import Proposal
 
 __all__ = [
@@ -200,7 +200,7 @@ class ToolCost:
 
     ``C_tool = alpha_miss`` if high resolution was needed (curation label ``HR``) and no crop was requested;
     ``alpha_use + lam * area(crops)`` if crops were requested (``area`` = fraction of the image covered by
-    the union of the requested crops, :func:`~zoomvlm.geometry.crop_set_area`); ``0`` otherwise.
+    the union of the requested crops, :func:`~zoomvlm.core.geometry.crop_set_area`); ``0`` otherwise.
     ``alpha_miss > alpha_use`` (recall first: a missed crop costs more than an unneeded one).
 
     AwaRes does not publish its constants. Defaults, with ``R_ans`` in ``[0, 1]``: ``alpha_miss = 0.5``
@@ -266,7 +266,7 @@ class SemanticSimilarity:
 
 def answer_scores(name: str, predictions: Sequence[str], answers: Sequence[Sequence[str]], semantic=None):
     """``R_ans`` per prediction: ``"semantic"`` (AwaRes: :class:`SemanticSimilarity`) or a metric name in
-    :data:`~zoomvlm.metrics.METRICS` (e.g. ``contains``, ``anls``), each in ``[0, 1]``.
+    :data:`~zoomvlm.core.metrics.METRICS` (e.g. ``contains``, ``anls``), each in ``[0, 1]``.
 
     Raises:
         KeyError: an unknown name.
@@ -282,7 +282,7 @@ def answer_scores(name: str, predictions: Sequence[str], answers: Sequence[Seque
 def parse_crop_action(completion) -> tuple[list[str] | None, str | None]:
     """The external crop-set policy's action: ``([], None)`` for ``NO_CROPS``, ``(keys, None)`` for a valid
     ``GET_CROPS: [...]``, ``(None, error)`` for anything else (counted as a format failure)."""
-    from zoomvlm.prompts import NO_CROPS
+    from zoomvlm.core.prompts import NO_CROPS
 
     text = completion_text(completion).strip()
     try:
@@ -309,7 +309,7 @@ class CropSetReward(_TargetReward):
     crops for a target that cannot be trained, e.g. the OCR reader).
 
     Each completion is an action (:func:`parse_crop_action`); the target answers from the low-resolution
-    view plus the requested crops at the high-resolution scale (:func:`zoomvlm.awares.crop_set_proposal`),
+    view plus the requested crops at the high-resolution scale (:func:`zoomvlm.awares.protocol.crop_set_proposal`),
     exactly as ``--policy crop-set`` does at inference; an unparseable action is answered from the low view
     alone, as at inference (``crop_set_format`` is what penalises it). ``R_ans`` = :func:`answer_scores`;
     ``C_tool`` = :class:`ToolCost` with ``needs_hr`` from the curated ``label`` column (``"HR"``).
@@ -331,7 +331,7 @@ class CropSetReward(_TargetReward):
         answer_scores(answer_reward, [], [], self._semantic)  # fail early on an unknown name
 
     def __call__(self, prompts=None, completions=(), image_path=(), question=(), answers=(), label=None, **_):
-        from zoomvlm.awares import crop_set_proposal
+        from zoomvlm.awares.protocol import crop_set_proposal
 
         labels = label if label is not None else ["LR"] * len(completions)
         keys_of = [parse_crop_action(c)[0] or [] for c in completions]

@@ -3,11 +3,11 @@
 AwaRes (METHODS.md; awares_paper_excerpt sec. 3.1): turn 1 shows a LOW-resolution view of the whole
 image (the high-resolution view with each side halved: a quarter of its pixels) and the question; the
 model either answers directly or emits ``GET_CROPS: [...]`` naming regions of the fixed crop set
-(:data:`~zoomvlm.geometry.CROP_SET`); the requested crops, cut from the ORIGINAL image at the
+(:data:`~zoomvlm.core.geometry.CROP_SET`); the requested crops, cut from the ORIGINAL image at the
 high-resolution view's scale, are appended as a new user turn and the model answers.
 
 Frames and units: crop keys name normalised regions; images here are PIL images; budgets are
-:class:`~zoomvlm.geometry.Budget`. ``high`` is the reference (high-resolution) budget: RTR is counted
+:class:`~zoomvlm.core.geometry.Budget`. ``high`` is the reference (high-resolution) budget: RTR is counted
 against the whole image under it (the low view is 0.25, a quadrant another 0.25).
 
 A trajectory record (one JSONL line written by ``zoomvlm curate awares``) is::
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from zoomvlm.geometry import (
+from zoomvlm.core.geometry import (
     CROP_SET,
     CROP_SET_NAMES,
     Budget,
@@ -34,7 +34,7 @@ from zoomvlm.geometry import (
     resize_to_budget,
     same_scale_budget,
 )
-from zoomvlm.prompts import AWARES_SYSTEM_PROMPT
+from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
 
 __all__ = [
     "crop_budgets",
@@ -67,8 +67,8 @@ def high_res_crops(image: Image.Image, keys: Sequence[str], high: Budget) -> lis
     """The requested crop-set regions cut from the ORIGINAL ``image`` at the ``high`` view's scale (RGB).
 
     Raises:
-        KeyError: a key not in :data:`~zoomvlm.geometry.CROP_SET` (parse tool calls with
-            :func:`~zoomvlm.geometry.parse_get_crops` first).
+        KeyError: a key not in :data:`~zoomvlm.core.geometry.CROP_SET` (parse tool calls with
+            :func:`~zoomvlm.core.geometry.parse_get_crops` first).
     """
     rgb = image.convert("RGB")
     return [

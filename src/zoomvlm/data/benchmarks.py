@@ -1,7 +1,7 @@
 """Standard benchmarks as Hugging Face ``datasets`` loaders: name -> hub dataset, split, columns, metric.
 
 ``load_benchmark("textvqa")`` (or ``zoomvlm eval --data textvqa``) reads the dataset lmms-eval evaluates, in
-the same split, and turns each row into a :class:`~zoomvlm.data.Sample` with the metric the field reports:
+the same split, and turns each row into a :class:`~zoomvlm.data.samples.Sample` with the metric the field reports:
 
 =============  =====================================  ===========================  ====================
 name           hub dataset (config)                   default split                metric
@@ -49,7 +49,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from zoomvlm.data import DatasetError, Sample
+from zoomvlm.data.samples import DatasetError, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class HubImage:
     """A zero-argument callable that decodes one row's image from a benchmark's Arrow table.
 
     Holds the (memory-mapped) table and a row index only; each call reads that row's bytes and returns a
-    fresh PIL image (not yet converted; :meth:`zoomvlm.data.Sample.load_image` converts to RGB).
+    fresh PIL image (not yet converted; :meth:`zoomvlm.data.samples.Sample.load_image` converts to RGB).
     """
 
     def __init__(self, table: Any, row: int, column: str, label: str):

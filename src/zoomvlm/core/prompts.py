@@ -1,7 +1,7 @@
 """Every prompt template and output parser used by zoomvlm, in one place.
 
 Prompt drift silently changes rewards and benchmark numbers, so each template here has a golden test
-(``tests/test_prompts.py``). Parsers for box text and tool calls live in :mod:`zoomvlm.geometry`
+(``tests/test_prompts.py``). Parsers for box text and tool calls live in :mod:`zoomvlm.core.geometry`
 and are re-exported here so callers have one import for "text in, text out".
 
 >>> cropper_prompt("What is the total?")
@@ -12,7 +12,7 @@ and are re-exported here so callers have one import for "text in, text out".
 
 from __future__ import annotations
 
-from zoomvlm.geometry import (
+from zoomvlm.core.geometry import (
     CROP_SET_NAMES,
     format_get_crops,
     format_percent_box,
@@ -85,8 +85,8 @@ AWARES_SYSTEM_PROMPT = (
     "e.g. GET_CROPS: ['3'] or GET_CROPS: ['0', '5']. The crops are returned to you; then answer briefly."
 )
 """AwaRes self-zoom system prompt (turn 1). The paper publishes the protocol but not its prompt, so this
-one is ours: it lists the crop set (:data:`~zoomvlm.geometry.CROP_SET`) by index and name and shows the
-exact tool-call syntax :func:`~zoomvlm.geometry.parse_get_crops` reads."""
+one is ours: it lists the crop set (:data:`~zoomvlm.core.geometry.CROP_SET`) by index and name and shows the
+exact tool-call syntax :func:`~zoomvlm.core.geometry.parse_get_crops` reads."""
 
 NO_CROPS = "NO_CROPS"
 """The external crop-set policy's no-crop action: the target answers from the low-resolution view alone."""

@@ -3,8 +3,8 @@
 AwaRes sec. 3.2 (METHODS.md): the target answers from the LOW-resolution view and from the HIGH-resolution
 view; a judge compares both with the ground truth; the sample is **LR** when the low-resolution answer is
 judged correct or ties the high-resolution one, else **HR**. For HR samples an oracle grounding model (here
-the cropper work's grounders, :mod:`zoomvlm.train.curate`) boxes the evidence and the box is mapped to the
-crop subset whose IoU with it passes a threshold (:func:`~zoomvlm.geometry.crops_for_box`). No human box is
+the cropper work's grounders, :mod:`zoomvlm.cropvlm.curation`) boxes the evidence and the box is mapped to the
+crop subset whose IoU with it passes a threshold (:func:`~zoomvlm.core.geometry.crops_for_box`). No human box is
 used: ``Sample.evidence_boxes`` are dropped before anything runs.
 
 Judges:
@@ -18,7 +18,7 @@ Files written into ``out_dir``:
 
 - ``raw.jsonl``: per sample ``{"id", "low_text", "high_text", "low_score", "high_score", "label", "judge",
   "seed_box", "found", "crops"}``, appended as samples are done (an interrupted run resumes).
-- ``trajectories.jsonl``: the records :mod:`zoomvlm.awares` describes (direct-answer for LR, tool call then
+- ``trajectories.jsonl``: the records :mod:`zoomvlm.awares.protocol` describes (direct-answer for LR, tool call then
   answer for HR), for self-zoom SFT/GRPO.
 - ``actions.jsonl``: SFT examples for the EXTERNAL crop-set policy in TRL's conversational
   prompt-completion format: ``[image, crop_set_policy_prompt(question)]`` -> ``NO_CROPS`` or
@@ -37,13 +37,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from zoomvlm.awares import crop_set_proposal
-from zoomvlm.geometry import Box, Budget, crops_for_box, format_get_crops
-from zoomvlm.metrics import METRICS
-from zoomvlm.pipeline import build_request
+from zoomvlm.awares.protocol import crop_set_proposal
+from zoomvlm.core.geometry import Box, Budget, crops_for_box, format_get_crops
+from zoomvlm.core.metrics import METRICS
+from zoomvlm.core.pipeline import build_request
+from zoomvlm.core.prompts import NO_CROPS, crop_set_policy_prompt
+from zoomvlm.cropvlm.curation import start_curation
 from zoomvlm.policies.base import Proposal
-from zoomvlm.prompts import NO_CROPS, crop_set_policy_prompt
-from zoomvlm.train.curate import start_curation
 
 __all__ = [
     "JUDGE_PROMPT",
@@ -69,7 +69,7 @@ class MetricJudge:
     """LR/HR by a rule on the dataset's metric (AwaRes's judge rule with a metric in place of the LLM).
 
     Args:
-        metric: a name in :data:`~zoomvlm.metrics.METRICS` (``contains`` for the OCR reader's transcripts).
+        metric: a name in :data:`~zoomvlm.core.metrics.METRICS` (``contains`` for the OCR reader's transcripts).
         correct_at: a score at or above this counts as correct (0.5: ANLS's own cut-off).
     """
 
@@ -157,11 +157,11 @@ def curate_awares(
     """Label, ground and write AwaRes trajectories (see the module docstring for the files).
 
     Args:
-        samples: :class:`~zoomvlm.data.Sample` list with answers; their ``evidence_boxes`` are dropped first.
+        samples: :class:`~zoomvlm.data.samples.Sample` list with answers; their ``evidence_boxes`` are dropped first.
         target: the model whose low- vs high-resolution answers are compared (any Target; ``ocr`` here).
-        high: the high-resolution budget; the low view is it with sides halved (:mod:`zoomvlm.awares`).
+        high: the high-resolution budget; the low view is it with sides halved (:mod:`zoomvlm.awares.protocol`).
         judge: :class:`MetricJudge` or :class:`LLMJudge`. ``grounder``: an object with ``name`` and
-            ``ground(image, question, answers, key) -> SeedBox`` (:mod:`zoomvlm.train.curate`), run on HR
+            ``ground(image, question, answers, key) -> SeedBox`` (:mod:`zoomvlm.cropvlm.curation`), run on HR
             samples only.
         iou_threshold: of the box -> crop-subset mapping (default 0.2: see ``crops_for_box``'s measurement).
 
@@ -245,7 +245,7 @@ class SeedReplayGrounder:
     """
 
     def __init__(self, curation_dir: str | Path, fallback=None):
-        from zoomvlm.train.curate import SeedBox
+        from zoomvlm.cropvlm.curation import SeedBox
 
         self._seed_box = SeedBox
         d = Path(curation_dir)

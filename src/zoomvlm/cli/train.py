@@ -26,8 +26,8 @@ usable as --policy vlm:OUTPUT_DIR/final.
 
 
 def cmd_curate_boxes(args) -> int:
-    from zoomvlm.data import load_jsonl
-    from zoomvlm.train.curate import OCRGrounder, VLMGrounder, curate_boxes
+    from zoomvlm.cropvlm.curation import OCRGrounder, VLMGrounder, curate_boxes
+    from zoomvlm.data.samples import load_jsonl
 
     samples = load_jsonl(args.data)
     if args.limit is not None:
@@ -57,11 +57,11 @@ judges (--judge):
 
 
 def cmd_curate_awares(args) -> int:
-    from zoomvlm.data import load_jsonl
-    from zoomvlm.geometry import Budget
+    from zoomvlm.awares.curation import SeedReplayGrounder, curate_awares, load_judge
+    from zoomvlm.core.geometry import Budget
+    from zoomvlm.cropvlm.curation import OCRGrounder, VLMGrounder
+    from zoomvlm.data.samples import load_jsonl
     from zoomvlm.targets import load_target
-    from zoomvlm.train.curate import OCRGrounder, VLMGrounder
-    from zoomvlm.train.curate_awares import SeedReplayGrounder, curate_awares, load_judge
 
     samples = load_jsonl(args.data)
     if args.limit is not None:
@@ -92,12 +92,12 @@ def cmd_train(args) -> int:
     elif args.stage == "grpo":
         from zoomvlm.train.grpo import run_grpo as run
     elif args.stage == "awares-sft":
-        from zoomvlm.train.weighted_sft import run_weighted_sft as run
+        from zoomvlm.awares.weighted_sft import run_weighted_sft as run
     else:
-        from zoomvlm.train.awares_grpo import run_awares_grpo as run
+        from zoomvlm.awares.grpo import run_awares_grpo as run
     final = run(recipe, output_dir=args.output_dir)
     if args.stage.startswith("awares"):
-        print(f"trained self-zoom model saved to {final}; it answers with zoomvlm.self_zoom (SelfZoomRunner)")
+        print(f"trained self-zoom model saved to {final}; it answers with zoomvlm.awares.self_zoom (SelfZoomRunner)")
     elif recipe.data.get("policy") == "crop_set":
         print(f"trained crop-set policy saved to {final}; use it with --policy crop-set:{final}")
     else:

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image
 
-from zoomvlm.data import Sample
-from zoomvlm.geometry import Budget, crop_image
-from zoomvlm.metrics import GENERIC_METRICS, METRICS, evidence_hit, score_answer
+from zoomvlm.core.geometry import Budget, crop_image
+from zoomvlm.core.metrics import GENERIC_METRICS, METRICS, evidence_hit, score_answer
+from zoomvlm.data.samples import Sample
 from zoomvlm.policies.base import Proposal, ZoomPolicy
 from zoomvlm.targets.base import Target, TargetRequest
 
@@ -33,7 +33,7 @@ class Record:
     sec. 4) = pixels processed across all views / pixels of the whole image processed once at the run's
     RTR reference (native unless ``rtr_reference`` says otherwise); seconds are
     wall-clock, batch time split evenly over the batch. ``cached``: the target's answer came from a response
-    cache (:class:`~zoomvlm.cache.CachedTarget`); its usage and ``target_seconds`` are then those measured
+    cache (:class:`~zoomvlm.targets.cache.CachedTarget`); its usage and ``target_seconds`` are then those measured
     by the call that computed it, not the lookup's.
     """
 
@@ -102,7 +102,7 @@ def run_batch(
         samples: the questions; their ``evidence_boxes`` reach only the policy's ``evidence`` argument
             (read by the evaluation-only oracle) and the ``evidence_hit`` metric.
         policy, target: see :class:`~zoomvlm.policies.base.ZoomPolicy`, :class:`~zoomvlm.targets.base.Target`.
-        metric: name in :data:`~zoomvlm.metrics.METRICS` used for ``score`` (a sample's own ``metric`` wins).
+        metric: name in :data:`~zoomvlm.core.metrics.METRICS` used for ``score`` (a sample's own ``metric`` wins).
         crop_budget: budget of the crops; ``None`` = the target's budget.
         images: the samples' images if already loaded (native resolution); loaded from disk otherwise.
         rtr_reference: the view RTR is counted against: pixels processed / pixels of the whole image under

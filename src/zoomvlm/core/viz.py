@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from zoomvlm.geometry import Box, Budget, resize_to_budget
+from zoomvlm.core.geometry import Box, Budget, resize_to_budget
 
 CROP_COLOR = (230, 40, 40)
 EVIDENCE_COLOR = (20, 160, 60)

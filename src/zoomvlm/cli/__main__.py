@@ -1,0 +1,5 @@
+import sys
+
+from zoomvlm.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""The policy registry: a spec string (`--policy`) -> a policy, and the help text of every spec."""
+
+from __future__ import annotations
+
+from zoomvlm.policies.base import ZoomPolicy
+from zoomvlm.policies.baselines import CenterCrop, FullResolution, NoZoom, OracleCrop
+
+POLICY_SPECS = {
+    "none": "global view at the target's budget only (cheap baseline)",
+    "full": "whole image at native resolution (accuracy reference, RTR 1.0)",
+    "center[:F]": "one crop of F x width/height about the centre (default 0.5)",
+    "oracle[:M]": "crop around the human evidence box padded by M (EVALUATION ONLY: needs labels)",
+    "vlm:CKPT": "a learned cropper (CropVLM): a VLM checkpoint (hub id or save_pretrained folder)",
+    "vlm": "the shipped learned cropper (a tiny SmolVLM-architecture model trained on receipts, CPU)",
+    "crop-set[:CKPT][@HIGH]": "AwaRes crop-set policy: low-res view + the high-res crops a small VLM requests "
+    "(no CKPT: the shipped tiny one; HIGH: the high-resolution budget, default the trained one)",
+    "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3)",
+    "crop-set-oracle[:T][@HIGH]": "low-res view + the crops whose IoU with the human box is >= T (EVALUATION ONLY)",
+}
+
+
+def default_crop_set_path() -> str:
+    """Folder of the AwaRes crop-set policy shipped inside the package (``crop-set`` with no checkpoint)."""
+    from importlib import resources
+
+    return str(resources.files("zoomvlm") / "assets" / "crop_set_policy")
+
+
+def default_cropper_path() -> str:
+    """Folder of the learned cropper shipped inside the package (``vlm`` with no checkpoint)."""
+    from importlib import resources
+
+    return str(resources.files("zoomvlm") / "assets" / "cropper")
+
+
+def load_policy(spec: str, **kwargs) -> ZoomPolicy:
+    """Build a policy from its spec string (see :data:`POLICY_SPECS`).
+
+    Raises:
+        ValueError: unknown spec or a bad argument, with the accepted forms.
+    """
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "none" and not arg:
+            return NoZoom()
+        if kind == "full" and not arg:
+            return FullResolution()
+        if kind == "center":
+            return CenterCrop(float(arg)) if arg else CenterCrop()
+        if kind == "oracle":
+            return OracleCrop(float(arg)) if arg else OracleCrop()
+        if kind == "vlm":
+            from zoomvlm.cropvlm.cropper import VLMCropper
+
+            if not arg:
+                return VLMCropper(default_cropper_path(), name="vlm", **kwargs)
+            return VLMCropper(arg, **kwargs)
+        if kind.startswith("crop-set"):
+            return _crop_set_policy(kind, arg, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"bad policy {spec!r}: {err}") from err
+    forms = "; ".join(f"{k} ({v})" for k, v in POLICY_SPECS.items())
+    raise ValueError(f"unknown policy {spec!r}; use one of: {forms}")
+
+
+def _crop_set_policy(kind: str, arg: str, **kwargs) -> ZoomPolicy:
+    from zoomvlm.awares.policies import CropSetPolicy, FixedCropSet, OracleCropSet
+
+    if "@" in kind:  # e.g. "crop-set@side:768" arrives as kind "crop-set@side", arg "768"
+        kind, _, high_head = kind.partition("@")
+        arg, high = "", f"{high_head}:{arg}" if arg else high_head
+    else:
+        arg, _, high = arg.partition("@")
+    high = high or None
+    if kind == "crop-set":
+        if not arg:
+            return CropSetPolicy(default_crop_set_path(), high=high, name="crop-set", **kwargs)
+        return CropSetPolicy(arg, high=high, **kwargs)
+    if kind == "crop-set-fixed" and arg:
+        return FixedCropSet(arg.split(","), high=high)
+    if kind == "crop-set-oracle":
+        return OracleCropSet(high=high, iou_threshold=float(arg)) if arg else OracleCropSet(high=high)
+    raise ValueError(f"unknown crop-set policy {kind!r}")
