@@ -2,8 +2,8 @@
 
 - :class:`CropSetPolicy` (``crop-set[:CKPT]``): the EXTERNAL crop-set policy, a small VLM in front of a
   target that cannot be trained (the OCR reader, an API). It sees the low-resolution view and the question
-  and emits ``NO_CROPS`` or ``GET_CROPS: [...]`` (:func:`~zoomvlm.cropvlm.rewards.parse_crop_action`, the same
-  parser as self-zoom). Trained like AwaRes: SFT on curated actions, then GRPO on ``R_ans - C_tool``.
+  and emits ``NO_CROPS`` or ``GET_CROPS: [...]`` (:func:`~zoomvlm.awares.protocol.parse_crop_action`, on the same
+  GET_CROPS parser as self-zoom). Trained like AwaRes: SFT on curated actions, then GRPO on ``R_ans - C_tool``.
 - :class:`FixedCropSet`: always the same regions (``['all']`` = the always-all-crops baseline).
 - :class:`OracleCropSet`: the crop subset whose IoU with the HUMAN evidence box passes a threshold
   (AwaRes's mapping rule applied to human boxes): the upper bound of the crop-set interface; EVALUATION ONLY.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoomvlm.awares.protocol import crop_set_proposal, low_res_view
+from zoomvlm.awares.protocol import crop_set_proposal, low_res_view, parse_crop_action
 from zoomvlm.core.geometry import Box, Budget, crops_for_box
 from zoomvlm.core.prompts import crop_set_policy_prompt
 from zoomvlm.policies.base import Proposal
@@ -89,7 +89,6 @@ class CropSetPolicy:
         self.n_total = 0
 
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
-        from zoomvlm.cropvlm.rewards import parse_crop_action
         from zoomvlm.targets.hf import chat_prompt, generate_texts
 
         views = [[low_res_view(img, self.high)] for img in images]

@@ -28,20 +28,25 @@ from zoomvlm.core.geometry import (
     CROP_SET,
     CROP_SET_NAMES,
     Budget,
+    ToolCallError,
     crop_image,
     format_get_crops,
     half_resolution_budget,
+    parse_get_crops,
     resize_to_budget,
     same_scale_budget,
 )
-from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
+from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT, NO_CROPS, completion_text
 
 __all__ = [
+    "awares_action",
     "crop_budgets",
     "crop_set_proposal",
     "high_res_crops",
     "low_res_budget",
     "low_res_view",
+    "parse_crop_action",
+    "parse_tool_call",
     "tool_output_text",
     "trajectory_images",
     "trajectory_messages",
@@ -129,3 +134,56 @@ def crop_set_proposal(
         raw=raw,
         error=error,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Actions. The GET_CROPS grammar itself is parsed in ONE place, :func:`~zoomvlm.core.geometry.parse_get_crops`;
+# these read the two policies' actions on top of it.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_tool_call(text: str) -> tuple[list[str] | None, str | None]:
+    """Self-zoom turn 1's action: ``(None, None)`` a direct answer, ``(keys, None)`` a valid ``GET_CROPS`` call,
+    ``(None, error)`` an unparseable one (counted by the caller; its text is the final answer)."""
+    try:
+        return parse_get_crops(text), None
+    except ToolCallError as err:
+        return None, str(err)
+
+
+def parse_crop_action(completion) -> tuple[list[str] | None, str | None]:
+    """The EXTERNAL crop-set policy's action: ``([], None)`` for ``NO_CROPS``, ``(keys, None)`` for a valid
+    ``GET_CROPS: [...]``, ``(None, error)`` for anything else (counted as a format failure).
+
+    ``completion``: a string or a TRL conversational completion (:func:`~zoomvlm.core.prompts.completion_text`).
+    """
+    text = completion_text(completion).strip()
+    keys, error = parse_tool_call(text)
+    if error is not None:
+        return None, error
+    if keys is not None:
+        return keys, None
+    if text.upper().startswith(NO_CROPS):
+        return [], None
+    return None, f"neither {NO_CROPS} nor GET_CROPS: {text[:60]!r}"
+
+
+def _assistant_texts(completion) -> list[str]:
+    if isinstance(completion, str):
+        return [completion]
+    return [completion_text([m]) for m in completion if m.get("role") == "assistant"]
+
+
+def awares_action(completion) -> tuple[list[str] | None, str, str | None]:
+    """``(crops, final answer, tool-call error)`` of one self-zoom rollout (a TRL conversational completion or a
+    string).
+
+    ``crops`` are the keys of turn 1's valid ``GET_CROPS`` call, else ``None``. The final answer is the last
+    assistant turn after a valid call (``""`` if the rollout ended before turn 2), else turn 1's text: a direct
+    answer, or an unparseable call (``error`` set), which is never replaced by the full image.
+    """
+    texts = _assistant_texts(completion) or [""]
+    keys, error = parse_tool_call(texts[0])
+    if keys:
+        return keys, (texts[-1] if len(texts) > 1 else ""), None
+    return None, texts[0], error

@@ -19,7 +19,8 @@ recipes (--config): a YAML path or a bundled name:
   smolvlm256m_lora_sft, smolvlm256m_lora_grpo                               SmolVLM-256M + LoRA (GPU)
   tiny_cpu_crop_set_sft, tiny_cpu_crop_set_grpo          AwaRes external crop-set policy, OCR target, CPU
   qwen25vl7b_awares_sft (awares-sft), qwen25vl7b_awares_grpo (awares-grpo)  AwaRes self-zoom (GPUs)
-override any key: --set trainer.max_steps=10 --set data.limit=32
+override any key: --set trainer.max_steps=10 --set data.limit=32 (an unknown key is an error naming it)
+sections: model, data, target, awares, rewards {name: weight}, trainer (TRL's SFTConfig/GRPOConfig fields)
 A run resumes from the newest checkpoint in its output_dir; the result lands in OUTPUT_DIR/final,
 usable as --policy vlm:OUTPUT_DIR/final.
 """
@@ -86,7 +87,7 @@ def cmd_curate_awares(args) -> int:
 def cmd_train(args) -> int:
     from zoomvlm.train.recipe import load_recipe
 
-    recipe = load_recipe(args.config, args.set or [], kind=args.stage.replace("-", "_"))
+    recipe = load_recipe(args.config, args.set or [], kind=args.stage.replace("-", "_"), output_dir=args.output_dir)
     if args.stage == "sft":
         from zoomvlm.train.sft import run_sft as run
     elif args.stage == "grpo":
@@ -95,10 +96,10 @@ def cmd_train(args) -> int:
         from zoomvlm.awares.weighted_sft import run_weighted_sft as run
     else:
         from zoomvlm.awares.grpo import run_awares_grpo as run
-    final = run(recipe, output_dir=args.output_dir)
+    final = run(recipe)
     if args.stage.startswith("awares"):
         print(f"trained self-zoom model saved to {final}; it answers with zoomvlm.awares.self_zoom (SelfZoomRunner)")
-    elif recipe.data.get("policy") == "crop_set":
+    elif recipe.data.policy == "crop_set":
         print(f"trained crop-set policy saved to {final}; use it with --policy crop-set:{final}")
     else:
         print(f"trained cropper saved to {final}; use it with --policy vlm:{final}")

@@ -23,6 +23,7 @@ from zoomvlm.core.geometry import (
 
 __all__ = [
     "AWARES_SYSTEM_PROMPT",
+    "completion_text",
     "CROP_SET_POLICY_TEMPLATE",
     "CROPPER_TEMPLATE",
     "NO_CROPS",
@@ -102,3 +103,18 @@ the OCR reader or an API): it sees the low-resolution view and emits ``NO_CROPS`
 def crop_set_policy_prompt(question: str) -> str:
     """The external crop-set policy's user text for ``question``. Raises ValueError on an empty question."""
     return CROP_SET_POLICY_TEMPLATE.format(question=_check(question))
+
+
+def completion_text(completion) -> str:
+    """The text of one TRL completion: a plain string, or a conversational ``[{"role", "content"}]`` list whose
+    contents (strings or ``[{"type": "text", "text": ...}]`` parts) are joined in order."""
+    if isinstance(completion, str):
+        return completion
+    parts = []
+    for message in completion:
+        content = message.get("content") or ""
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.extend(c.get("text") or "" for c in content if c.get("type") == "text")
+    return "".join(parts)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from zoomvlm.core.geometry import Budget, resize_to_budget
 from zoomvlm.data.samples import iter_jsonl
+
+if TYPE_CHECKING:
+    from zoomvlm.train.recipe import ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +23,35 @@ FINAL = "final"
 """Sub-folder of ``output_dir`` holding the finished model + processor (load it with ``vlm:OUTPUT_DIR/final``)."""
 
 
-def build_cropper(model_cfg: dict):
-    """``(model, processor, peft_config)`` for a recipe's ``model`` section.
+@dataclass
+class TrainerDefaults:
+    """Defaults every zoomvlm trainer config shares, mixed in before TRL's ``SFTConfig``/``GRPOConfig``.
+
+    ``class CropperSFTConfig(TrainerDefaults, SFTConfig)``: these fields override TRL's defaults, and
+    :meth:`__post_init__` turns bf16 off where no CUDA device can run it (TRL defaults to bf16, which
+    transformers refuses on CPU) before TRL's own checks run.
+    """
+
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep the 2 newest checkpoints: enough to resume, bounded disk use."}
+    )
+    remove_unused_columns: bool | None = field(
+        default=False,
+        metadata={"help": "Keep every dataset column: the rewards and image transforms read image_path, answers..."},
+    )
+
+    def __post_init__(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available() and self.bf16 is not False:
+            if self.bf16:
+                logger.warning("no CUDA device: training in float32 on CPU (recipe asked for bf16)")
+            self.bf16 = False
+        super().__post_init__()
+
+
+def build_cropper(model_cfg: ModelArgs):
+    """``(model, processor, peft_config)`` for a recipe's ``model`` section (:class:`~zoomvlm.train.recipe.ModelArgs`).
 
     ``init``: a hub id or a local ``save_pretrained`` folder, loaded with :func:`zoomvlm.targets.hf.load_vlm`
     (LoRA adapters are merged on load). The CPU recipes start from a from-scratch tiny model written by
@@ -31,7 +63,7 @@ def build_cropper(model_cfg: dict):
         FileNotFoundError: ``init`` names a local folder (absolute, ``./``, ``runs/...``) that does not exist.
         ImportError: LoRA without peft.
     """
-    init = str(model_cfg["init"])
+    init = str(model_cfg.init)
     if not Path(init).exists() and (Path(init).is_absolute() or init.startswith(".") or init.count("/") != 1):
         raise FileNotFoundError(
             f"model.init folder {init!r} not found; for the tiny CPU recipes write it first with "
@@ -39,34 +71,14 @@ def build_cropper(model_cfg: dict):
         )
     from zoomvlm.targets.hf import load_vlm
 
-    model, processor = load_vlm(init, device="cpu", dtype=model_cfg.get("dtype", "auto"))
+    model, processor = load_vlm(init, device="cpu", dtype=model_cfg.dtype)
     model.train()
     peft_config = None
-    if model_cfg.get("lora"):
+    if model_cfg.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **model_cfg["lora"])
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **model_cfg.lora)
     return model, processor, peft_config
-
-
-def trainer_kwargs(defaults: dict, recipe_trainer: dict, output_dir=None) -> dict:
-    """TRL config keywords: ``defaults`` < recipe ``trainer`` < ``output_dir``; bf16 off where no GPU can run it.
-
-    Raises:
-        ValueError: no ``output_dir`` anywhere.
-    """
-    import torch
-
-    kw = {**defaults, **recipe_trainer}
-    if output_dir is not None:
-        kw["output_dir"] = str(output_dir)
-    if "output_dir" not in kw:
-        raise ValueError("set trainer.output_dir in the recipe or pass --output-dir")
-    if not torch.cuda.is_available():
-        if kw.get("bf16"):
-            logger.warning("no CUDA device: training in float32 on CPU (recipe asked for bf16)")
-        kw["bf16"] = False  # TRL defaults to bf16, which CPU training rejects
-    return kw
 
 
 def trajectory_records(
@@ -160,22 +172,6 @@ def save_final(trainer, processor, output_dir: str | Path, recipe) -> Path:
         model = model.merge_and_unload()
     model.save_pretrained(final)
     processor.save_pretrained(final)
-    (final / "zoomvlm_recipe.json").write_text(
-        json.dumps(
-            {
-                "kind": recipe.kind,
-                "source": recipe.source,
-                "model": recipe.model,
-                "data": recipe.data,
-                "trainer": recipe.trainer,
-                "rewards": recipe.rewards,
-                "target": recipe.target,
-                "awares": recipe.awares,  # lam etc.: without it a lambda sweep's checkpoints look identical
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"  # fmt: skip
-    )
+    (final / "zoomvlm_recipe.json").write_text(json.dumps(recipe.to_json(), indent=2, default=str) + "\n")
     logger.info("saved %s", final)
     return final
