@@ -106,6 +106,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from zoomvlm.train.model_card import push_final
+
+    info = push_final(args.output_dir, args.repo_id, private=args.private, commit_message=args.message)
+    print(f"pushed {args.output_dir} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
 def add_commands(sub) -> None:
     """Register ``curate`` and ``train`` on the top-level subparsers ``sub``."""
     raw = argparse.RawDescriptionHelpFormatter
@@ -154,3 +162,9 @@ def add_commands(sub) -> None:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
         p.add_argument("--output-dir", default=None, help="overrides trainer.output_dir")
         p.set_defaults(func=cmd_train)
+    p = tsub.add_parser("push", help="upload a finished run's final/ (model, recipe, model card) to the hub")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output_dir (or its final/ folder)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="hub repository, user/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", default=None, help="commit message (default: names the recipe)")
+    p.set_defaults(func=cmd_push)

@@ -266,8 +266,11 @@ def bundled_recipes() -> dict[str, Path]:
 
 def _set(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
-    if len(keys) < 2 and keys[0] != "kind":
-        raise RecipeError(f"--set {dotted}=...: expected section.key=value (sections: {sorted(_SECTIONS)})")
+    if len(keys) < 2 and not (keys[0] == "kind" or (keys[0] in _SECTIONS and isinstance(value, dict))):
+        raise RecipeError(
+            f"--set {dotted}=...: expected section.key=value, or section={{...}} to replace a whole section "
+            f"(sections: {sorted(_SECTIONS)})"
+        )
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
