@@ -43,6 +43,10 @@ def test_bundled_recipes_parse():
     assert {"tiny_cpu_sft", "tiny_cpu_grpo", "tiny_cpu_grpo_accuracy", "smolvlm256m_lora_sft",
             "smolvlm256m_lora_grpo"} <= names  # fmt: skip
     for name in names:
+        if name.endswith("_vllm"):  # vLLM needs CUDA: refused on this CPU machine (test_gpu_example_configs)
+            with pytest.raises(RecipeError, match="use_vllm needs CUDA"):
+                load_recipe(name)
+            continue
         r = load_recipe(name)
         assert r.kind in {"sft", "grpo", "awares_sft", "awares_grpo"} and r.trainer.output_dir
     grpo = load_recipe("smolvlm256m_lora_grpo")
@@ -224,6 +228,74 @@ def test_train_cli_sft_then_policy(sft_file, tmp_path, capsys, TINY):
     assert f"vlm:{out / 'final'}" in capsys.readouterr().out
     rc = main(["train", "grpo", "--config", "tiny_cpu_sft"])
     assert rc == 2 and "expected 'grpo'" in capsys.readouterr().err
+    _check_publishable(out / "final", capsys, tmp_path)
+
+
+def _check_publishable(final, capsys, tmp_path):
+    """final/ is a publishable folder: model card + recipe + run metrics; `zoomvlm train push` uploads it as is
+    (only huggingface_hub's two network calls are replaced)."""
+    from unittest import mock
+
+    import huggingface_hub
+
+    card = (final / "README.md").read_text()
+    run = json.loads((final / "zoomvlm_run.json").read_text())
+    assert run["global_step"] == 1 and run["num_processes"] == 1 and run["train_loss"] > 0
+    assert f"base_model: {json.loads((final / 'zoomvlm_recipe.json').read_text())['model']['init']}" in card
+    assert "`tiny_cpu_sft` (bundled with zoomvlm)" in card and "UNKNOWN: state the data's licence" in card
+    assert f"| train_loss | {run['train_loss']:.4g} |" in card
+    with (
+        mock.patch.object(huggingface_hub.HfApi, "create_repo") as create,
+        mock.patch.object(huggingface_hub.HfApi, "upload_folder", return_value="https://hub/commit/1") as upload,
+    ):
+        assert main(["train", "push", str(final.parent), "me/tiny-cropper", "--private"]) == 0
+    create.assert_called_once_with("me/tiny-cropper", private=True, exist_ok=True)
+    kwargs = upload.call_args.kwargs
+    assert kwargs["folder_path"] == str(final) and kwargs["repo_id"] == "me/tiny-cropper"
+    assert "tiny_cpu_sft" in kwargs["commit_message"] and "https://hub/commit/1" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "push", str(tmp_path / "empty"), "me/x"]) == 2
+    assert "missing config.json, zoomvlm_recipe.json, README.md" in capsys.readouterr().err
+
+
+def test_model_card_names_the_data_licence():
+    from zoomvlm.train.model_card import data_licence, model_card
+
+    assert "CC BY-NC 4.0" in data_licence("../shared/data/documents/train.jsonl")[1]
+    assert "SROIE" in data_licence("../shared/data/receipts/train.jsonl")[1]
+    r = load_recipe("tiny_cpu_crop_set_grpo")
+    card = model_card(r, {"global_step": 3, "last_logged": {"rewards/awares/mean": 0.25}})
+    assert "`awares` = R_ans - C_tool: R_ans `contains`, alpha_miss 0.5, alpha_use 0.1, lam 0.3" in card
+    assert "| last logged rewards/awares/mean | 0.25 |" in card and "crop-set:PATH" in card
+
+
+def test_gpu_example_configs():
+    """The documented GPU path: accelerate configs that accelerate itself reads, and a vLLM GRPO recipe whose batch
+    arithmetic gives CropVLM's 16 prompts per update on those 4 processes (parsed here with use_vllm off: no CUDA)."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+    ddp, zero2 = (
+        load_config_from_file(str(root / "multi_gpu.yaml")),
+        load_config_from_file(str(root / "deepspeed_zero2.yaml")),
+    )
+    assert ddp.distributed_type == "MULTI_GPU" and zero2.deepspeed_config["zero_stage"] == 2
+    assert ddp.num_processes == zero2.num_processes == 4
+    r = load_recipe("smolvlm256m_lora_grpo_vllm", ["trainer.use_vllm=false"])
+    import yaml
+
+    shipped = yaml.safe_load(bundled_recipes()["smolvlm256m_lora_grpo_vllm"].read_text())
+    assert shipped["trainer"]["use_vllm"] is True and r.trainer.vllm_mode == "server"
+    assert r.target.spec.startswith("openai:") and set(r.rewards) == {"format", "accuracy"}
+    completions = r.trainer.per_device_train_batch_size * ddp.num_processes * r.trainer.gradient_accumulation_steps
+    assert completions % r.trainer.num_generations == 0 and completions // r.trainer.num_generations == 16
+
+
+def test_vllm_on_cpu_fails_early_saying_what_to_use():
+    with pytest.raises(RecipeError, match="use_vllm needs CUDA GPUs .* drop trainer.use_vllm"):
+        load_recipe("tiny_cpu_grpo", ["trainer.use_vllm=true"])
 
 
 def test_box_preserving_crop_keeps_the_boxed_pixels_and_maps_the_box():

@@ -17,12 +17,15 @@ _TRAIN_EPILOG = """\
 recipes (--config): a YAML path or a bundled name:
   tiny_cpu_sft, tiny_cpu_grpo (likelihood reward), tiny_cpu_grpo_accuracy   cropper, this machine, no GPU
   smolvlm256m_lora_sft, smolvlm256m_lora_grpo                               SmolVLM-256M + LoRA (GPU)
+  smolvlm256m_lora_grpo_vllm          the same on 4 GPUs with vLLM rollouts and a shared openai: reward target
   tiny_cpu_crop_set_sft, tiny_cpu_crop_set_grpo          AwaRes external crop-set policy, OCR target, CPU
   qwen25vl7b_awares_sft (awares-sft), qwen25vl7b_awares_grpo (awares-grpo)  AwaRes self-zoom (GPUs)
 override any key: --set trainer.max_steps=10 --set data.limit=32 (an unknown key is an error naming it)
 sections: model, data, target, awares, rewards {name: weight}, trainer (TRL's SFTConfig/GRPOConfig fields)
-A run resumes from the newest checkpoint in its output_dir; the result lands in OUTPUT_DIR/final,
-usable as --policy vlm:OUTPUT_DIR/final.
+A run resumes from the newest checkpoint in its output_dir; the result lands in OUTPUT_DIR/final (model,
+recipe, run metrics, model card README.md), usable as --policy vlm:OUTPUT_DIR/final; publish it with
+`zoomvlm train push OUTPUT_DIR REPO_ID`. Several processes: accelerate launch --multi_gpu --num_processes N
+"$(which zoomvlm)" train ... (GPUs: --config_file configs/accelerate/*.yaml; no GPU: CPU DDP over gloo).
 """
 
 
