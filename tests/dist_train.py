@@ -31,6 +31,8 @@ def main() -> int:
 
     import transformers
 
+    from zoomvlm.awares import grpo as awares_grpo
+    from zoomvlm.awares import weighted_sft
     from zoomvlm.train import common, grpo, sft
 
     real_save = transformers.PreTrainedModel.save_pretrained
@@ -53,7 +55,8 @@ def main() -> int:
         (record / f"params-rank{rank}.txt").write_text(f"{trainer.state.global_step} {digest.hexdigest()}\n")
         return real_final(trainer, *args, **kwargs)
 
-    sft.save_final = grpo.save_final = save_final
+    for module in (sft, grpo, weighted_sft, awares_grpo):
+        module.save_final = save_final
     from zoomvlm.cli.main import main as cli
 
     return cli(argv)

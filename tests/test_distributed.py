@@ -92,3 +92,30 @@ def test_grpo_on_two_processes(tmp_path, tiny_smolvlm_init):
     _check(out, record, writes, licence="SROIE 2019")  # the bundled receipts
     run = json.loads((out / "final" / "zoomvlm_run.json").read_text())
     assert run["last_logged"]["reward_std"] > 0 and "rewards/length_reward/mean" in run["last_logged"]
+
+
+@pytest.mark.parametrize("stage", ["awares-sft", "awares-grpo"])
+def test_awares_trainers_on_two_processes(stage, tmp_path, demo_samples, tiny_qwen25vl_init):
+    """The AwaRes subclasses (weighted SFT loss; multi-turn GRPO rollout with its own gathers) on 2 processes: one
+    launch of 2 steps, same checks except resuming (that is the Trainer's, tested above)."""
+    data = tmp_path / "trajectories.jsonl"
+    crops = [[], ["3"], ["0", "5"], []]
+    data.write_text("".join(json.dumps({"id": s.id, "image": str(s.image), "question": s.question,
+                                        "answers": list(s.answers), "answer": s.answers[0],
+                                        "label": "HR" if c else "LR", "crops": c, "high": "side:224"}) + "\n"
+                            for s, c in zip(demo_samples[:4], crops, strict=True)))  # fmt: skip
+    config = "qwen25vl7b_awares_sft" if stage == "awares-sft" else "qwen25vl7b_awares_grpo"
+    args = ["train", stage, "--config", config, "--output-dir", str(tmp_path / "out"),
+            "--set", f"model.init={tiny_qwen25vl_init}", "--set", "model.dtype=float32", "--set", "model.lora=null",
+            "--set", f"data.file={data}", "--set", "trainer.per_device_train_batch_size=2",
+            "--set", "trainer.gradient_accumulation_steps=1", "--set", "trainer.max_steps=2",
+            "--set", "trainer.gradient_checkpointing=false", "--set", 'trainer.save_strategy="no"']  # fmt: skip
+    if stage == "awares-grpo":
+        args += ["--set", "awares.answer_reward=contains", "--set", "trainer.num_generations=2",
+                 "--set", "trainer.max_completion_length=6"]  # fmt: skip
+    record = tmp_path / "record"
+    launch(record, args)
+    assert (record / "final-writes.txt").read_text() == "0\n"
+    ranks = [(record / f"params-rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0][0] == "2", ranks
+    assert json.loads((tmp_path / "out" / "final" / "zoomvlm_run.json").read_text())["num_processes"] == 2
