@@ -12,23 +12,20 @@ from PIL import Image
 
 from tests.fakes import EchoTarget
 from zoomvlm.awares.protocol import (
+    CROP_SET,
+    ToolCallError,
+    crop_set_area,
     crop_set_proposal,
+    crops_for_box,
     high_res_crops,
     low_res_budget,
     low_res_view,
+    parse_crop_action,
     trajectory_messages,
 )
-from zoomvlm.core.geometry import (
-    CROP_SET,
-    Box,
-    Budget,
-    ToolCallError,
-    crop_set_area,
-    crops_for_box,
-    same_scale_budget,
-)
+from zoomvlm.core.geometry import Box, Budget, same_scale_budget
 from zoomvlm.core.pipeline import run_batch
-from zoomvlm.cropvlm.rewards import CropSetReward, ToolCost, crop_set_format_reward, parse_crop_action
+from zoomvlm.cropvlm.rewards import CropSetReward, ToolCost, crop_set_format_reward
 from zoomvlm.policies import load_policy
 
 HIGH = Budget(max_side=768)

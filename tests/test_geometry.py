@@ -6,19 +6,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from zoomvlm.awares.protocol import CROP_SET, ToolCallError, format_get_crops, parse_get_crops
 from zoomvlm.core.geometry import (
-    CROP_SET,
     Box,
     BoxFormatError,
     Budget,
-    ToolCallError,
     crop_image,
     expand_small_box,
     format_bbox_2d,
-    format_get_crops,
     format_percent_box,
     parse_bbox_2d,
-    parse_get_crops,
     parse_percent_box,
     percentile_thresholds,
     resize_to_budget,

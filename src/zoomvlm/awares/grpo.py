@@ -39,7 +39,7 @@ whose text still holds a valid call gets its end-of-turn token from the tool (ma
 returns ``image_grid_thw`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are supported: TRL's tool-image forward path is
 written for them. Unparseable tool calls (``GET_CROPS`` present but no valid list) are never replaced by the
 full image: they are counted (``trainer.invalid_tool_calls``, metric ``tools/failure_frequency``) and the
-turn-1 text is the final answer. Calls are read by :func:`~zoomvlm.core.geometry.parse_get_crops` (tolerant, anywhere
+turn-1 text is the final answer. Calls are read by :func:`~zoomvlm.awares.protocol.parse_get_crops` (tolerant, anywhere
 in turn 1); one tool round per rollout, as in AwaRes (turn 2's text is final whatever it says).
 
 Run it (no CLI stage is wired yet)::
@@ -60,9 +60,15 @@ from pathlib import Path
 import torch
 from trl import GRPOTrainer
 
-from zoomvlm.awares.protocol import high_res_crops, tool_output_text
-from zoomvlm.core.geometry import Budget, ToolCallError, crop_set_area, parse_get_crops
-from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
+from zoomvlm.awares.protocol import (
+    AWARES_SYSTEM_PROMPT,
+    ToolCallError,
+    crop_set_area,
+    high_res_crops,
+    parse_get_crops,
+    tool_output_text,
+)
+from zoomvlm.core.geometry import Budget
 from zoomvlm.cropvlm.rewards import SemanticSimilarity, ToolCost, answer_scores
 from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs, trajectory_records
 from zoomvlm.train.recipe import Recipe

@@ -34,15 +34,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoomvlm.core.geometry import (
-    Box,
-    BoxFormatError,
-    Budget,
-    ToolCallError,
-    crop_set_area,
-    parse_get_crops,
-    parse_percent_box,
-)
+from zoomvlm.awares.protocol import crop_set_area, parse_crop_action
+from zoomvlm.core.geometry import Box, BoxFormatError, Budget, parse_percent_box
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.core.pipeline import build_request
 from zoomvlm.data.samples import load_image
@@ -57,7 +50,6 @@ __all__ = [
     "ToolCost",
     "answer_scores",
     "crop_set_format_reward",
-    "parse_crop_action",
     "LikelihoodReward",
     "build_rewards",
     "completion_text",
@@ -200,7 +192,7 @@ class ToolCost:
 
     ``C_tool = alpha_miss`` if high resolution was needed (curation label ``HR``) and no crop was requested;
     ``alpha_use + lam * area(crops)`` if crops were requested (``area`` = fraction of the image covered by
-    the union of the requested crops, :func:`~zoomvlm.core.geometry.crop_set_area`); ``0`` otherwise.
+    the union of the requested crops, :func:`~zoomvlm.awares.protocol.crop_set_area`); ``0`` otherwise.
     ``alpha_miss > alpha_use`` (recall first: a missed crop costs more than an unneeded one).
 
     AwaRes does not publish its constants. Defaults, with ``R_ans`` in ``[0, 1]``: ``alpha_miss = 0.5``
@@ -279,26 +271,9 @@ def answer_scores(name: str, predictions: Sequence[str], answers: Sequence[Seque
     return [float(METRICS[name](p, g)) for p, g in zip(predictions, golds, strict=True)]
 
 
-def parse_crop_action(completion) -> tuple[list[str] | None, str | None]:
-    """The external crop-set policy's action: ``([], None)`` for ``NO_CROPS``, ``(keys, None)`` for a valid
-    ``GET_CROPS: [...]``, ``(None, error)`` for anything else (counted as a format failure)."""
-    from zoomvlm.core.prompts import NO_CROPS
-
-    text = completion_text(completion).strip()
-    try:
-        keys = parse_get_crops(text)
-    except ToolCallError as err:
-        return None, str(err)
-    if keys is not None:
-        return keys, None
-    if text.upper().startswith(NO_CROPS):
-        return [], None
-    return None, f"neither {NO_CROPS} nor GET_CROPS: {text[:60]!r}"
-
-
 def crop_set_format_reward(prompts=None, completions=(), **_) -> list[float]:
     """``crop_set_format``: 1.0 for ``NO_CROPS`` or a parseable ``GET_CROPS: [...]``, else 0.0."""
-    return [1.0 if parse_crop_action(c)[1] is None else 0.0 for c in completions]
+    return [1.0 if parse_crop_action(completion_text(c))[1] is None else 0.0 for c in completions]
 
 
 crop_set_format_reward.__name__ = "crop_set_format"
@@ -334,7 +309,7 @@ class CropSetReward(_TargetReward):
         from zoomvlm.awares.protocol import crop_set_proposal
 
         labels = label if label is not None else ["LR"] * len(completions)
-        keys_of = [parse_crop_action(c)[0] or [] for c in completions]
+        keys_of = [parse_crop_action(completion_text(c))[0] or [] for c in completions]
         unique: dict[tuple, int] = {}
         requests, index = [], []
         for keys, path, q in zip(keys_of, image_path, question, strict=True):
