@@ -59,6 +59,12 @@ def test_demo_runs_offline(tmp_path):
     for policy in ("none", "center", "vlm", "oracle", "full"):
         assert (tmp_path / f"{policy}.png").stat().st_size > 10_000
         assert policy in out.stdout
+    # the shipped learned cropper writes valid boxes (an invalid one would fall back to the whole image)
+    records = [json.loads(line) for line in (tmp_path / "vlm" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert r["policy_error"] is None, r["policy_raw"]
+        assert len(r["boxes"]) == 1 and r["boxes"][0] != [0.0, 0.0, 1.0, 1.0]
 
 
 def test_eval_shards_and_cache(tmp_path, capsys, monkeypatch):
