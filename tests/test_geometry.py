@@ -229,3 +229,12 @@ def test_crop_from_original_and_resize():
     assert crop.size == (500, 250)
     assert resize_to_budget(crop, Budget(max_side=100)).size == (100, 50)
     assert resize_to_budget(crop, Budget()) is crop
+
+
+def test_budget_parse_takes_every_form_including_a_budget():
+    b = Budget(max_side=384)
+    assert Budget.parse(b) is b
+    assert Budget.parse(384) == Budget.parse("384") == Budget.parse("side:384") == b
+    assert Budget.parse(None) == Budget.parse("native") == Budget()
+    with pytest.raises(ValueError, match="cannot read budget"):
+        Budget.parse("huge")

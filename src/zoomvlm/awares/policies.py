@@ -39,7 +39,7 @@ AwaRes section gives the measurement behind it."""
 def _as_budget(b: Budget | int | str | None, default: Budget) -> Budget:
     if b is None:
         return default
-    return b if isinstance(b, Budget) else Budget.parse(b)
+    return Budget.parse(b)
 
 
 def trained_high(checkpoint: str) -> Budget:

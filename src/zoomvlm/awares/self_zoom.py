@@ -491,7 +491,7 @@ class SelfZoomRunner:
         system: str | None = AWARES_SYSTEM_PROMPT,
     ):
         self.target = target
-        self.high = high if isinstance(high, Budget) else Budget.parse(high)
+        self.high = Budget.parse(high)
         self.reuse_kv = reuse_kv
         self.system = system
         self.name = f"self-zoom:{target.name}@{self.high}"

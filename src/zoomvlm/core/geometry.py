@@ -338,13 +338,16 @@ class Budget:
         return self.max_side is None and self.max_pixels is None
 
     @classmethod
-    def parse(cls, spec: str | int | None) -> Budget:
+    def parse(cls, spec: Budget | str | int | None) -> Budget:
         """``384`` / ``"384"`` / ``"side:384"`` -> longest side; ``"pixels:N"`` -> pixel cap;
-        ``None`` / ``"native"`` / ``"full"`` -> no limit.
+        ``None`` / ``"native"`` / ``"full"`` -> no limit; a :class:`Budget` is returned as is (so every
+        constructor that takes a budget takes any of these forms through this one call).
 
         Raises:
             ValueError: anything else, with the accepted forms.
         """
+        if isinstance(spec, Budget):  # Budget.parse(Budget(max_side=384)) is Budget(max_side=384)
+            return spec
         if spec is None or isinstance(spec, int):
             return cls(max_side=spec)
         s = str(spec).strip().lower()

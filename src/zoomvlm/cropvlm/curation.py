@@ -100,7 +100,7 @@ class OCRGrounder:
     name = "ocr"
 
     def __init__(self, budget: Budget | int | str | None = "side:2048", threshold: float = 90.0, reader=None):
-        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.budget = Budget.parse(budget)
         self.threshold = threshold
         self._reader = reader
         self._cache: dict[str, list] = {}

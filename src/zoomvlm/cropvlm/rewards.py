@@ -93,9 +93,7 @@ class _TargetReward:
 
     def __init__(self, target, crop_budget: Budget | int | str | None = None, image_cache: int = 16):
         self.target = target
-        self.crop_budget = (
-            crop_budget if isinstance(crop_budget, Budget) or crop_budget is None else Budget.parse(crop_budget)
-        )
+        self.crop_budget = None if crop_budget is None else Budget.parse(crop_budget)
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
         self._image_cache = image_cache
         self.n_calls = 0  # target requests actually sent (after dedupe), for logging and tests
@@ -299,7 +297,7 @@ class CropSetReward(_TargetReward):
 
     def __init__(self, target, high, answer_reward: str = "contains", cost: ToolCost | None = None):
         super().__init__(target)
-        self.high = high if isinstance(high, Budget) else Budget.parse(high)
+        self.high = Budget.parse(high)
         self.answer_reward = answer_reward
         self.cost = cost or ToolCost()
         self._semantic = SemanticSimilarity() if answer_reward == "semantic" else None
