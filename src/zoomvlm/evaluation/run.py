@@ -333,6 +333,21 @@ def summarize(records: Sequence[dict]) -> dict:
     }
 
 
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False, text_columns: int = 1):
+    """``rows`` of already formatted cells under ``header``, as GitHub markdown or as aligned plain text.
+
+    The first ``text_columns`` columns are left-aligned, the rest (numbers) right-aligned. The one table writer
+    of ``eval``, ``demo`` and ``report`` (tabulate does the layout; ``|`` inside a markdown cell is escaped).
+    """
+    from tabulate import tabulate
+
+    align = ["left" if i < text_columns else "right" for i in range(len(header))]
+    if markdown:
+        rows = [[c.replace("|", "\\|") for c in r] for r in rows]
+    return tabulate(rows, headers=list(header), tablefmt="pipe" if markdown else "simple", colalign=align,
+                    disable_numparse=True)  # fmt: skip
+
+
 def format_table(rows: Sequence[tuple[str, dict]], markdown: bool = False) -> str:
     """A table of summaries, one row per (label, summary), as ``zoomvlm eval``/``demo`` print it.
 
@@ -352,12 +367,4 @@ def format_table(rows: Sequence[tuple[str, dict]], markdown: bool = False) -> st
          num(s["policy_s"], ".3f"), num(s["target_s"], ".3f"), num(s["total_s"], ".3f"), str(s["format_failures"])]
         for label, s in rows
     ]  # fmt: skip
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in [header, *body]]
-        lines.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in [header, *body]]  # fmt: skip
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render_table(header, body, markdown)
