@@ -48,6 +48,7 @@ from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.core.pipeline import build_request
 from zoomvlm.cropvlm.curation import start_curation
+from zoomvlm.data.samples import iter_jsonl
 from zoomvlm.policies.base import Proposal
 
 __all__ = [
@@ -272,4 +273,4 @@ class SeedReplayGrounder:
 def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (write it with `zoomvlm curate boxes`)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in iter_jsonl(path)]

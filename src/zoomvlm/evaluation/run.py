@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.pipeline import run_batch
-from zoomvlm.data.samples import Sample
+from zoomvlm.data.samples import Sample, read_appended_jsonl
 from zoomvlm.policies.base import ZoomPolicy
 from zoomvlm.targets.base import Target
 
@@ -55,30 +55,9 @@ class RunMismatchError(RuntimeError):
 
 
 def read_results(path: Path, repair: bool = False) -> list[dict]:
-    """Records of a ``results.jsonl``.
-
-    A final line without its newline (a write cut by a crash) is not a record. With ``repair=True`` it
-    is truncated away so appending continues on a clean line; any OTHER unparseable line is corruption
-    and raises ValueError naming the line.
-    """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete, _, torn = data.rpartition(b"\n")
-    if torn:
-        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted write", path, len(torn))
-        if repair:
-            with path.open("r+b") as f:
-                f.truncate(len(complete) + 1 if complete else 0)
-    records = []
-    for lineno, line in enumerate(complete.split(b"\n") if complete else [], start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno} is not a valid record ({err.msg})") from err
-    return records
+    """Records of a ``results.jsonl``: :func:`zoomvlm.data.samples.read_appended_jsonl` (a torn last line from a
+    crash is not a record; ``repair=True`` cuts it off so appending continues on a clean line)."""
+    return read_appended_jsonl(path, repair)
 
 
 def _check_run_config(out_dir: Path, config: dict) -> None:
