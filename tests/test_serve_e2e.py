@@ -1,0 +1,83 @@
+"""End to end on real receipts with the real reader: ``zoomvlm serve --target ocr --policy vlm`` (local mode),
+and ``zoomvlm serve --upstream`` (the shipped learned cropper) in front of a second ``zoomvlm serve --target ocr``
+(proxy mode). The official ``openai`` client is the client. Slow: three servers, each loads the OCR reader
+and/or the cropper, and every answer is a real OCR pass (~0.5-4 s on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import openai
+import pytest
+from serve_fakes import start_server, stop
+
+from zoomvlm.cli import demo_data_path
+from zoomvlm.data import load_jsonl
+from zoomvlm.metrics import score_answer
+
+pytestmark = pytest.mark.slow
+
+SHARED_VAL = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data" / "receipts" / "val.jsonl"
+
+
+def sample(samples, sample_id):
+    return next(s for s in samples if s.id == sample_id)
+
+
+def ask(base_url: str, s, stream: bool = False):
+    """One question about one receipt (the JPEG file's own bytes as a data URL) through the openai client."""
+    url = "data:image/jpeg;base64," + base64.b64encode(Path(s.image).read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": s.question}]}]  # fmt: skip
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    if stream:
+        chunks = client.chat.completions.create(model="receipts", messages=messages, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), None
+    raw = client.chat.completions.with_raw_response.create(model="receipts", messages=messages)
+    return raw.parse().choices[0].message.content, raw.headers
+
+
+def test_local_mode_answers_like_the_library():
+    from zoomvlm.pipeline import run_batch
+    from zoomvlm.policies import load_policy
+    from zoomvlm.targets import load_target
+
+    proc, url = start_server(["--target", "ocr", "--policy", "vlm"])
+    try:
+        s = sample(load_jsonl(demo_data_path()), "sroie_017_total")  # `none` misses this total, `vlm` reads it
+        answer, headers = ask(url, s)
+        record = run_batch([s], load_policy("vlm"), load_target("ocr"))[0]
+        assert answer == record.prediction  # the same policy -> views -> target path as `zoomvlm eval`
+        assert json.loads(headers["x-zoomvlm-boxes"]) == [record.boxes]
+        assert float(headers["x-zoomvlm-rtr"]) == pytest.approx(record.rtr, abs=1e-4)
+        assert score_answer("contains", answer, s.answers) == 1.0
+        if SHARED_VAL.is_file():  # a receipt of the shared val split (not among the bundled ones)
+            val = next(v for v in load_jsonl(SHARED_VAL) if not v.id.startswith(("sroie_017", "sroie_022")))
+            answer, headers = ask(url, val)
+            assert answer and len(json.loads(headers["x-zoomvlm-boxes"])[0]) == 1
+            assert 0 < float(headers["x-zoomvlm-rtr"]) < 0.5
+    finally:
+        stop(proc)
+
+
+def test_proxy_mode_upstream_receives_the_crop():
+    upstream_proc, upstream = start_server(["--target", "ocr", "--policy", "none"])
+    proxy_proc = None
+    try:
+        # --budget 384 = the reader's own budget, so the proxy's views are not shrunk a second time upstream
+        proxy_proc, proxy = start_server(["--upstream", upstream, "--policy", "vlm", "--budget", "384"])
+        s = sample(load_jsonl(demo_data_path()), "sroie_048_total")  # `none` misses this total, `vlm` reads it
+        direct, _ = ask(upstream, s)
+        assert score_answer("contains", direct, s.answers) == 0.0  # the upstream alone cannot read it
+        zoomed, headers = ask(proxy, s)
+        assert score_answer("contains", zoomed, s.answers) == 1.0  # it can with the crop the proxy appended
+        assert len(json.loads(headers["x-zoomvlm-boxes"])[0]) == 1
+        streamed, _ = ask(proxy, s, stream=True)  # SSE from the upstream passed through
+        assert streamed == zoomed
+    finally:
+        if proxy_proc is not None:
+            stop(proxy_proc)
+        stop(upstream_proc)
