@@ -14,9 +14,9 @@ import openai
 import pytest
 from serve_fakes import start_server, stop
 
-from zoomvlm.cli import demo_data_path
+from zoomvlm.cli.main import demo_data_path
+from zoomvlm.core.metrics import score_answer
 from zoomvlm.data import load_jsonl
-from zoomvlm.metrics import score_answer
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def ask(base_url: str, s, stream: bool = False):
 
 
 def test_local_mode_answers_like_the_library():
-    from zoomvlm.pipeline import run_batch
+    from zoomvlm.core.pipeline import run_batch
     from zoomvlm.policies import load_policy
     from zoomvlm.targets import load_target
 

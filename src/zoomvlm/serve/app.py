@@ -235,7 +235,7 @@ class ZoomService:
     """
 
     def __init__(self, config: ServeConfig, policy, target=None, api_key: str | None = None, upstream_key: str = ""):
-        from zoomvlm.geometry import Budget  # the pipeline's own budget type, moved with issue 12's layout
+        from zoomvlm.core.geometry import Budget
 
         self.config = config
         self.policy = policy
@@ -306,7 +306,7 @@ class ZoomService:
 
     async def answer_local(self, typed: ChatRequest, images: list[RequestImage], question: str) -> Response:
         """Local mode: the target answers the last user message's images + crops."""
-        from zoomvlm.pipeline import build_request
+        from zoomvlm.core.pipeline import build_request
         from zoomvlm.targets import TargetRequest
 
         proposals, info = await self.zoom(images, question)
@@ -380,7 +380,7 @@ class ZoomService:
 
     async def prepare_proxy(self, raw: dict, images: list[RequestImage], question: str) -> tuple[dict, _Zoom]:
         """Proxy mode: the upstream payload (global views at the budget, crops appended) and what zoom did."""
-        from zoomvlm.pipeline import build_request
+        from zoomvlm.core.pipeline import build_request
         from zoomvlm.targets.openai import image_data_url
 
         proposals, info = await self.zoom(images, question)

@@ -24,7 +24,7 @@ def build_service(config: ServeConfig) -> ZoomService:
     """
     from PIL import Image
 
-    from zoomvlm.geometry import Budget
+    from zoomvlm.core.geometry import Budget
     from zoomvlm.policies import load_policy
     from zoomvlm.targets import TargetRequest, load_target
 
