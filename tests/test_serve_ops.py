@@ -30,15 +30,19 @@ def fake(upstream):
         def script(self, items):
             httpx.post(f"{root}/control", json={"script": items}).raise_for_status()
 
+        def log(self):
+            return httpx.get(f"{root}/log").json()
+
         def chats(self):
-            return [e for e in httpx.get(f"{root}/log").json() if "event" not in e]
+            return [e for e in self.log() if "event" not in e]
 
     return Control()
 
 
 @pytest.fixture(scope="module")
 def tight(upstream):
-    """One request at a time, one waiting; a policy timeout no policy can meet (so every request fails open)."""
+    """One request at a time, one waiting; a policy timeout no policy can meet (so every request fails open);
+    the default upstream timeout (60 s), so only a client disconnect can end a slow upstream call early."""
     args = ["--upstream", upstream, "--policy", "center", "--max-concurrency", "1", "--max-queue", "1",
             "--policy-timeout", "0.000001"]  # fmt: skip
     proc, url = start_server(args)
@@ -81,6 +85,32 @@ def test_remote_urls_refused_by_default_without_connection(tight, fake):
     finally:
         listener.close()
     assert fake.chats() == []
+
+
+def test_client_disconnect_cancels_upstream_call(tight, fake):
+    fake.script([{"sleep": 10}])
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{tight}/chat/completions", json=chat("bye", png_url(64, 64)), timeout=1.0)
+    deadline = time.monotonic() + 3  # well before the upstream timeout (60 s): the proxy closed the call
+    while time.monotonic() < deadline and not any(e.get("event") == "client_gone" for e in fake.log()):
+        time.sleep(0.1)
+    assert any(e.get("event") == "client_gone" for e in fake.log())  # the proxy closed its upstream call
+
+
+def test_client_disconnect_mid_stream_closes_upstream(tight, fake):
+    fake.script([{"chunk_delay": 1.0}])
+    with httpx.stream(
+        "POST",
+        f"{tight}/chat/completions",
+        json=chat("s", png_url(64, 64), stream=True),
+        timeout=10.0,
+    ) as r:
+        first = next(r.iter_raw())
+        assert first.startswith(b"data: ")
+    deadline = time.monotonic() + 3  # well before the upstream timeout (60 s): the proxy closed the call
+    while time.monotonic() < deadline and not any(e.get("event") == "client_gone" for e in fake.log()):
+        time.sleep(0.1)
+    assert any(e.get("event") == "client_gone" for e in fake.log())
 
 
 def test_policy_fail_mode_and_upstream_down():

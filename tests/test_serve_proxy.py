@@ -205,33 +205,6 @@ def test_connection_reset_mid_stream_is_not_retried(proxy, fake):
     assert len(fake.chats()) == 1  # bytes had reached the client: no retry
 
 
-def test_client_disconnect_cancels_upstream_call(proxy, fake):
-    fake.script([{"sleep": 10}])
-    with pytest.raises(httpx.ReadTimeout):
-        post(proxy, chat("bye", png_url(64, 64)), timeout=1.0)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not any(e.get("event") == "client_gone" for e in fake.log()):
-        time.sleep(0.1)
-    assert any(e.get("event") == "client_gone" for e in fake.log())  # the proxy closed its upstream call
-
-
-def test_client_disconnect_mid_stream_closes_upstream(proxy, fake):
-    fake.script([{"chunk_delay": 1.0}])
-    with httpx.stream(
-        "POST",
-        f"{proxy}/chat/completions",
-        json=chat("s", png_url(64, 64), stream=True),
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=10.0,
-    ) as r:
-        first = next(r.iter_raw())
-        assert first.startswith(b"data: ")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not any(e.get("event") == "client_gone" for e in fake.log()):
-        time.sleep(0.1)
-    assert any(e.get("event") == "client_gone" for e in fake.log())
-
-
 # ---------------------------------------------------------------------------------------------
 # hostile input: refused in OpenAI's shape, before the upstream sees anything
 # ---------------------------------------------------------------------------------------------
