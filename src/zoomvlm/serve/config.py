@@ -53,8 +53,9 @@ class ServeConfig:
     upstream_max_images: int | None = field(
         default=None,
         metadata={
+            "type": int,
             "help": "proxy mode: most images the upstream accepts per request; crops beyond it are dropped "
-            "(the user's images always go). Default: no limit"
+            "(the user's images always go). Default: no limit",
         },
     )
     allowed_media_domains: str | None = field(
@@ -84,7 +85,8 @@ class ServeConfig:
     on_policy_error: str = field(
         default="open",
         metadata={
-            "help": "open: a policy failure or timeout forwards the request without crops (counted); fail: answer 502"
+            "choices": ("open", "fail"),
+            "help": "open: a policy failure or timeout forwards the request without crops (counted); fail: answer 502",
         },
     )
     # ---- load -------------------------------------------------------------------------------
@@ -147,16 +149,15 @@ class ServeConfig:
     def add_arguments(cls, parser) -> None:
         """Add one ``--option`` per field to an argparse parser (type from the default, help from metadata)."""
         for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            kind = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("upstream_max_images",):
-                kind = int
+            kind = f.metadata.get("type") or {int: int, float: float}.get(type(f.default), str)
+            default = f" (default {f.default})" if f.default is not None else ""
             parser.add_argument(
-                flag,
+                "--" + f.name.replace("_", "-"),
                 dest=f.name,
                 type=kind,
                 default=f.default,
-                help=f.metadata["help"] + (f" (default {f.default})" if f.default is not None else ""),
+                choices=f.metadata.get("choices"),
+                help=f.metadata["help"] + default,
             )
 
     @classmethod
