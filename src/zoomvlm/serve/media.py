@@ -199,42 +199,44 @@ def _check_url(url: str, limits: MediaLimits, param: str) -> tuple[str, str, int
 async def fetch_remote_image(url: str, limits: MediaLimits, param: str) -> DecodedImage:
     """Fetch an allowed remote image (see the module docstring for every check).
 
+    ``limits.fetch_timeout`` bounds the WHOLE fetch (every redirect, the body included), so a server that
+    drips bytes cannot hold a request longer than that.
+
     Raises:
         ServeError: 400 with code ``remote_media_disabled``, ``media_host_not_allowed``, ``media_fetch_failed``,
             ``image_too_large`` or those of :func:`decode_image_bytes`.
     """
+    try:
+        data = await asyncio.wait_for(_fetch_bytes(url, limits, param), limits.fetch_timeout)
+    except (httpx.HTTPError, asyncio.TimeoutError, OSError) as err:
+        raise ServeError(400, f"media fetch failed: {type(err).__name__}", "media_fetch_failed", param) from err
+    return await asyncio.to_thread(decode_image_bytes, data, limits, param)
+
+
+async def _fetch_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
     for _ in range(_MAX_REDIRECTS + 1):
         host, address, port = await asyncio.to_thread(_check_url, url, limits, param)
         parts = urlsplit(url)
         ip_host = f"[{address}]" if ":" in address else address
         pinned = parts._replace(netloc=f"{ip_host}:{port}").geturl()
-        try:
-            async with httpx.AsyncClient(timeout=limits.fetch_timeout, follow_redirects=False, trust_env=False) as c:
-                request = c.build_request(
-                    "GET", pinned, headers={"Host": parts.netloc.rpartition("@")[2]}, extensions={"sni_hostname": host}
-                )
-                response = await asyncio.wait_for(c.send(request, stream=True), limits.fetch_timeout)
-                try:
-                    if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
-                        continue
-                    if response.status_code != 200:
-                        raise ServeError(
-                            400, f"media fetch got HTTP {response.status_code}", "media_fetch_failed", param
-                        )
-                    data = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        data += chunk
-                        if len(data) > limits.max_image_bytes:
-                            raise ServeError(
-                                400,
-                                f"remote image is over the limit of {limits.max_image_bytes} bytes",
-                                "image_too_large",
-                                param,
-                            )
-                finally:
-                    await response.aclose()
-        except (httpx.HTTPError, asyncio.TimeoutError, OSError) as err:
-            raise ServeError(400, f"media fetch failed: {type(err).__name__}", "media_fetch_failed", param) from err
-        return await asyncio.to_thread(decode_image_bytes, bytes(data), limits, param)
+        # Connect to the address that was checked; the Host header and TLS (SNI + certificate check) use the name.
+        headers = {"Host": parts.netloc.rpartition("@")[2]}
+        async with httpx.AsyncClient(timeout=limits.fetch_timeout, follow_redirects=False, trust_env=False) as c:
+            request = c.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": host})
+            response = await c.send(request, stream=True)
+            try:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers.get("location", ""))
+                    continue
+                if response.status_code != 200:
+                    raise ServeError(400, f"media fetch got HTTP {response.status_code}", "media_fetch_failed", param)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > limits.max_image_bytes:
+                        message = f"remote image is over the limit of {limits.max_image_bytes} bytes"
+                        raise ServeError(400, message, "image_too_large", param)
+                return bytes(data)
+            finally:
+                await response.aclose()
     raise ServeError(400, f"more than {_MAX_REDIRECTS} redirects fetching media", "media_fetch_failed", param)
