@@ -10,6 +10,7 @@ import base64
 import json
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from serve_fakes import start_server, stop
@@ -81,3 +82,36 @@ def test_proxy_mode_upstream_receives_the_crop():
         if proxy_proc is not None:
             stop(proxy_proc)
         stop(upstream_proc)
+
+
+def test_local_mode_hf_target_batches_concurrent_clients(tiny_smolvlm_init):
+    """``--target hf:FOLDER`` (a tiny random-weight SmolVLM): concurrent clients share batched target calls."""
+    import asyncio
+
+    from test_serve_proxy import png_url
+
+    proc, url = start_server(["--target", f"hf:{tiny_smolvlm_init}", "--policy", "center", "--max-batch", "4",
+                              "--batch-wait-ms", "200"])  # fmt: skip
+    try:
+
+        async def one(client, i):
+            messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(64 + i, 48)}},
+                                                     {"type": "text", "text": f"question {i}?"}]}]  # fmt: skip
+            raw = await client.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=4)
+            return raw.parse(), raw.headers
+
+        async def run():
+            async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) as client:
+                return await asyncio.gather(*(one(client, i) for i in range(4)))
+
+        for completion, headers in asyncio.run(run()):
+            assert completion.model == "tiny" and isinstance(completion.choices[0].message.content, str)
+            assert json.loads(headers["x-zoomvlm-boxes"]) == [[[0.25, 0.25, 0.75, 0.75]]]
+            assert completion.usage.prompt_tokens > 0  # the hf target counts its tokens
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
+        assert "zoomvlm_upstream_seconds_count 4.0" in metrics
+        assert 'zoomvlm_batch_size_sum{stage="target"} 4.0' in metrics
+        calls = float(metrics.split('zoomvlm_batch_size_count{stage="target"} ')[1].split()[0])
+        assert calls < 4  # 4 concurrent clients, fewer target calls
+    finally:
+        stop(proc)

@@ -252,8 +252,11 @@ class ZoomService:
             self.crop_budget = self.global_budget
         self.draining = False
         wait = config.batch_wait_ms / 1000
-        self.policy_batcher = MicroBatcher(self._propose, config.max_batch, wait, "zoomvlm-policy")
-        self.target_batcher = MicroBatcher(self._generate, config.max_batch, wait, "zoomvlm-target")
+        batch_size = self.metrics.batch_size
+        self.policy_batcher = MicroBatcher(self._propose, config.max_batch, wait, "zoomvlm-policy",
+                                           on_batch=batch_size.labels("policy").observe)  # fmt: skip
+        self.target_batcher = MicroBatcher(self._generate, config.max_batch, wait, "zoomvlm-target",
+                                           on_batch=batch_size.labels("target").observe)  # fmt: skip
         self.upstream: Upstream | None = None
         if config.mode == "proxy":
             self.upstream = Upstream(

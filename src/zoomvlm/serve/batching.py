@@ -27,13 +27,22 @@ class MicroBatcher:
         max_batch: most items per call.
         max_wait: seconds the first item of a batch waits for more (0 = take what is queued now).
         name: thread name prefix, for logs.
+        on_batch: called with the size of every batch that runs (metrics).
 
     A submitter that stops waiting (timeout, cancelled request) is skipped if its batch has not started;
     a started call runs to the end (threads cannot be interrupted) and its result is dropped.
     """
 
-    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_batch: int, max_wait: float, name: str):
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], Sequence[Any]],
+        max_batch: int,
+        max_wait: float,
+        name: str,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.fn = fn
+        self.on_batch = on_batch or (lambda n: None)
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.name = name
@@ -91,6 +100,7 @@ class MicroBatcher:
             batch = [(item, fut) for item, fut in batch if not fut.done()]
             if not batch:
                 continue
+            self.on_batch(len(batch))
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])

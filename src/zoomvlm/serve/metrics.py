@@ -22,6 +22,7 @@ class ServeMetrics:
     - ``zoomvlm_fail_open_total{reason}``: requests forwarded without crops because the policy failed.
     - ``zoomvlm_upstream_retries_total``: retried upstream attempts.
     - ``zoomvlm_rejected_total{reason}``: requests refused before model work (bad input, limits, overload).
+    - ``zoomvlm_batch_size{stage}``: items per policy / local target call (batching across clients).
     - ``zoomvlm_queue_depth``: admitted requests waiting for a processing slot.
     - ``zoomvlm_in_flight``: requests being processed.
     """
@@ -52,6 +53,9 @@ class ServeMetrics:
         )
         self.retries = Counter("zoomvlm_upstream_retries", "retried upstream attempts", registry=r)
         self.rejected = Counter("zoomvlm_rejected", "requests refused before model work", ["reason"], registry=r)
+        self.batch_size = Histogram(
+            "zoomvlm_batch_size", "items per policy / target call", ["stage"], buckets=(1, 2, 4, 8, 16, 32), registry=r
+        )
         self.queue_depth = Gauge("zoomvlm_queue_depth", "admitted requests waiting for a slot", registry=r)
         self.in_flight = Gauge("zoomvlm_in_flight", "requests being processed", registry=r)
 
