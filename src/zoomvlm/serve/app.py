@@ -44,7 +44,7 @@ from zoomvlm.serve.upstream import Upstream, UpstreamReply
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientGone", "create_app"]
+__all__ = ["ClientGone", "ZoomService", "create_app"]
 
 _PROXY_DEFAULT_BUDGET = "512"
 _V1_PATHS = ("/v1/chat/completions", "/v1/models")
@@ -247,6 +247,7 @@ class ZoomService:
             config.max_image_bytes, config.max_image_pixels, config.allowed_domains, config.media_timeout
         )
         self.crop_budget = Budget.parse(config.crop_budget) if config.crop_budget else None
+        # Proxy mode only (local mode gives --budget to the target, which shrinks its views itself).
         self.global_budget = Budget.parse(config.budget or _PROXY_DEFAULT_BUDGET)
         if self.crop_budget is None and config.mode == "proxy":
             self.crop_budget = self.global_budget
