@@ -15,7 +15,6 @@ import openai
 import pytest
 from serve_fakes import start_server, stop
 
-from zoomvlm.cli.main import demo_data_path
 from zoomvlm.core.metrics import score_answer
 from zoomvlm.data import load_jsonl
 
@@ -41,16 +40,15 @@ def ask(base_url: str, s, stream: bool = False):
     return raw.parse().choices[0].message.content, raw.headers
 
 
-def test_local_mode_answers_like_the_library():
+def test_local_mode_answers_like_the_library(demo_samples, ocr_target):
     from zoomvlm.core.pipeline import run_batch
     from zoomvlm.policies import load_policy
-    from zoomvlm.targets import load_target
 
     proc, url = start_server(["--target", "ocr", "--policy", "vlm"])
     try:
-        s = sample(load_jsonl(demo_data_path()), "sroie_017_total")  # `none` misses this total, `vlm` reads it
+        s = sample(demo_samples, "sroie_017_total")  # `none` misses this total, `vlm` reads it
         answer, headers = ask(url, s)
-        record = run_batch([s], load_policy("vlm"), load_target("ocr"))[0]
+        record = run_batch([s], load_policy("vlm"), ocr_target)[0]  # the session's reader (ocr at 384 px)
         assert answer == record.prediction  # the same policy -> views -> target path as `zoomvlm eval`
         assert json.loads(headers["x-zoomvlm-boxes"]) == [record.boxes]
         assert float(headers["x-zoomvlm-rtr"]) == pytest.approx(record.rtr, abs=1e-4)
@@ -64,13 +62,13 @@ def test_local_mode_answers_like_the_library():
         stop(proc)
 
 
-def test_proxy_mode_upstream_receives_the_crop():
+def test_proxy_mode_upstream_receives_the_crop(demo_samples):
     upstream_proc, upstream = start_server(["--target", "ocr", "--policy", "none"])
     proxy_proc = None
     try:
         # --budget 384 = the reader's own budget, so the proxy's views are not shrunk a second time upstream
         proxy_proc, proxy = start_server(["--upstream", upstream, "--policy", "vlm", "--budget", "384"])
-        s = sample(load_jsonl(demo_data_path()), "sroie_048_total")  # `none` misses this total, `vlm` reads it
+        s = sample(demo_samples, "sroie_048_total")  # `none` misses this total, `vlm` reads it
         direct, _ = ask(upstream, s)
         assert score_answer("contains", direct, s.answers) == 0.0  # the upstream alone cannot read it
         zoomed, headers = ask(proxy, s)
@@ -97,7 +95,7 @@ def test_local_mode_hf_target_batches_concurrent_clients(tiny_smolvlm_init):
         async def one(client, i):
             messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(64 + i, 48)}},
                                                      {"type": "text", "text": f"question {i}?"}]}]  # fmt: skip
-            raw = await client.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=4)
+            raw = await client.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=2)
             return raw.parse(), raw.headers
 
         async def run():
