@@ -182,6 +182,28 @@ def test_always_500_gives_clean_502_after_n_tries(proxy, fake):
     assert len(fake.chats()) == 3  # 1 + --upstream-retries 2
 
 
+@pytest.mark.parametrize(
+    "script, status, code, attempts",
+    [
+        ([{"status": 400}], 400, None, 1),  # the upstream's own 4xx passes through, not retried
+        ([{"status": 401}], 502, "upstream_auth", 1),  # the server's key is wrong, not the client's
+        ([{"status": 429, "retry_after": "0"}] * 3, 429, "upstream_rate_limited", 3),
+    ],
+    ids=["400-passthrough", "401-is-502", "429-exhausted"],
+)
+def test_upstream_status_mapping(proxy, fake, script, status, code, attempts):
+    fake.script(script)
+    r = post(proxy, chat("x", png_url(32, 32)))
+    assert r.status_code == status
+    if code:
+        assert r.json()["error"]["code"] == code
+    else:
+        assert r.json() == {"error": {"message": "scripted failure"}}  # the upstream's body, as sent
+    if status == 429:
+        assert r.headers["retry-after"]
+    assert len(fake.chats()) == attempts
+
+
 def test_slow_upstream_gives_504_at_the_timeout(proxy, fake):
     fake.script([{"sleep": 8}])
     start = time.monotonic()

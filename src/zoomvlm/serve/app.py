@@ -454,7 +454,7 @@ def create_app(service: ZoomService) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, err: ServeError):
-        if err.status < 500 or err.status == 503:
+        if err.status in (400, 413, 415, 503):  # refused by this server, before model work
             metrics.rejected.labels(err.code or str(err.status)).inc()
         return error_response(err)
 
