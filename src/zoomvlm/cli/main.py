@@ -1,4 +1,4 @@
-"""The ``zoomvlm`` command line: ask | eval | report | demo | curate | train.
+"""The ``zoomvlm`` command line: ask | eval | report | demo | curate | train | serve.
 
 Heavy libraries (torch, transformers, onnxruntime) are imported inside the command that needs them, so
 ``zoomvlm --help`` answers at once.
@@ -306,7 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     from zoomvlm.cli.train import add_commands as add_train_commands
 
     add_train_commands(sub)
+    add_serve_command(sub)
     return parser
+
+
+def add_serve_command(sub) -> None:
+    """``zoomvlm serve``: its options come from :class:`zoomvlm.serve.config.ServeConfig` (no heavy imports)."""
+    from zoomvlm.serve.config import ServeConfig
+
+    p = sub.add_parser("serve", help="OpenAI-compatible zoom server: local target or proxy in front of an endpoint",
+                       description="Serve POST /v1/chat/completions with a zoom policy in front of a target (local "
+                       "mode, --target) or an OpenAI-compatible endpoint (proxy mode, --upstream). Clients must "
+                       "send $ZOOMVLM_API_KEY when it is set; the upstream gets $OPENAI_API_KEY.")  # fmt: skip
+    ServeConfig.add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from zoomvlm.serve.config import ServeConfig
+    from zoomvlm.serve.server import build_service, serve
+
+    config = ServeConfig.from_namespace(args)
+    service = build_service(config)
+    what = f"target {config.target}" if config.mode == "local" else f"upstream {config.upstream}"
+    print(f"zoomvlm serve: policy {config.policy} in front of {what}; listening on "
+          f"http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)  # fmt: skip
+    serve(service)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
