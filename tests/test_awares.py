@@ -12,7 +12,11 @@ from PIL import Image
 
 from tests.fakes import EchoTarget
 from zoomvlm.awares.protocol import (
+    CROP_SET,
+    ToolCallError,
+    crop_set_area,
     crop_set_proposal,
+    crops_for_box,
     high_res_crops,
     low_res_budget,
     low_res_view,
@@ -20,15 +24,7 @@ from zoomvlm.awares.protocol import (
     trajectory_messages,
 )
 from zoomvlm.awares.rewards import AwaResReward, ToolCost, crop_set_format_reward
-from zoomvlm.core.geometry import (
-    CROP_SET,
-    Box,
-    Budget,
-    ToolCallError,
-    crop_set_area,
-    crops_for_box,
-    same_scale_budget,
-)
+from zoomvlm.core.geometry import Box, Budget, same_scale_budget
 from zoomvlm.core.pipeline import run_batch
 from zoomvlm.policies import load_policy
 
@@ -185,10 +181,11 @@ def test_fixed_and_oracle_crop_set_policies(demo_samples):
         load_policy("crop-set-fixed:9")
 
 
-def test_learned_crop_set_policy_counts_invalid_actions(tmp_path, demo_samples):
-    """A random tiny VLM writes garbage: counted, answered from the low view, never the full image."""
+def test_learned_crop_set_policy_counts_invalid_actions(tmp_path, demo_samples, monkeypatch):
+    """Invalid actions are counted and answered from the low view, never the full image; valid ones are kept."""
     from tiny_models import build_tiny_smolvlm, save_tiny
 
+    import zoomvlm.targets.hf as hf
     from zoomvlm.awares.policies import CropSetPolicy
 
     model, processor = build_tiny_smolvlm(tile_size=64, longest_edge=64, image_splitting=False)
@@ -196,14 +193,24 @@ def test_learned_crop_set_policy_counts_invalid_actions(tmp_path, demo_samples):
     (tmp_path / "policy" / "zoomvlm_recipe.json").write_text(json.dumps({"data": {"high": "side:512"}}))
     policy = CropSetPolicy(path, max_new_tokens=6)
     assert policy.high == Budget(max_side=512)  # read back from the training recipe
-    images = [s.load_image() for s in demo_samples[:2]]
-    proposals = policy.propose(images, [s.question for s in demo_samples[:2]])
-    assert policy.n_total == 2
+    images = [s.load_image() for s in demo_samples[:3]]
+    questions = [s.question for s in demo_samples[:3]]
+
+    # The random model's own text goes through the real generation path...
+    proposals = policy.propose(images[:2], questions[:2])
+    assert policy.n_total == 2 and policy.n_invalid == sum(p.error is not None for p in proposals)
     for p in proposals:
-        if p.error is not None:
-            assert p.boxes == ()  # low view only
-        assert p.global_budget.max_side <= 256
-    assert policy.n_invalid == sum(p.error is not None for p in proposals)
+        assert p.global_budget.max_side <= 256  # the low view of side:512
+
+    # ...and scripted actions pin the counting: garbage (counted, low view only), a crop, no crop.
+    scripted = ["I think the total is 9", "GET_CROPS: ['3']", "NO_CROPS"]
+    monkeypatch.setattr(hf, "generate_texts", lambda *a, **k: (scripted, {}, [5, 5, 5]))
+    before = policy.n_invalid
+    proposals = policy.propose(images, questions)
+    assert policy.n_total == 5 and policy.n_invalid == before + 1
+    assert proposals[0].error is not None and proposals[0].boxes == ()
+    assert proposals[1].error is None and proposals[1].boxes == (CROP_SET["3"],)
+    assert proposals[2].error is None and proposals[2].boxes == ()
 
 
 # --- curation -----------------------------------------------------------------------------------

@@ -59,6 +59,12 @@ def test_demo_runs_offline(tmp_path):
     for policy in ("none", "center", "vlm", "oracle", "full"):
         assert (tmp_path / f"{policy}.png").stat().st_size > 10_000
         assert policy in out.stdout
+    # the shipped learned cropper writes valid boxes (an invalid one would fall back to the whole image)
+    records = [json.loads(line) for line in (tmp_path / "vlm" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert r["policy_error"] is None, r["policy_raw"]
+        assert len(r["boxes"]) == 1 and r["boxes"][0] != [0.0, 0.0, 1.0, 1.0]
 
 
 def test_eval_shards_and_cache(tmp_path, capsys, monkeypatch):
@@ -81,3 +87,42 @@ def test_eval_shards_and_cache(tmp_path, capsys, monkeypatch):
     assert "split into 2 shards" in capsys.readouterr().err
     records = [json.loads(line) for f in sorted(run.glob("results-*.jsonl")) for line in f.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(s.id for s in load_jsonl(demo_data_path())[:2])
+
+
+def test_help_lists_every_registered_spec():
+    from zoomvlm.policies import POLICY_SPECS
+    from zoomvlm.targets import TARGET_SPECS
+
+    out = subprocess.run(["zoomvlm", "eval", "--help"], capture_output=True, text=True, check=True).stdout
+    for spec in [*POLICY_SPECS, *TARGET_SPECS]:
+        assert f"  {spec} " in out, spec
+
+
+def test_bad_arguments_fail_before_any_model_loads(monkeypatch, capsys, tmp_path):
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("zoomvlm.targets.load_target", no_loading)
+    monkeypatch.setattr("zoomvlm.policies.load_policy", no_loading)
+    image = str(demo_data_path().parent / "images" / "sroie_014.jpg")
+    for argv, message in [
+        (["ask", image, "q?", "--policy", "zoom-everything"], "unknown policy 'zoom-everything'"),
+        (["ask", image, "q?", "--target", "tesseract"], "unknown target 'tesseract'"),
+        (["ask", image, "q?", "--budget", "huge"], "budget"),
+        (["ask", str(tmp_path / "missing.jpg"), "q?"], "missing.jpg"),
+        (
+            ["eval", "--data", str(demo_data_path()), "--out", str(tmp_path / "r"), "--policy", "nope"],
+            "unknown policy",
+        ),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "run with -v for the traceback" in err, err
+
+
+def test_verbose_shows_the_traceback(capsys):
+    assert main(["-v", "ask", "x.jpg", "q?", "--policy", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "error:" in err
+    assert main(["ask", "x.jpg", "q?", "--policy", "nope"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

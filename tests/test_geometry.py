@@ -6,19 +6,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from zoomvlm.awares.protocol import CROP_SET, ToolCallError, format_get_crops, parse_get_crops
 from zoomvlm.core.geometry import (
-    CROP_SET,
     Box,
     BoxFormatError,
     Budget,
-    ToolCallError,
     crop_image,
     expand_small_box,
     format_bbox_2d,
-    format_get_crops,
     format_percent_box,
     parse_bbox_2d,
-    parse_get_crops,
     parse_percent_box,
     percentile_thresholds,
     resize_to_budget,
@@ -232,3 +229,12 @@ def test_crop_from_original_and_resize():
     assert crop.size == (500, 250)
     assert resize_to_budget(crop, Budget(max_side=100)).size == (100, 50)
     assert resize_to_budget(crop, Budget()) is crop
+
+
+def test_budget_parse_takes_every_form_including_a_budget():
+    b = Budget(max_side=384)
+    assert Budget.parse(b) is b
+    assert Budget.parse(384) == Budget.parse("384") == Budget.parse("side:384") == b
+    assert Budget.parse(None) == Budget.parse("native") == Budget()
+    with pytest.raises(ValueError, match="cannot read budget"):
+        Budget.parse("huge")

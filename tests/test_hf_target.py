@@ -81,3 +81,18 @@ def test_pipeline_with_hf_target(tmp_path, tiny_vlms, noise_images):
     (record,) = run_batch([sample], load_policy("center"), target, metric="anls")
     assert len(record.view_pixels) == 2 and record.visual_tokens > 0
     assert record.rtr == pytest.approx(sum(record.view_pixels) / (300 * 200))
+
+
+def test_processor_shim_catches_only_the_missing_torchvision_error(monkeypatch, tmp_path):
+    """An internal error of AutoProcessor is not swallowed by the fallback (only torchvision's ImportError is)."""
+    import transformers
+
+    from zoomvlm.targets import hf_compat
+
+    def broken(*a, **k):
+        raise KeyError("a bug, not a missing torchvision")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    monkeypatch.setattr(hf_compat, "torchvision_available", lambda: False)
+    with pytest.raises(KeyError, match="a bug"):
+        hf_compat.load_processor(tmp_path)

@@ -29,7 +29,7 @@ def test_empty_question_rejected(bad):
 
 
 def test_crop_set_policy_prompt_golden():
-    from zoomvlm.core.prompts import crop_set_policy_prompt
+    from zoomvlm.awares.protocol import crop_set_policy_prompt
 
     assert crop_set_policy_prompt("What is the total?") == (
         "What is the total?\nCan this be answered from this low-resolution view? If yes, reply NO_CROPS. "
@@ -40,8 +40,7 @@ def test_crop_set_policy_prompt_golden():
 
 
 def test_awares_system_prompt_names_every_crop_and_the_exact_syntax():
-    from zoomvlm.core.geometry import CROP_SET, parse_get_crops
-    from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
+    from zoomvlm.awares.protocol import AWARES_SYSTEM_PROMPT, CROP_SET, parse_get_crops
 
     assert all(f"'{k}'" in AWARES_SYSTEM_PROMPT for k in CROP_SET)
     assert parse_get_crops(AWARES_SYSTEM_PROMPT.split("e.g. ")[1]) == ["3"]  # the example parses

@@ -4,8 +4,8 @@ import pytest
 import tiny_models as tiny
 
 from zoomvlm.core.geometry import Box
-from zoomvlm.policies import load_policy
 from zoomvlm.cropvlm import cropper as vlm_module
+from zoomvlm.policies import load_policy
 
 
 @pytest.fixture(scope="module")

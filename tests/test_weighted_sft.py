@@ -9,7 +9,7 @@ import tiny_models as tiny
 import torch
 from PIL import Image
 
-from zoomvlm.awares.protocol import tool_output_text, trajectory_messages
+from zoomvlm.awares.protocol import AWARES_SYSTEM_PROMPT, format_get_crops, tool_output_text, trajectory_messages
 from zoomvlm.awares.weighted_sft import (
     ToolWeightedSFTTrainer,
     WeightedSFTConfig,
@@ -19,8 +19,6 @@ from zoomvlm.awares.weighted_sft import (
     training_chat_template,
     trajectory_dataset,
 )
-from zoomvlm.core.geometry import format_get_crops
-from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
 from zoomvlm.train.recipe import recipe_from_dict
 
 HIGH = "side:224"  # low view <= 112 px, crops <= 112 px: a few dozen image tokens per image keeps a step < 1 s

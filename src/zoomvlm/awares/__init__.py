@@ -1,7 +1,7 @@
 """AwaRes: a low-resolution view first, then the high-resolution crops of a fixed crop set on request.
 
-- :mod:`~zoomvlm.awares.protocol`: views, trajectories, and the policies' actions (on the ONE ``GET_CROPS``
-  parser, :func:`~zoomvlm.core.geometry.parse_get_crops`);
+- :mod:`~zoomvlm.awares.protocol`: the crop set, the ONE ``GET_CROPS`` grammar and parser, the policies' actions,
+  views and trajectories;
 - :mod:`~zoomvlm.awares.policies`: the external crop-set policies (learned, fixed, oracle);
 - :mod:`~zoomvlm.awares.self_zoom`: the target VLM decides itself (turn 1 -> tool call -> turn 2, KV reuse);
 - :mod:`~zoomvlm.awares.rewards`: ``R = R_ans - C_tool`` for both variants (``awares`` in recipes);

@@ -4,7 +4,7 @@ AwaRes sec. 3.2 (METHODS.md): the target answers from the LOW-resolution view an
 view; a judge compares both with the ground truth; the sample is **LR** when the low-resolution answer is
 judged correct or ties the high-resolution one, else **HR**. For HR samples an oracle grounding model (here
 the cropper work's grounders, :mod:`zoomvlm.cropvlm.curation`) boxes the evidence and the box is mapped to the
-crop subset whose IoU with it passes a threshold (:func:`~zoomvlm.core.geometry.crops_for_box`). No human box is
+crop subset whose IoU with it passes a threshold (:func:`~zoomvlm.awares.protocol.crops_for_box`). No human box is
 used: ``Sample.evidence_boxes`` are dropped before anything runs.
 
 Judges:
@@ -37,12 +37,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from zoomvlm.awares.protocol import crop_set_proposal
-from zoomvlm.core.geometry import Box, Budget, crops_for_box, format_get_crops
+from zoomvlm.awares.protocol import (
+    NO_CROPS,
+    crop_set_policy_prompt,
+    crop_set_proposal,
+    crops_for_box,
+    format_get_crops,
+)
+from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.core.pipeline import build_request
-from zoomvlm.core.prompts import NO_CROPS, crop_set_policy_prompt
 from zoomvlm.cropvlm.curation import start_curation
+from zoomvlm.data.samples import iter_jsonl
 from zoomvlm.policies.base import Proposal
 
 __all__ = [
@@ -267,4 +273,4 @@ class SeedReplayGrounder:
 def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (write it with `zoomvlm curate boxes`)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in iter_jsonl(path)]

@@ -40,7 +40,7 @@ whose text still holds a valid call gets its end-of-turn token from the tool (ma
 returns ``image_grid_thw`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) are supported: TRL's tool-image forward path is
 written for them. Unparseable tool calls (``GET_CROPS`` present but no valid list) are never replaced by the
 full image: they are counted (``trainer.invalid_tool_calls``, metric ``tools/failure_frequency``) and the
-turn-1 text is the final answer. Calls are read by :func:`~zoomvlm.core.geometry.parse_get_crops` (tolerant, anywhere
+turn-1 text is the final answer. Calls are read by :func:`~zoomvlm.awares.protocol.parse_get_crops` (tolerant, anywhere
 in turn 1); one tool round per rollout, as in AwaRes (turn 2's text is final whatever it says).
 
 Run it::
@@ -59,10 +59,15 @@ from pathlib import Path
 from transformers.trainer_utils import SchedulerType
 from trl import GRPOConfig
 
-from zoomvlm.awares.protocol import high_res_crops, parse_tool_call, tool_output_text
+from zoomvlm.awares.protocol import (
+    AWARES_SYSTEM_PROMPT,
+    crop_set_area,
+    high_res_crops,
+    parse_tool_call,
+    tool_output_text,
+)
 from zoomvlm.awares.rewards import AwaResReward
-from zoomvlm.core.geometry import Budget, crop_set_area
-from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
+from zoomvlm.core.geometry import Budget
 from zoomvlm.train.common import TrainerDefaults, build_cropper, resume_checkpoint, save_final, trajectory_records
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.trl_compat import MultiTurnGRPOTrainer, Rollout

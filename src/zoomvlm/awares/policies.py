@@ -2,8 +2,8 @@
 
 - :class:`CropSetPolicy` (``crop-set[:CKPT]``): the EXTERNAL crop-set policy, a small VLM in front of a
   target that cannot be trained (the OCR reader, an API). It sees the low-resolution view and the question
-  and emits ``NO_CROPS`` or ``GET_CROPS: [...]`` (:func:`~zoomvlm.awares.protocol.parse_crop_action`, on the same
-  GET_CROPS parser as self-zoom). Trained like AwaRes: SFT on curated actions, then GRPO on ``R_ans - C_tool``.
+  and emits ``NO_CROPS`` or ``GET_CROPS: [...]`` (:func:`~zoomvlm.awares.protocol.parse_crop_action`, the same
+  parser as self-zoom). Trained like AwaRes: SFT on curated actions, then GRPO on ``R_ans - C_tool``.
 - :class:`FixedCropSet`: always the same regions (``['all']`` = the always-all-crops baseline).
 - :class:`OracleCropSet`: the crop subset whose IoU with the HUMAN evidence box passes a threshold
   (AwaRes's mapping rule applied to human boxes): the upper bound of the crop-set interface; EVALUATION ONLY.
@@ -21,9 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from zoomvlm.awares.protocol import crop_set_proposal, low_res_view, parse_crop_action
-from zoomvlm.core.geometry import Box, Budget, crops_for_box
-from zoomvlm.core.prompts import crop_set_policy_prompt
+from zoomvlm.awares.protocol import crop_set_policy_prompt, crop_set_proposal, crops_for_box, low_res_view
+from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.policies.base import Proposal
 
 logger = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ AwaRes section gives the measurement behind it."""
 def _as_budget(b: Budget | int | str | None, default: Budget) -> Budget:
     if b is None:
         return default
-    return b if isinstance(b, Budget) else Budget.parse(b)
+    return Budget.parse(b)
 
 
 def trained_high(checkpoint: str) -> Budget:
@@ -89,6 +88,7 @@ class CropSetPolicy:
         self.n_total = 0
 
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
+        from zoomvlm.awares.protocol import parse_crop_action
         from zoomvlm.targets.hf import chat_prompt, generate_texts
 
         views = [[low_res_view(img, self.high)] for img in images]
@@ -109,7 +109,7 @@ class FixedCropSet:
     """Always the same crop-set regions (``keys=[]`` = the low view only; ``['all']`` = always-all-crops)."""
 
     def __init__(self, keys: Sequence[str], high: Budget | int | str | None = None, name: str | None = None):
-        from zoomvlm.core.geometry import format_get_crops
+        from zoomvlm.awares.protocol import format_get_crops
 
         self.keys = list(keys)
         if self.keys:
@@ -124,7 +124,7 @@ class FixedCropSet:
 class OracleCropSet:
     """EVALUATION ONLY: the crop subset of the human evidence box(es), by AwaRes's IoU mapping rule.
 
-    Each evidence box is mapped with :func:`~zoomvlm.core.geometry.crops_for_box`; the subsets are merged. A
+    Each evidence box is mapped with :func:`~zoomvlm.awares.protocol.crops_for_box`; the subsets are merged. A
     sample without evidence gets the low view only.
     """
 

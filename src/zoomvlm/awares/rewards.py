@@ -18,8 +18,8 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-from zoomvlm.awares.protocol import awares_action, crop_set_proposal, parse_crop_action
-from zoomvlm.core.geometry import Budget, crop_set_area
+from zoomvlm.awares.protocol import awares_action, crop_set_area, crop_set_proposal, parse_crop_action
+from zoomvlm.core.geometry import Budget
 from zoomvlm.core.metrics import METRICS
 
 __all__ = [
@@ -38,7 +38,7 @@ class ToolCost:
 
     ``C_tool = alpha_miss`` if high resolution was needed (curation label ``HR``) and no crop was requested;
     ``alpha_use + lam * area(crops)`` if crops were requested (``area`` = fraction of the image covered by
-    the union of the requested crops, :func:`~zoomvlm.core.geometry.crop_set_area`); ``0`` otherwise.
+    the union of the requested crops, :func:`~zoomvlm.awares.protocol.crop_set_area`); ``0`` otherwise.
     ``alpha_miss > alpha_use`` (recall first: a missed crop costs more than an unneeded one).
 
     AwaRes does not publish its constants. Defaults, with ``R_ans`` in ``[0, 1]``: ``alpha_miss = 0.5``

@@ -3,10 +3,10 @@
 Protocol (AwaRes sec. 3.1; METHODS.md "AwaRes"; layout of :mod:`zoomvlm.awares.protocol`):
 
 - Turn 1: ``[system, user(low-res view, question)]`` -> greedy generation. A text without ``GET_CROPS`` is the
-  direct answer. ``GET_CROPS: [...]`` names crop-set regions (:data:`~zoomvlm.core.geometry.CROP_SET`).
+  direct answer. ``GET_CROPS: [...]`` names crop-set regions (:data:`~zoomvlm.awares.protocol.CROP_SET`).
 - Turn 2: the model's own turn-1 text becomes the assistant turn, then ``user(crop * k, tool text)`` with the
   crops cut from the ORIGINAL image at the ``high`` view's scale; greedy generation gives the answer.
-- A tool call that cannot be parsed (:class:`~zoomvlm.core.geometry.ToolCallError`) is recorded in
+- A tool call that cannot be parsed (:class:`~zoomvlm.awares.protocol.ToolCallError`) is recorded in
   :attr:`SelfZoomResult.tool_error` and logged; the answer is then the turn-1 text as is. It is never replaced
   by the full image (the official AwaRes parser silently does that).
 
@@ -45,9 +45,15 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from zoomvlm.awares.protocol import high_res_crops, low_res_view, trajectory_messages
-from zoomvlm.core.geometry import Budget, ToolCallError, parse_get_crops, resize_to_budget
-from zoomvlm.core.prompts import AWARES_SYSTEM_PROMPT
+from zoomvlm.awares.protocol import (
+    AWARES_SYSTEM_PROMPT,
+    ToolCallError,
+    high_res_crops,
+    low_res_view,
+    parse_get_crops,
+    trajectory_messages,
+)
+from zoomvlm.core.geometry import Budget, resize_to_budget
 from zoomvlm.targets.base import Usage
 from zoomvlm.targets.hf import HFTarget, answer_text, chat_prompt
 
@@ -301,7 +307,7 @@ def continue_with_crops(
 
     Args:
         state: from :func:`start_self_zoom`. With ``reuse_kv`` its cache is extended in place and consumed.
-        keys: crop-set keys (from :func:`~zoomvlm.core.geometry.parse_get_crops`), at least one.
+        keys: crop-set keys (from :func:`~zoomvlm.awares.protocol.parse_get_crops`), at least one.
         reuse_kv: feed only the tokens after the longest cached prefix of the full conversation (see the module
             docstring); False recomputes the whole conversation (the reference).
         output_logits: keep the turn-2 logits in :attr:`SelfZoomResult.turn2_logits`.
@@ -310,7 +316,7 @@ def continue_with_crops(
         The sample's :class:`SelfZoomResult`; ``rtr`` counts the low view plus these crops.
 
     Raises:
-        KeyError: a key not in :data:`~zoomvlm.core.geometry.CROP_SET`. ValueError: no key, or the state's cache was
+        KeyError: a key not in :data:`~zoomvlm.awares.protocol.CROP_SET`. ValueError: no key, or the state's cache was
         already consumed. NotImplementedError: ``reuse_kv`` for an architecture outside
         :data:`KV_REUSE_ARCHITECTURES`.
     """
@@ -485,7 +491,7 @@ class SelfZoomRunner:
         system: str | None = AWARES_SYSTEM_PROMPT,
     ):
         self.target = target
-        self.high = high if isinstance(high, Budget) else Budget.parse(high)
+        self.high = Budget.parse(high)
         self.reuse_kv = reuse_kv
         self.system = system
         self.name = f"self-zoom:{target.name}@{self.high}"

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from zoomvlm.core.geometry import Budget, ToolCallError, parse_get_crops
+from zoomvlm.awares.protocol import ToolCallError, parse_get_crops
+from zoomvlm.core.geometry import Budget
 from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trajectory_records
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.sft import CropperSFTConfig
@@ -202,7 +203,7 @@ def tool_call_loss_weights(
     Each contiguous run of supervised tokens (``labels != -100``) in row ``b`` is one assistant turn of
     ``messages[b]``, in order: the ``{% generation %}`` span is the turn's content plus its end-of-turn token,
     and turns are separated by unsupervised role headers. A turn whose text holds a ``GET_CROPS`` call
-    (:func:`~zoomvlm.core.geometry.parse_get_crops`) gets ``tool_call_weight``, every other supervised token 1.0,
+    (:func:`~zoomvlm.awares.protocol.parse_get_crops`) gets ``tool_call_weight``, every other supervised token 1.0,
     unsupervised tokens 0. Fewer runs than turns is allowed (``max_length`` truncation drops trailing turns).
 
     Raises:

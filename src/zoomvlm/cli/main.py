@@ -1,4 +1,4 @@
-"""The ``zoomvlm`` command line: ask | eval | report | demo | curate | train.
+"""The ``zoomvlm`` command line: ask | eval | report | demo | curate | train | serve.
 
 Heavy libraries (torch, transformers, onnxruntime) are imported inside the command that needs them, so
 ``zoomvlm --help`` answers at once.
@@ -11,29 +11,33 @@ import json
 import logging
 import shutil
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 
 DEMO_POLICIES = ("none", "center", "vlm", "oracle", "full")  # vlm = the shipped learned cropper
 
-_EPILOG_SPECS = """\
-targets (--target):
-  ocr             RapidOCR reader, real PP-OCR weights on CPU; answers with the transcript
-  hf:MODEL        transformers VLM by hub id or local folder, e.g. hf:HuggingFaceTB/SmolVLM-256M-Instruct
-  openai:MODEL    OpenAI-compatible endpoint, e.g. openai:gpt-4.1-nano ($OPENAI_API_KEY, $OPENAI_BASE_URL)
-policies (--policy):
-  none            global view only, at the target's budget
-  full            whole image at native resolution (cost ceiling, RTR 1.0)
-  center[:F]      one crop of F x width/height about the centre (default 0.5)
-  oracle[:M]      crop around the human evidence box (evaluation only)
-  vlm             the shipped learned cropper (tiny, CPU; trained on receipts with the CPU recipes)
-  vlm:CKPT        a learned cropper checkpoint (CropVLM), e.g. vlm:runs/tiny_grpo/final
-  crop-set        the shipped AwaRes crop-set policy: low-res view + requested high-res crops (tiny, CPU)
-  crop-set:CKPT   an AwaRes crop-set policy checkpoint (NO_CROPS or GET_CROPS: [...]); :CKPT@HIGH sets the
-                  high-resolution budget (default: the one it was trained with)
+_BUDGETS_HELP = """\
 budgets (--budget, --crop-budget):
   384 | side:384 longest side in pixels;  pixels:200000 pixel cap;  native no limit
 """
+
+
+def _specs_epilog() -> str:
+    """The targets/policies part of --help, generated from the registries (one source for every spec)."""
+    from zoomvlm.policies import POLICY_SPECS
+    from zoomvlm.targets import TARGET_SPECS
+
+    def block(title: str, specs: dict[str, str]) -> str:
+        import textwrap
+
+        width = max(len(k) for k in specs) + 2
+        return f"{title}:\n" + "".join(
+            textwrap.fill(v, 110, initial_indent=f"  {k:<{width}}", subsequent_indent=" " * (width + 2)) + "\n"
+            for k, v in specs.items()
+        )
+
+    return block("targets (--target)", TARGET_SPECS) + block("policies (--policy)", POLICY_SPECS) + _BUDGETS_HELP
 
 
 def _add_run_options(p: argparse.ArgumentParser, policy_default: str) -> None:
@@ -52,13 +56,28 @@ def _add_run_options(p: argparse.ArgumentParser, policy_default: str) -> None:
                    "policy's high view, else native")  # fmt: skip
 
 
-def _build(args):
+def _check_run_args(args):
+    """``(budget, crop_budget)`` parsed, and the target/policy specs checked: no model has loaded yet, so a typo
+    costs nothing (raises ValueError with the accepted forms)."""
     from zoomvlm.core.geometry import Budget
-    from zoomvlm.policies import load_policy
-    from zoomvlm.targets import load_target
+    from zoomvlm.policies import check_policy_spec
+    from zoomvlm.targets import check_target_spec
 
     budget = Budget.parse(args.budget) if args.budget is not None else None
     crop_budget = Budget.parse(args.crop_budget) if args.crop_budget is not None else None
+    if args.rtr_reference:
+        Budget.parse(args.rtr_reference)
+    check_target_spec(args.target)
+    check_policy_spec(args.policy)
+    return budget, crop_budget
+
+
+def _build(args):
+    """``(policy, target, crop_budget)``: the arguments checked first (:func:`_check_run_args`), then loaded."""
+    from zoomvlm.policies import load_policy
+    from zoomvlm.targets import load_target
+
+    budget, crop_budget = _check_run_args(args)
     return load_policy(args.policy), load_target(args.target, budget=budget), crop_budget
 
 
@@ -88,8 +107,9 @@ def cmd_ask(args) -> int:
 
     if args.policy.split(":")[0] == "oracle":
         raise ValueError("the oracle policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")
+    _check_run_args(args)
+    image = load_image(args.image)  # an unreadable image fails before any model loads
     policy, target, crop_budget = _build(args)
-    image = load_image(args.image)
     sample = Sample("ask", Path(args.image), args.question, tuple(args.answer or ()), image.width, image.height)
     record = run_batch([sample], policy, target, metric=_default_metric(args.target), crop_budget=crop_budget,
                        images=[image], rtr_reference=_rtr_reference(args, policy))[0]  # fmt: skip
@@ -220,12 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make vision-language models look where it matters: a zoom policy picks high-resolution "
         "regions, the target model answers from a cheap global view plus those crops.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_EPILOG_SPECS,
+        epilog=_specs_epilog(),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress details, and show the full traceback of an error")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ask", help="answer one question about one image", epilog=_EPILOG_SPECS,
+    p = sub.add_parser("ask", help="answer one question about one image", epilog=_specs_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("image", help="image file")
     p.add_argument("question", help="the question, quoted")
@@ -236,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("eval", help="evaluate a policy + target on a benchmark or JSONL dataset (resumable)",
-                       epilog=_EPILOG_SPECS, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                       epilog=_specs_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--data", required=True,
                    help="a benchmark (textvqa, docvqa, chartqa, ocrbench, vstar, hrbench4k, hrbench8k, pope, "
                         "realworldqa; from the HF hub, or $ZOOMVLM_DATA_DIR/<hub id>) or a JSONL file in the "
@@ -285,7 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     from zoomvlm.cli.train import add_commands as add_train_commands
 
     add_train_commands(sub)
+    add_serve_command(sub)
     return parser
+
+
+def add_serve_command(sub) -> None:
+    """``zoomvlm serve``: its options come from :class:`zoomvlm.serve.config.ServeConfig` (no heavy imports)."""
+    from zoomvlm.serve.config import ServeConfig
+
+    p = sub.add_parser("serve", help="OpenAI-compatible zoom server: local target or proxy in front of an endpoint",
+                       description="Serve POST /v1/chat/completions with a zoom policy in front of a target (local "
+                       "mode, --target) or an OpenAI-compatible endpoint (proxy mode, --upstream). Clients must "
+                       "send $ZOOMVLM_API_KEY when it is set; the upstream gets $OPENAI_API_KEY.")  # fmt: skip
+    ServeConfig.add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from zoomvlm.serve.config import ServeConfig
+    from zoomvlm.serve.server import build_service, serve
+
+    config = ServeConfig.from_namespace(args)
+    service = build_service(config)
+    what = f"target {config.target}" if config.mode == "local" else f"upstream {config.upstream}"
+    print(f"zoomvlm serve: policy {config.policy} in front of {what}; listening on "
+          f"http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)  # fmt: skip
+    serve(service)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (DatasetError, UnreadableImageError, RunMismatchError, RecipeError, ValueError, OSError,
             sqlite3.Error) as err:  # fmt: skip
-        print(f"zoomvlm {args.command}: error: {err}", file=sys.stderr)
+        # user errors read as one line; -v shows where it came from (an internal bug can raise these types too)
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        print(f"zoomvlm {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
 
 

@@ -1,4 +1,4 @@
-"""Boxes, box text formats, the AwaRes crop set, and crop/resize helpers.
+"""Boxes, box text formats, budgets and crop/resize helpers (the AwaRes crop set is in :mod:`zoomvlm.awares.protocol`).
 
 Everything here is pure (no model, no I/O) and is the single place where coordinates change frame.
 
@@ -18,8 +18,6 @@ Box(x0=0.1, y0=0.2, x1=0.6, y1=0.8)
 '[10, 20, 60, 80].'
 >>> round(b.iou(Box(0.1, 0.2, 0.6, 0.5)), 3)
 0.5
->>> parse_get_crops("GET_CROPS: ['0', '5']")
-['0', '5']
 """
 
 from __future__ import annotations
@@ -36,19 +34,12 @@ __all__ = [
     "Box",
     "BoxFormatError",
     "Budget",
-    "CROP_SET",
-    "CROP_SET_NAMES",
-    "ToolCallError",
     "crop_image",
-    "crop_set_area",
-    "crops_for_box",
     "half_resolution_budget",
     "expand_small_box",
     "format_bbox_2d",
-    "format_get_crops",
     "format_percent_box",
     "parse_bbox_2d",
-    "parse_get_crops",
     "parse_percent_box",
     "percentile_thresholds",
     "resize_to_budget",
@@ -60,10 +51,6 @@ _EPS = 1e-9
 
 class BoxFormatError(ValueError):
     """A box (or box text) is malformed; the message says why, e.g. ``"x2 (10) must be > x1 (40)"``."""
-
-
-class ToolCallError(ValueError):
-    """A ``GET_CROPS`` tool call was attempted but cannot be parsed; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -323,142 +310,6 @@ def expand_small_box(box: Box, thresholds: Sequence[float]) -> Box:
 
 
 # ---------------------------------------------------------------------------------------------
-# AwaRes crop set and GET_CROPS tool calls (METHODS.md, AwaRes)
-# ---------------------------------------------------------------------------------------------
-CROP_SET: dict[str, Box] = {
-    "0": Box(0.0, 0.0, 0.5, 0.5),  # top-left quadrant
-    "1": Box(0.5, 0.0, 1.0, 0.5),  # top-right quadrant
-    "2": Box(0.0, 0.5, 0.5, 1.0),  # bottom-left quadrant
-    "3": Box(0.5, 0.5, 1.0, 1.0),  # bottom-right quadrant
-    "4": Box(0.25, 0.25, 0.75, 0.75),  # center, half-size
-    "5": Box(0.0, 0.0, 1.0, 0.5),  # top half
-    "6": Box(0.0, 0.5, 1.0, 1.0),  # bottom half
-    "7": Box(0.0, 0.0, 0.5, 1.0),  # left half
-    "8": Box(0.5, 0.0, 1.0, 1.0),  # right half
-    "all": Box(0.0, 0.0, 1.0, 1.0),
-}
-"""AwaRes's fixed crop set, index -> normalised region (quadrants, center, halves, all)."""
-
-CROP_SET_NAMES: dict[str, str] = {
-    "0": "top-left", "1": "top-right", "2": "bottom-left", "3": "bottom-right", "4": "center",
-    "5": "top", "6": "bottom", "7": "left", "8": "right", "all": "all",
-}  # fmt: skip
-_CROP_ALIASES = {v.replace("-", " "): k for k, v in CROP_SET_NAMES.items()} | {
-    "centre": "4", "middle": "4", "full": "all", "whole": "all",
-}  # fmt: skip
-
-
-def parse_get_crops(text: str) -> list[str] | None:
-    """Parse an AwaRes tool call ``GET_CROPS: ['0', '5']`` into crop-set keys, or None if there is none.
-
-    Tolerant where the official parser is not: any case, optional colon, single/double/no quotes,
-    spaces, crop names (``'top-left'``) as well as indices, ``all``. Duplicates are dropped, order kept.
-
-    Returns:
-        ``None`` when the text contains no ``GET_CROPS`` (a direct answer), else the list of keys of
-        :data:`CROP_SET`.
-
-    Raises:
-        ToolCallError: ``GET_CROPS`` is present but its list is missing, empty or names an unknown crop.
-            Callers count these; they are never silently replaced by the full image.
-    """
-    match = re.search(r"get[_ ]?crops", text, flags=re.IGNORECASE)
-    if match is None:
-        return None
-    rest = text[match.end() :]
-    listed = re.match(r"\s*:?\s*\[([^\]]*)\]", rest)
-    if listed is None:
-        raise ToolCallError(f"GET_CROPS without a [...] list: {text.strip()[:80]!r}")
-    items = [t.strip().strip("'\"").strip().lower() for t in listed.group(1).split(",")]
-    items = [t for t in items if t]
-    if not items:
-        raise ToolCallError("GET_CROPS with an empty list")
-    keys: list[str] = []
-    for item in items:
-        key = item if item in CROP_SET else _CROP_ALIASES.get(item.replace("-", " ").replace("_", " "))
-        if key is None:
-            raise ToolCallError(f"unknown crop {item!r}; valid: {', '.join(CROP_SET)}")
-        if key not in keys:
-            keys.append(key)
-    return keys
-
-
-def format_get_crops(keys: Sequence[str]) -> str:
-    """Render crop-set keys as the canonical tool call, e.g. ``GET_CROPS: ['0', '5']``.
-
-    Raises:
-        ToolCallError: a key is not in :data:`CROP_SET`, or no key is given.
-    """
-    if not keys:
-        raise ToolCallError("a tool call needs at least one crop")
-    bad = [k for k in keys if k not in CROP_SET]
-    if bad:
-        raise ToolCallError(f"unknown crop(s) {bad}; valid: {', '.join(CROP_SET)}")
-    return "GET_CROPS: [" + ", ".join(f"'{k}'" for k in keys) + "]"
-
-
-def crop_set_area(keys: Sequence[str]) -> float:
-    """Fraction of the image covered by the UNION of the crop-set regions ``keys`` (AwaRes's area(A)).
-
-    Overlaps count once (``['0', '5']`` covers 0.5, not 0.75), so the cost term of the AwaRes reward
-    measures how much high-resolution evidence was requested. Exact: the crop-set corners lie on a
-    0.25 grid, so the union is summed over the 16 grid cells.
-
-    >>> crop_set_area(['0']), crop_set_area(['0', '5']), crop_set_area(['4', 'all'])
-    (0.25, 0.5, 1.0)
-
-    Raises:
-        ToolCallError: an unknown key.
-    """
-    bad = [k for k in keys if k not in CROP_SET]
-    if bad:
-        raise ToolCallError(f"unknown crop(s) {bad}; valid: {', '.join(CROP_SET)}")
-    covered = 0
-    for i in range(4):
-        for j in range(4):
-            cx, cy = (i + 0.5) / 4, (j + 0.5) / 4
-            if any(CROP_SET[k].x0 <= cx <= CROP_SET[k].x1 and CROP_SET[k].y0 <= cy <= CROP_SET[k].y1 for k in keys):
-                covered += 1
-    return covered / 16
-
-
-def crops_for_box(box: Box, iou_threshold: float) -> list[str]:
-    """AwaRes curation: the crop subset for an evidence box, ``{c in CROP_SET : IoU(box, c) >= threshold}``.
-
-    ``all`` is excluded (it is the answer for a whole-image box only). Evidence on receipts is often a thin
-    text line whose IoU with any crop is tiny, so when no crop passes the threshold the subset is the
-    SMALLEST crop containing >= 99 % of the box, else the crop of highest IoU (ties: the one covering more
-    of the box). AwaRes sec. 3.2 defines the subset by the threshold only; the fallback is ours. Measured on
-    the 760 OCR-grounded (model-made) seed boxes of receipts train, the subset fully covers the box for
-    99.3 / 98.6 / 96.1 % of them at threshold 0.1 / 0.2 / 0.3, for a mean area of 0.42 / 0.39 / 0.38.
-
-    >>> crops_for_box(Box(0.6, 0.6, 0.9, 0.9), 0.2)
-    ['3']
-    >>> crops_for_box(Box(0.1, 0.2, 0.9, 0.23), 0.2)  # a full-width line in the top half
-    ['5']
-    >>> crops_for_box(Box(0.0, 0.0, 1.0, 1.0), 0.2)
-    ['all']
-
-    Raises:
-        ValueError: ``iou_threshold`` outside ``(0, 1]``.
-    """
-    if not 0.0 < iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-    if box.iou(CROP_SET["all"]) >= 0.999:
-        return ["all"]
-    crops = {k: c for k, c in CROP_SET.items() if k != "all"}
-    ious = {k: box.iou(c) for k, c in crops.items()}
-    chosen = [k for k, v in ious.items() if v >= iou_threshold]
-    if chosen:
-        return chosen
-    covered = {k: box.intersection(c) / box.area if box.area > 0 else 0.0 for k, c in crops.items()}
-    containing = [k for k, v in covered.items() if v >= 0.99]
-    if containing:
-        return [min(containing, key=lambda k: crops[k].area)]
-    return [max(ious, key=lambda k: (ious[k], covered[k]))]
-
-
-# ---------------------------------------------------------------------------------------------
 # Images: crops from the ORIGINAL image, and views resized to a budget
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -487,13 +338,16 @@ class Budget:
         return self.max_side is None and self.max_pixels is None
 
     @classmethod
-    def parse(cls, spec: str | int | None) -> Budget:
+    def parse(cls, spec: Budget | str | int | None) -> Budget:
         """``384`` / ``"384"`` / ``"side:384"`` -> longest side; ``"pixels:N"`` -> pixel cap;
-        ``None`` / ``"native"`` / ``"full"`` -> no limit.
+        ``None`` / ``"native"`` / ``"full"`` -> no limit; a :class:`Budget` is returned as is (so every
+        constructor that takes a budget takes any of these forms through this one call).
 
         Raises:
             ValueError: anything else, with the accepted forms.
         """
+        if isinstance(spec, Budget):  # Budget.parse(Budget(max_side=384)) is Budget(max_side=384)
+            return spec
         if spec is None or isinstance(spec, int):
             return cls(max_side=spec)
         s = str(spec).strip().lower()

@@ -56,7 +56,7 @@ class VLMCropper:
     ):
         if budget is None:
             budget = _trained_budget(checkpoint)
-        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.budget = Budget.parse(budget)
         self.max_new_tokens = max_new_tokens
         if model is None or processor is None:
             model, processor = load_vlm(checkpoint, device=device)

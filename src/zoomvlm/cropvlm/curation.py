@@ -46,6 +46,7 @@ from zoomvlm.core.geometry import (
     resize_to_budget,
 )
 from zoomvlm.core.prompts import cropper_prompt, grounding_prompt
+from zoomvlm.data.samples import read_appended_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class OCRGrounder:
     name = "ocr"
 
     def __init__(self, budget: Budget | int | str | None = "side:2048", threshold: float = 90.0, reader=None):
-        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.budget = Budget.parse(budget)
         self.threshold = threshold
         self._reader = reader
         self._cache: dict[str, list] = {}
@@ -252,18 +253,8 @@ def sft_record(sample_id: str, image: str, question: str, box: Box) -> dict:
 
 
 def _read_done(path: Path) -> dict[str, dict]:
-    done: dict[str, dict] = {}
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for i, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # torn last line of a killed run: redo that sample
-                    continue
-                raise
-            done[row["id"]] = row
-    return done
+    # a torn last line of a killed run is cut off (that sample is redone), so appending continues cleanly
+    return {row["id"]: row for row in read_appended_jsonl(path, repair=True)}
 
 
 def start_curation(samples, out_dir: str | Path) -> tuple[list, Path, dict[str, dict], list]:

@@ -76,9 +76,7 @@ class _TargetReward:
 
     def __init__(self, target, crop_budget: Budget | int | str | None = None, image_cache: int = 16):
         self.target = target
-        self.crop_budget = (
-            crop_budget if isinstance(crop_budget, Budget) or crop_budget is None else Budget.parse(crop_budget)
-        )
+        self.crop_budget = None if crop_budget is None else Budget.parse(crop_budget)
         self._images: OrderedDict[str, Image.Image] = OrderedDict()
         self._image_cache = image_cache
         self.n_calls = 0  # target requests actually sent (after dedupe), for logging and tests

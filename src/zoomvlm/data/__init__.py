@@ -9,6 +9,16 @@ from zoomvlm.data.samples import (
     load_image,
     load_jsonl,
     load_samples,
+    read_appended_jsonl,
 )
 
-__all__ = ["DatasetError", "Sample", "UnreadableImageError", "iter_jsonl", "load_image", "load_jsonl", "load_samples"]
+__all__ = [
+    "DatasetError",
+    "Sample",
+    "UnreadableImageError",
+    "iter_jsonl",
+    "load_image",
+    "load_jsonl",
+    "load_samples",
+    "read_appended_jsonl",
+]

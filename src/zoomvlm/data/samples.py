@@ -19,6 +19,7 @@ stay on disk until :meth:`Sample.load_image` is called.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -28,7 +29,18 @@ from PIL import Image, UnidentifiedImageError
 
 from zoomvlm.core.geometry import Box, BoxFormatError
 
-__all__ = ["DatasetError", "Sample", "UnreadableImageError", "load_image", "load_jsonl", "load_samples"]
+__all__ = [
+    "DatasetError",
+    "Sample",
+    "UnreadableImageError",
+    "iter_jsonl",
+    "load_image",
+    "load_jsonl",
+    "load_samples",
+    "read_appended_jsonl",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -159,6 +171,34 @@ def iter_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
                 raise error(f"{where}: not valid JSON ({err.msg})") from err
+
+
+def read_appended_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """The records of an append-only JSONL file that a crashed run may have left torn (results, curation).
+
+    A final line without its newline (a write cut by a crash) is not a record. With ``repair=True`` it
+    is truncated away so appending continues on a clean line; any OTHER unparseable line is corruption
+    and raises ValueError naming the line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete, _, torn = data.rpartition(b"\n")
+    if torn:
+        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted write", path, len(torn))
+        if repair:
+            with path.open("r+b") as f:
+                f.truncate(len(complete) + 1 if complete else 0)
+    records = []
+    for lineno, line in enumerate(complete.split(b"\n") if complete else [], start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno} is not a valid record ({err.msg})") from err
+    return records
 
 
 def load_jsonl(path: str | Path, check_images: bool = True) -> list[Sample]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from zoomvlm.core.geometry import Box
 from zoomvlm.data.samples import DatasetError, Sample, UnreadableImageError, load_jsonl
-from zoomvlm.evaluation.run import read_run, results_files, summarize
+from zoomvlm.evaluation.run import read_run, render_table, results_files, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +155,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
     """
     header = ["benchmark", "run", "policy", "target", "metric", "n", "accuracy %", "RTR", "policy ms/q",
               "target ms/q", "evidence hit %", "cached %"]  # fmt: skip
-    align = ["---" if i < 5 else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    body = []
     order = list(dict.fromkeys(r.benchmark for r in runs))
     for bench in order:
         for run in (r for r in runs if r.benchmark == bench):
@@ -168,8 +167,8 @@ def markdown_table(runs: Sequence[Run]) -> str:
                      str(run.config.get("target", "?")), str(run.config.get("metric", "?")), n, _pct(s["accuracy"]),
                      _num(s["rtr"], ".3f"), _num(s["policy_ms"], ".1f"), _num(s["target_ms"], ".1f"),
                      _pct(s["evidence_hit_rate"]), _pct(s["cached_rate"])]  # fmt: skip
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+            body.append(cells)
+    return render_table(header, body, markdown=True, text_columns=5)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.pipeline import run_batch
-from zoomvlm.data.samples import Sample
+from zoomvlm.data.samples import Sample, read_appended_jsonl
 from zoomvlm.policies.base import ZoomPolicy
 from zoomvlm.targets.base import Target
 
@@ -55,30 +55,9 @@ class RunMismatchError(RuntimeError):
 
 
 def read_results(path: Path, repair: bool = False) -> list[dict]:
-    """Records of a ``results.jsonl``.
-
-    A final line without its newline (a write cut by a crash) is not a record. With ``repair=True`` it
-    is truncated away so appending continues on a clean line; any OTHER unparseable line is corruption
-    and raises ValueError naming the line.
-    """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete, _, torn = data.rpartition(b"\n")
-    if torn:
-        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted write", path, len(torn))
-        if repair:
-            with path.open("r+b") as f:
-                f.truncate(len(complete) + 1 if complete else 0)
-    records = []
-    for lineno, line in enumerate(complete.split(b"\n") if complete else [], start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno} is not a valid record ({err.msg})") from err
-    return records
+    """Records of a ``results.jsonl``: :func:`zoomvlm.data.samples.read_appended_jsonl` (a torn last line from a
+    crash is not a record; ``repair=True`` cuts it off so appending continues on a clean line)."""
+    return read_appended_jsonl(path, repair)
 
 
 def _check_run_config(out_dir: Path, config: dict) -> None:
@@ -333,6 +312,21 @@ def summarize(records: Sequence[dict]) -> dict:
     }
 
 
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False, text_columns: int = 1):
+    """``rows`` of already formatted cells under ``header``, as GitHub markdown or as aligned plain text.
+
+    The first ``text_columns`` columns are left-aligned, the rest (numbers) right-aligned. The one table writer
+    of ``eval``, ``demo`` and ``report`` (tabulate does the layout; ``|`` inside a markdown cell is escaped).
+    """
+    from tabulate import tabulate
+
+    align = ["left" if i < text_columns else "right" for i in range(len(header))]
+    if markdown:
+        rows = [[c.replace("|", "\\|") for c in r] for r in rows]
+    return tabulate(rows, headers=list(header), tablefmt="pipe" if markdown else "simple", colalign=align,
+                    disable_numparse=True)  # fmt: skip
+
+
 def format_table(rows: Sequence[tuple[str, dict]], markdown: bool = False) -> str:
     """A table of summaries, one row per (label, summary), as ``zoomvlm eval``/``demo`` print it.
 
@@ -352,12 +346,4 @@ def format_table(rows: Sequence[tuple[str, dict]], markdown: bool = False) -> st
          num(s["policy_s"], ".3f"), num(s["target_s"], ".3f"), num(s["total_s"], ".3f"), str(s["format_failures"])]
         for label, s in rows
     ]  # fmt: skip
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in [header, *body]]
-        lines.insert(1, "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in [header, *body]]  # fmt: skip
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return render_table(header, body, markdown)

@@ -5,6 +5,20 @@ the learned policies live with their method (:mod:`zoomvlm.cropvlm`, :mod:`zoomv
 """
 
 from zoomvlm.policies.base import Proposal, ZoomPolicy
-from zoomvlm.policies.registry import POLICY_SPECS, default_crop_set_path, default_cropper_path, load_policy
+from zoomvlm.policies.registry import (
+    POLICY_SPECS,
+    check_policy_spec,
+    default_crop_set_path,
+    default_cropper_path,
+    load_policy,
+)
 
-__all__ = ["POLICY_SPECS", "Proposal", "ZoomPolicy", "default_crop_set_path", "default_cropper_path", "load_policy"]
+__all__ = [
+    "POLICY_SPECS",
+    "Proposal",
+    "ZoomPolicy",
+    "check_policy_spec",
+    "default_crop_set_path",
+    "default_cropper_path",
+    "load_policy",
+]

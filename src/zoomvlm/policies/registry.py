@@ -19,6 +19,23 @@ POLICY_SPECS = {
 }
 
 
+def spec_kind(spec: str) -> str:
+    """The kind of a spec string: ``"vlm:runs/x"`` -> ``"vlm"``, ``"crop-set@side:768"`` -> ``"crop-set"``,
+    ``"center[:F]"`` (a :data:`POLICY_SPECS` form) -> ``"center"``."""
+    return spec.split("[")[0].split(":")[0].split("@")[0]
+
+
+def check_policy_spec(spec: str) -> None:
+    """Refuse an unknown policy kind BEFORE anything loads (the CLI calls it before loading a target).
+
+    Raises:
+        ValueError: the kind is not one of :data:`POLICY_SPECS`, with the accepted forms.
+    """
+    if spec_kind(spec) not in {spec_kind(form) for form in POLICY_SPECS}:
+        forms = "; ".join(f"{k} ({v})" for k, v in POLICY_SPECS.items())
+        raise ValueError(f"unknown policy {spec!r}; use one of: {forms}")
+
+
 def default_crop_set_path() -> str:
     """Folder of the AwaRes crop-set policy shipped inside the package (``crop-set`` with no checkpoint)."""
     from importlib import resources

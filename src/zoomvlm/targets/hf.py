@@ -159,7 +159,7 @@ class HFTarget:
         model=None,
         processor=None,
     ):
-        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.budget = Budget.parse(budget)
         self.max_new_tokens = max_new_tokens
         if model is None or processor is None:
             model, processor = load_vlm(model_id, device=device, dtype=dtype)

@@ -243,13 +243,14 @@ def _local_folder(path_or_id: str | os.PathLike, **kwargs: Any) -> Path | None:
     folder = Path(path_or_id)
     if folder.is_dir():
         return folder
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    try:
         cached = snapshot_download(
             str(path_or_id), local_files_only=True, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
         )
-    except Exception:
+    except (LocalEntryNotFoundError, HFValidationError):  # not in the local hub cache, or not a repo id at all
         return None
     return Path(cached)
 
@@ -259,8 +260,8 @@ def load_processor(path_or_id: str | os.PathLike, **kwargs: Any):
 
     1. ``AutoProcessor.from_pretrained(path_or_id, **kwargs)`` (the only step for users with torchvision or
        for hub ids);
-    2. if that fails, torchvision is missing and ``path_or_id`` is a local folder written by
-       ``processor.save_pretrained`` (or a hub id already in the local cache): rebuild the processor class
+    2. only if that fails with the ImportError of a missing torchvision, and ``path_or_id`` is a local folder
+       written by ``processor.save_pretrained`` (or a hub id already in the local cache): rebuild the processor class
        named in ``processor_config.json`` from the saved tokenizer, the PIL twin of the saved image processor
        (``SmolVLMImageProcessorPil``, ``Qwen2VLImageProcessorPil``, ``CLIPImageProcessorPil``) and, where
        needed, a video processor that builds without torchvision (``ImagesOnlyVideoProcessor``; SmolVLM and
@@ -273,16 +274,18 @@ def load_processor(path_or_id: str | os.PathLike, **kwargs: Any):
     """
     from transformers import AutoProcessor
 
+    if torchvision_available():  # the normal path: nothing to work around
+        return AutoProcessor.from_pretrained(str(path_or_id), **kwargs)
     ensure_processors_without_torchvision()
     try:
         return AutoProcessor.from_pretrained(str(path_or_id), **kwargs)
-    except Exception as auto_err:
-        folder = None if torchvision_available() else _local_folder(path_or_id, **kwargs)
+    except ImportError as auto_err:  # "...VideoProcessor requires the Torchvision library": what we work around
+        folder = _local_folder(path_or_id, **kwargs)
         if folder is None:
             raise
         try:
             return _rebuild_processor(folder, **kwargs)
-        except Exception as rebuild_err:
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as rebuild_err:  # a config we cannot read
             raise RuntimeError(
                 f"Could not load a processor from {str(path_or_id)!r}.\n"
                 f"  AutoProcessor.from_pretrained failed: {type(auto_err).__name__}: {auto_err}\n"

@@ -70,7 +70,7 @@ class OCRTarget:
     """
 
     def __init__(self, budget: Budget | int | str | None = 384, text_score: float = 0.5, cache_size: int = 8):
-        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.budget = Budget.parse(budget)
         self.text_score = text_score
         self.name = f"ocr@{self.budget}"
         self._engine = None

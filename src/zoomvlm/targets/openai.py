@@ -77,7 +77,7 @@ class OpenAITarget:
         transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.model = model
-        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.budget = Budget.parse(budget)
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         if max_concurrency < 1:

@@ -115,7 +115,7 @@ def trajectory_records(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trajectories file {path} not found; write it with `zoomvlm curate awares`")
-    override = None if high is None else str(high if isinstance(high, Budget) else Budget.parse(high))
+    override = None if high is None else str(Budget.parse(high))
     for where, row in iter_jsonl(path):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: a record must be a JSON object")

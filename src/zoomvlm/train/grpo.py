@@ -67,7 +67,7 @@ def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
     """
     import datasets
 
-    from zoomvlm.core.prompts import crop_set_policy_prompt
+    from zoomvlm.awares.protocol import crop_set_policy_prompt
 
     prompt_fn = {"cropper": cropper_prompt, "crop_set": crop_set_policy_prompt}.get(policy)
     if prompt_fn is None:

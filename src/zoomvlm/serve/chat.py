@@ -1,0 +1,196 @@
+"""The chat-completions request: schema checks, its images, and the payload forwarded upstream with crops.
+
+Only what the zoom server needs is typed (roles, content parts, image URLs); every other field of
+OpenAI's schema (temperature, max_tokens, tools, ...) passes through to the upstream untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zoomvlm.serve.errors import ServeError
+from zoomvlm.serve.media import DecodedImage, MediaLimits, decode_data_url, fetch_remote_image
+
+__all__ = [
+    "ChatRequest",
+    "RequestImage",
+    "image_parts",
+    "load_images",
+    "parse_chat_request",
+    "question_of",
+    "with_crops",
+]
+
+
+class _ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class _ImagePart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["image_url"]
+    image_url: _ImageURL
+
+
+_Part = Annotated[_TextPart | _ImagePart, Field(discriminator="type")]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_Part] | None = None
+
+
+class ChatRequest(BaseModel):
+    """The typed part of a ``POST /v1/chat/completions`` body (other fields are kept, not checked)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+
+
+def parse_chat_request(body: bytes) -> tuple[dict, ChatRequest]:
+    """Parse and check a request body.
+
+    Returns:
+        ``(raw, typed)``: the JSON object as sent (forwarded upstream) and its checked view.
+
+    Raises:
+        ServeError: 400 ``invalid_json`` (not UTF-8 JSON, or not an object) or ``invalid_request`` (schema),
+            naming the first offending field, e.g. ``messages.0.content.1.type``.
+    """
+    try:
+        raw = json.loads(body)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise ServeError(400, f"request body is not valid JSON: {str(err)[:200]}", "invalid_json") from err
+    if not isinstance(raw, dict):
+        raise ServeError(400, "request body must be a JSON object", "invalid_json")
+    try:
+        typed = ChatRequest.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise ServeError(400, f"invalid request: {param}: {first['msg']}", "invalid_request", param) from err
+    return raw, typed
+
+
+@dataclass
+class RequestImage:
+    """One image part of the request, decoded.
+
+    Attributes:
+        message, part: indices of the message and the content part that hold it.
+        image: the ORIGINAL image (native resolution, RGB); crops are cut from it.
+        zoom: True for images of the last user message (the ones the policy looks at).
+        url: a data URL of the image as received, or re-encoded when it was fetched from a remote URL.
+    """
+
+    message: int
+    part: int
+    image: Image.Image
+    zoom: bool
+    url: str
+    decoded: DecodedImage | None = field(default=None, repr=False)
+
+
+def image_parts(typed: ChatRequest) -> list[tuple[int, int, str]]:
+    """``(message index, part index, url)`` of every image part, in request order."""
+    out = []
+    for i, message in enumerate(typed.messages):
+        if isinstance(message.content, list):
+            out.extend((i, j, p.image_url.url) for j, p in enumerate(message.content) if isinstance(p, _ImagePart))
+    return out
+
+
+def question_of(typed: ChatRequest) -> str:
+    """The text of the last user message (its text parts joined by newlines): what the policy reads."""
+    for message in reversed(typed.messages):
+        if message.role == "user":
+            if isinstance(message.content, str):
+                return message.content
+            if isinstance(message.content, list):
+                return "\n".join(p.text for p in message.content if isinstance(p, _TextPart))
+            return ""
+    return ""
+
+
+def _last_user(typed: ChatRequest) -> int | None:
+    users = [i for i, m in enumerate(typed.messages) if m.role == "user"]
+    return users[-1] if users else None
+
+
+async def load_images(typed: ChatRequest, limits: MediaLimits, max_images: int) -> list[RequestImage]:
+    """Decode every image of the request under ``limits`` (see :mod:`zoomvlm.serve.media`).
+
+    The count is checked before anything is decoded.
+
+    Raises:
+        ServeError: 400 ``too_many_images`` or any refusal of :mod:`zoomvlm.serve.media`.
+    """
+    import asyncio
+
+    parts = image_parts(typed)
+    if len(parts) > max_images:
+        raise ServeError(
+            400, f"{len(parts)} images in one request, over the limit of {max_images}", "too_many_images", "messages"
+        )
+    last = _last_user(typed)
+    out = []
+    for i, j, url in parts:
+        param = f"messages.{i}.content.{j}.image_url"
+        if url.startswith("data:"):
+            decoded = await asyncio.to_thread(decode_data_url, url, limits, param)
+            kept_url = url
+        elif url.split(":", 1)[0].lower() in ("http", "https"):
+            decoded = await fetch_remote_image(url, limits, param)
+            from zoomvlm.targets.openai import image_data_url
+
+            kept_url = image_data_url(decoded.image)
+        else:
+            raise ServeError(
+                400, "image_url must be a data: URL (or an allowed https URL)", "invalid_image_url", param
+            )
+        out.append(RequestImage(i, j, decoded.image, i == last, kept_url, decoded))
+    return out
+
+
+def with_crops(
+    raw: dict,
+    images: list[RequestImage],
+    global_urls: list[str | None],
+    crop_urls: list[list[str]],
+    model: str | None,
+) -> dict:
+    """The payload forwarded upstream: the client's request with zoomed views and crops appended.
+
+    Args:
+        raw: the request as the client sent it (not modified).
+        images: the request's images (:func:`load_images`).
+        global_urls: per image, the data URL of its global view, or ``None`` to keep the part as received.
+        crop_urls: per image, the data URLs of its crops, appended (in order) at the end of the content
+            of the message that holds the image, as ``image_url`` parts.
+        model: replaces ``model`` when given (``--upstream-model``).
+    """
+    out = copy.deepcopy(raw)
+    if model:
+        out["model"] = model
+    for img, url, crops in zip(images, global_urls, crop_urls, strict=True):
+        content = out["messages"][img.message]["content"]
+        content[img.part]["image_url"]["url"] = url or img.url  # img.url: as received, or a fetched image
+        content.extend({"type": "image_url", "image_url": {"url": c}} for c in crops)
+    return out
