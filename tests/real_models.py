@@ -98,6 +98,9 @@ def _shrink(family: str, config):
         # unchanged: image_size 336, patch_size 14 (-> 24 x 24 = 576 tokens)
     else:
         raise KeyError(family)
+    t = config.text_config
+    if getattr(t, "layer_types", None):  # derived per layer at load time: keep it consistent with the layer count
+        t.layer_types = t.layer_types[: t.num_hidden_layers]
     return config
 
 

@@ -247,7 +247,7 @@ def _one_hot(n, k):
         ("qwen2_5_vl", (448, 336), None, 9 * 16 + 13, Box(13 / 16, 9 / 12, 14 / 16, 10 / 12)),
         # LLaVA: 24x24 over the square view: token 20*24+3 is row 20, col 3
         ("llava", (336, 336), None, 20 * 24 + 3, Box(3 / 24, 20 / 24, 4 / 24, 21 / 24)),
-        # LLaVA, a 168x336 portrait padded to 336x336 (84 px each side): col 12 (x 168-182 px) is the image x 84-98 of 168
+        # LLaVA, 168x336 padded to 336x336 (84 px each side): col 12 (x 168-182 px) is the image x 84-98 of 168
         ("llava", (168, 336), None, 0 * 24 + 12, Box(0.5, 0.0, 0.5 + 14 / 168, 1 / 24)),
         # SmolVLM at 1024 px: a 1024x512 view is 1 x 2 tiles of 8x8 tokens, then the 8x8 global view. Token 64 +
         # 6*8 + 1 is tile (0, 1), cell (6, 1); token 128 + 2*8 + 5 is the global view's cell (2, 5).
