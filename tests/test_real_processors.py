@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 from zoomvlm.awares import self_zoom
-from zoomvlm.awares.protocol import PROTOCOLS, trajectory_messages
+from zoomvlm.awares.protocol import AWARES_RELEASED_SYSTEM_PROMPT, PROTOCOLS, trajectory_messages
 from zoomvlm.awares.self_zoom import SelfZoomPolicy, continue_with_crops, start_self_zoom
 from zoomvlm.core.geometry import Box, Budget, resize_to_budget
 from zoomvlm.core.pipeline import run_batch
-from zoomvlm.core.prompts import AWARES_RELEASED_SYSTEM_PROMPT
 from zoomvlm.data.samples import Sample
 from zoomvlm.policies import attention
 from zoomvlm.policies.attention import AttentionCrop, attention_heatmap, best_window, image_token_boxes
