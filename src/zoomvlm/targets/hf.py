@@ -44,11 +44,13 @@ BUDGET_MEANING = {
     "idefics3": "view shrunk to the budget (capped at size.longest_edge, 2048 as released), then rounded UP to "
     "whole 512 px tiles (max_image_size) and split: 64 tokens per tile, plus one 512 px global tile when split. "
     "<=512 px: 1 tile = 64 tokens; <=1024: <=5 tiles = <=320; <=2048: <=17 tiles = <=1088",
-    "qwen2_vl": "view shrunk to the budget (capped at max_pixels), then to multiples of 28 px: (H/28)*(W/28) "
-    "tokens (patch 14, merge 2); 384 px side of a 3:4 image = 14*10 = 140 tokens, 1024 px = 36*27 = 972",
+    "qwen2_vl": "view shrunk to the budget (the processor caps it at max_pixels), then resized to multiples of "
+    "28 px: (H/28)*(W/28) tokens (patch 14, merge 2); a 3:4 view at 384 px = 140 tokens, at 1024 px = 999",
     "llava": "every view is padded to a square (LLaVA-1.5's own evaluation, no centre crop) and resized to "
     "336x336: always 576 tokens; the budget only limits the detail (the view is shrunk to it first)",
 }
+"""Per family, what a view budget means in visual tokens (measured with the real processors of SmolVLM-256M-Instruct,
+Qwen2.5-VL-7B-Instruct and llava-1.5-7b-hf; ``tests/test_real_processors.py``)."""
 
 
 def load_vlm(model_id: str, device: str | None = None, dtype: str | torch.dtype = "auto"):
