@@ -195,7 +195,7 @@ def test_self_zoom_policy_in_eval_and_report(real_vlms, noise, tmp_path):
 
 
 def test_self_zoom_refuses_targets_that_cannot_decide(tmp_path):
-    with pytest.raises(TypeError, match="hf: target"):
+    with pytest.raises(ValueError, match="hf: target"):
         SelfZoomPolicy().answer_with(_FakeTarget(), [Image.new("RGB", (8, 8))], ["q"])
     with pytest.raises(ValueError, match="unknown self-zoom protocol"):
         load_policy("self-zoom:nope")
@@ -310,5 +310,5 @@ def test_heatmap_and_window():
     heat = attention_heatmap(boxes, torch.tensor([1.0, 3.0, 100.0]), cells=4)
     assert float(heat.sum()) == pytest.approx(4.0)  # the padding token's weight is dropped
     assert best_window(heat, 0.5) == Box(0.5, 0.5, 1.0, 1.0)
-    with pytest.raises(TypeError, match="hf: target"):
+    with pytest.raises(ValueError, match="hf: target"):
         AttentionCrop().bind_target(_FakeTarget())

@@ -537,7 +537,7 @@ class SelfZoomPolicy:
         which self-zoom bypasses). Returns ``[(Proposal, Generation), ...]`` in order (see the class docstring).
 
         Raises:
-            TypeError: ``target`` is not an ``hf:`` target (API and OCR targets cannot run the two-turn protocol).
+            ValueError: ``target`` is not an ``hf:`` target (API and OCR targets cannot run the two-turn protocol).
         """
         from zoomvlm.awares.protocol import CROP_SET
         from zoomvlm.policies.base import Proposal
@@ -545,7 +545,7 @@ class SelfZoomPolicy:
 
         hf = getattr(target, "target", target)  # unwrap a CachedTarget
         if not isinstance(hf, HFTarget):
-            raise TypeError(f"--policy self-zoom needs an hf: target (the model decides itself), got {target.name}")
+            raise ValueError(f"--policy self-zoom needs an hf: target (the model decides itself), got {target.name}")
         results = _self_zoom(
             hf,
             images,

@@ -162,7 +162,7 @@ class AttentionCrop:
             crop size, so the two are comparable).
 
     Raises:
-        ValueError: ``fraction`` outside (0, 1]. TypeError (from :meth:`propose`): no ``hf:`` target bound.
+        ValueError: ``fraction`` outside (0, 1]; from :meth:`bind_target`, a target that is not ``hf:``.
     """
 
     def __init__(self, fraction: float = 0.5):
@@ -178,7 +178,7 @@ class AttentionCrop:
 
         hf = getattr(target, "target", target)
         if not isinstance(hf, HFTarget):
-            raise TypeError(
+            raise ValueError(
                 f"--policy attention needs an hf: target (it reads the model's attention), got {target.name}"
             )
         self.target = hf
