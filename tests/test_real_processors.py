@@ -312,3 +312,23 @@ def test_heatmap_and_window():
     assert best_window(heat, 0.5) == Box(0.5, 0.5, 1.0, 1.0)
     with pytest.raises(ValueError, match="hf: target"):
         AttentionCrop().bind_target(_FakeTarget())
+
+
+def test_self_zoom_record_with_a_tool_call(real_vlms, noise, tmp_path, monkeypatch):
+    """A record of a self-zoom that called GET_CROPS (turn 1 forced, as random weights never call it): the action,
+    the crop as its box, both turns' seconds, each distinct image counted once in tokens and pixels, RTR against
+    the high view."""
+    import functools
+
+    forced = functools.partial(self_zoom.start_self_zoom, forced_text="GET_CROPS: ['3']")
+    monkeypatch.setattr(self_zoom, "start_self_zoom", forced)
+    target = _target(real_vlms, "qwen2_5_vl", max_new_tokens=2)
+    policy = load_policy("self-zoom@side:448")
+    (record,) = run_batch([_sample(tmp_path, noise)], policy, target, metric="anls", rtr_reference=policy.high)
+    assert record.action == "crops:3" and record.boxes == [[0.5, 0.5, 1.0, 1.0]] and record.policy_error is None
+    assert len(record.turn_seconds) == 2 and record.target_seconds == pytest.approx(sum(record.turn_seconds))
+    # 336x448 high view: low 168x224 = 6x8 = 48 tokens, quadrant 168x224 = 48 tokens, whole high view 12x16 = 192
+    low = resize_to_budget(noise, Budget(max_side=224))
+    assert record.visual_tokens == 2 * target.view_visual_tokens(low) == 96
+    assert record.rtr_unit == "tokens" and record.rtr == pytest.approx(96 / 192)
+    assert len(record.view_pixels) == 2 and record.view_pixels[0] == record.view_pixels[1] == 168 * 224
