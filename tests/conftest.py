@@ -68,3 +68,12 @@ def tiny_qwen25vl_init(tmp_path_factory):
     import tiny_models as tiny
 
     return tiny.save_tiny(*tiny.build_tiny_qwen25vl(), tmp_path_factory.mktemp("tiny_init") / "qwen25vl")
+
+
+@pytest.fixture(scope="session")
+def real_vlms():
+    """Random-weight models of the REAL SmolVLM-256M-Instruct (idefics3), Qwen2.5-VL-7B-Instruct and
+    llava-1.5-7b-hf configurations with their real processors (tests/real_models.py), built once per session."""
+    import real_models
+
+    return {family: real_models.build_real(family) for family in real_models.FOLDERS}

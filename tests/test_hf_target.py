@@ -8,7 +8,7 @@ from zoomvlm.core.prompts import target_prompt
 from zoomvlm.data.samples import Sample
 from zoomvlm.policies import load_policy
 from zoomvlm.targets.base import TargetRequest
-from zoomvlm.targets.hf import HFTarget, answer_text, chat_prompt
+from zoomvlm.targets.hf import HFTarget, answer_text, chat_prompt, encode_inputs
 
 ARCHS = ["smolvlm", "qwen2_5_vl", "llava"]
 
@@ -29,11 +29,12 @@ def _requests(images):
 def test_generate_with_two_images_counts_visual_tokens(target, noise_images):
     gens = target.generate(_requests(noise_images))
     assert len(gens) == 2 and all(isinstance(g.text, str) for g in gens)
-    # visual tokens = image placeholders the processor put in input_ids for exactly these views
+    # visual tokens = image placeholders the processor put in input_ids for exactly these views (prepared as the
+    # target prepares every view: encode_inputs)
     proc = target.processor
     for gen, views in zip(gens, [noise_images, noise_images[:1]], strict=True):
         prompt = chat_prompt(proc, len(views), target_prompt("q"))
-        ids = proc(text=[prompt], images=[views], return_tensors="pt")["input_ids"]
+        ids = encode_inputs(proc, [prompt], [views], "cpu")["input_ids"]
         assert gen.usage.visual_tokens == int((ids == target.image_token_id).sum()) > 0
         assert len(gen.usage.view_pixels) == len(views) and all(p > 0 for p in gen.usage.view_pixels)
         assert 0 < gen.usage.completion_tokens <= target.max_new_tokens
@@ -55,8 +56,8 @@ def test_loglikelihood_equals_manual_teacher_forcing(target, noise_images):
     req = _requests(noise_images)[0]
     proc, model = target.processor, target.model
     prompt = chat_prompt(proc, 2, target_prompt(req.question))
-    enc_prompt = proc(text=[prompt], images=[noise_images], return_tensors="pt")
-    enc = proc(text=[prompt + answer_text(proc, req.answer)], images=[noise_images], return_tensors="pt")
+    enc_prompt = encode_inputs(proc, [prompt], [noise_images], "cpu")
+    enc = encode_inputs(proc, [prompt + answer_text(proc, req.answer)], [noise_images], "cpu")
     n = enc_prompt["input_ids"].shape[1]
     assert torch.equal(enc["input_ids"][0, :n], enc_prompt["input_ids"][0])
     answer_ids = enc["input_ids"][0, n:]
@@ -80,7 +81,9 @@ def test_pipeline_with_hf_target(tmp_path, tiny_vlms, noise_images):
     sample = Sample("a", tmp_path / "a.png", "What is the total?", ("9.00",), 300, 200)
     (record,) = run_batch([sample], load_policy("center"), target, metric="anls")
     assert len(record.view_pixels) == 2 and record.visual_tokens > 0
-    assert record.rtr == pytest.approx(sum(record.view_pixels) / (300 * 200))
+    # RTR in the model's own currency: visual tokens of both views / those of the whole image at full resolution
+    assert record.rtr_unit == "tokens"
+    assert record.rtr == pytest.approx(record.visual_tokens / target.reference_visual_tokens(noise_images[0]))
 
 
 def test_processor_shim_catches_only_the_missing_torchvision_error(monkeypatch, tmp_path):

@@ -102,3 +102,18 @@ def test_through_lmms_eval(demo_samples):
     assert isinstance(result, GenerationResult)  # lmms-eval's typed result
     assert sample.answers[0] in result.text.replace(" ", "")  # read at native resolution
     assert model.usage[0]["rtr"] == pytest.approx(1.0)
+
+
+def test_generate_until_with_self_zoom(tiny_vlms):
+    """--policy self-zoom through the plugin: the hf: target answers over its own turns (no crop requests made by
+    the plugin), one answer per request."""
+    from zoomvlm.targets.hf import HFTarget
+
+    model, processor = tiny_vlms["qwen2_5_vl"]
+    target = HFTarget("tiny-qwen", model=model, processor=processor, max_new_tokens=3)
+    plugin = ZoomVLM(target=target, policy="self-zoom:zoomvlm@side:336")
+    plugin.task_dict = DOCS
+    reqs = [FakeInstance("Is it white?", {"until": []}, _visual, i, "mytask", "test") for i in (0, 1)]
+    out = plugin.generate_until(reqs)
+    assert len(out) == 2 and all(isinstance(o if isinstance(o, str) else o.text, str) for o in out)
+    assert all(u["completion_tokens"] > 0 for u in plugin.usage)

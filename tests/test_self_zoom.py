@@ -13,7 +13,7 @@ from PIL import Image
 from zoomvlm.awares import self_zoom
 from zoomvlm.awares.protocol import high_res_crops, low_res_view
 from zoomvlm.awares.self_zoom import (
-    SelfZoomRunner,
+    SelfZoomPolicy,
     continue_with_crops,
     count_outcomes,
     finish_self_zoom,
@@ -156,15 +156,15 @@ def test_direct_answer_costs_the_low_view_only(qwen, image):
     assert count_outcomes([result]) == {"direct": 1, "crops": 0, "tool_error": 0}
 
 
-def test_generate_and_runner_agree(qwen, image):
+def test_generate_and_policy_agree(qwen, image):
     """The batch entry points run turn 1 greedily (random weights: almost surely no tool call) per sample."""
     small = image.resize((300, 200))
     results = self_zoom_generate(qwen.model, qwen.processor, [image, small], [QUESTION, "Which?"], HIGH)
-    runner = SelfZoomRunner(qwen, "side:336")
-    again = runner.answer([image, small], [QUESTION, "Which?"])
+    policy = SelfZoomPolicy("zoomvlm", high="side:336")
+    again = policy.answer_with(qwen, [image, small], [QUESTION, "Which?"])
     assert len(results) == 2
-    assert [r.text for r in results] == [r.text for r in again]
-    assert [r.rtr for r in results] == [r.rtr for r in again]
+    assert [r.text for r in results] == [g.text for _, g in again]
+    assert [r.visual_tokens for r in results] == [g.usage.visual_tokens for _, g in again]
     for r in results:
         assert r.rtr is not None and r.rtr > 0 and r.seconds > 0
         assert r.usage[0].completion_tokens > 0

@@ -143,6 +143,8 @@ def test_micro_batcher_batches_concurrent_requests():
         ({"target": "ocr", "upstream": "http://x/v1"}, "exactly one"),
         ({"upstream": "ftp://x"}, "http"),
         ({"target": "ocr", "policy": "oracle"}, "evidence"),
+        ({"target": "hf:x", "policy": "self-zoom"}, "internals"),
+        ({"target": "hf:x", "policy": "attention"}, "internals"),
         ({"target": "ocr", "on_policy_error": "maybe"}, "open or fail"),
         ({"target": "ocr", "upstream_model": "m"}, "needs --upstream"),
         ({"target": "ocr", "max_images": 0}, "max-images"),

@@ -2,7 +2,13 @@
 
 Three builders return ``(model, processor)`` pairs that behave like the real checkpoints in every way that
 matters to the zoom pipeline (processor maths, image-token expansion, chat templates, ``generate``), only
-with a handful of parameters and a small byte-level BPE vocabulary trained on a built-in corpus:
+with a handful of parameters and a small byte-level BPE vocabulary trained on a built-in corpus.
+
+Which builder is for what: these tiny models serve the fast training and end-to-end tests (SFT/GRPO steps, the
+cropper, rewards, KV reuse on SmolVLM2-class models), where one small shared vocabulary and small images matter
+more than the released processors. Anything that depends on what the RELEASED processors do (budgets reaching the
+encoder, visual-token counts and RTR, the real chat templates, the ``idefics3`` model type, attention-map layouts)
+uses ``tests/real_models.py`` (the real files of ``../shared/models``, random weights, size keys shrunk).
 
 =======================  =========================================  ==============================  ======
 builder                  model class                                processor (image processor)     params

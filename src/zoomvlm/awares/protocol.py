@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -29,6 +30,10 @@ from zoomvlm.core.geometry import Box, Budget, crop_image, half_resolution_budge
 from zoomvlm.core.prompts import clean_question, completion_text
 
 __all__ = [
+    "AWARES_RELEASED_CROPS_MAP",
+    "AWARES_RELEASED_SYSTEM_PROMPT",
+    "PROTOCOLS",
+    "SelfZoomProtocol",
     "AWARES_SYSTEM_PROMPT",
     "CROP_SET",
     "CROP_SET_NAMES",
@@ -208,6 +213,22 @@ AWARES_SYSTEM_PROMPT = (
 one is ours: it lists the crop set (:data:`~zoomvlm.awares.protocol.CROP_SET`) by index and name and shows the
 exact tool-call syntax :func:`~zoomvlm.awares.protocol.parse_get_crops` reads."""
 
+AWARES_RELEASED_CROPS_MAP: dict[str, str] = {k: v for k, v in CROP_SET_NAMES.items() if k != "all"}
+"""The released AwaRes checkpoint's ``CROPS_MAP`` (NimrodShabtay/AwaRes README): ``{'0': 'top-left', '1':
+'top-right', '2': 'bottom-left', '3': 'bottom-right', '4': 'center', '5': 'top', '6': 'bottom', '7': 'left',
+'8': 'right'}``, the regions of :data:`CROP_SET` (its lmms-eval adapter's variant adds ``'all'``)."""
+
+AWARES_RELEASED_SYSTEM_PROMPT = (
+    "You are a vision-language model that analyzes images and answers questions about them. If the image "
+    "resolution is too low for accurate analysis, respond with GET_CROPS: followed by a list of crop numbers in "
+    "square brackets (e.g., GET_CROPS: ['3'] or GET_CROPS: ['0', '5']), where the available crop numbers and their "
+    "corresponding areas are " + str(AWARES_RELEASED_CROPS_MAP) + ", otherwise provide your answer."
+)
+"""The system prompt ``Kimhi/AWARES-Qwen2.5-VL-7B`` was trained with (NimrodShabtay/AwaRes README), with
+``{CROPS_MAP}`` filled as Python formats a dict in an f-string (``{'0': 'top-left', ...}``). Its tool call is the
+``GET_CROPS: [...]`` that :func:`parse_get_crops` reads (more tolerantly than the authors' adapter, which accepts
+one spelling only and silently falls back to the full image)."""
+
 NO_CROPS = "NO_CROPS"
 """The external crop-set policy's no-crop action: the target answers from the low-resolution view alone."""
 
@@ -253,6 +274,36 @@ def parse_crop_action(completion) -> tuple[list[str] | None, str | None]:
     return None, f"neither {NO_CROPS} nor GET_CROPS: {text[:60]!r}"
 
 
+@dataclass(frozen=True)
+class SelfZoomProtocol:
+    """One named variant of the self-zoom conversation. Both share the crop set, the tool-call grammar of
+    :func:`parse_get_crops`, the 0.5x-per-side low view and the same-scale crops.
+
+    Args:
+        name: the spec suffix (``--policy self-zoom:NAME``).
+        system: turn-1 system prompt.
+        crops_text: whether the crops' user turn carries :func:`tool_output_text` after the images (ours) or holds
+            ONLY the images (the released AwaRes model).
+        high: the default high-resolution budget (the low view is it halved per side; crops are at its scale).
+    """
+
+    name: str
+    system: str
+    crops_text: bool
+    high: Budget
+
+
+PROTOCOLS: dict[str, SelfZoomProtocol] = {
+    # The released Kimhi/AWARES-Qwen2.5-VL-7B as its authors run it (NimrodShabtay/AwaRes README and lmms-eval
+    # adapter): their system prompt, crops-only user turn, Qwen max_pixels 2048*28*28 for the full-resolution view.
+    "awares": SelfZoomProtocol("awares", AWARES_RELEASED_SYSTEM_PROMPT, False, Budget(max_pixels=2048 * 28 * 28)),
+    # zoomvlm's own prompt (what our SFT/GRPO recipes train), with a text naming the returned crops; 768 px high
+    # view as on the receipts testbed.
+    "zoomvlm": SelfZoomProtocol("zoomvlm", AWARES_SYSTEM_PROMPT, True, Budget(max_side=768)),
+}
+"""Self-zoom protocol variants by name; ``awares`` (the released model's) is the default of ``--policy self-zoom``."""
+
+
 def low_res_budget(image: Image.Image, high: Budget) -> Budget:
     """Budget of the turn-1 view: the ``high`` view of ``image`` with each side halved (0.25 of its pixels)."""
     return half_resolution_budget(*image.size, high)
@@ -288,7 +339,11 @@ def tool_output_text(keys: Sequence[str]) -> str:
 
 
 def trajectory_messages(
-    question: str, answer: str | None, crops: Sequence[str] = (), system: str | None = AWARES_SYSTEM_PROMPT
+    question: str,
+    answer: str | None,
+    crops: Sequence[str] = (),
+    system: str | None = AWARES_SYSTEM_PROMPT,
+    crops_text: bool = True,
 ) -> list[dict]:
     """The AwaRes conversation in the transformers/TRL multimodal message format.
 
@@ -297,6 +352,7 @@ def trajectory_messages(
     user(image * len(crops), tool text), assistant(answer)]``: the crops come back as a new USER turn,
     as in AwaRes. ``answer=None`` leaves the final assistant turn out (a prompt for generation).
     Image placeholders are ``{"type": "image"}``; the images themselves are :func:`trajectory_images`.
+    ``crops_text=False`` leaves the tool text out of the crops' user turn (the released AwaRes model's layout).
     """
     messages: list[dict] = []
     if system:
@@ -304,7 +360,9 @@ def trajectory_messages(
     messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]})
     if crops:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": format_get_crops(list(crops))}]})
-        content = [{"type": "image"} for _ in crops] + [{"type": "text", "text": tool_output_text(crops)}]
+        content = [{"type": "image"} for _ in crops]
+        if crops_text:
+            content.append({"type": "text", "text": tool_output_text(crops)})
         messages.append({"role": "user", "content": content})
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})

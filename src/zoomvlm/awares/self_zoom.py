@@ -47,6 +47,8 @@ from PIL import Image
 
 from zoomvlm.awares.protocol import (
     AWARES_SYSTEM_PROMPT,
+    PROTOCOLS,
+    SelfZoomProtocol,
     ToolCallError,
     high_res_crops,
     low_res_view,
@@ -55,14 +57,14 @@ from zoomvlm.awares.protocol import (
 )
 from zoomvlm.core.geometry import Budget, resize_to_budget
 from zoomvlm.targets.base import Usage
-from zoomvlm.targets.hf import HFTarget, answer_text, chat_prompt
+from zoomvlm.targets.hf import HFTarget, answer_text, encode_inputs, image_inputs
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "KV_REUSE_ARCHITECTURES",
     "SelfZoomResult",
-    "SelfZoomRunner",
+    "SelfZoomPolicy",
     "Turn1State",
     "continue_with_crops",
     "count_outcomes",
@@ -72,7 +74,7 @@ __all__ = [
     "start_self_zoom",
 ]
 
-KV_REUSE_ARCHITECTURES: dict[str, str] = {"qwen2_5_vl": "mrope", "smolvlm": "1d", "llava": "1d"}
+KV_REUSE_ARCHITECTURES: dict[str, str] = {"qwen2_5_vl": "mrope", "smolvlm": "1d", "idefics3": "1d", "llava": "1d"}
 """``config.model_type`` -> position scheme, for the architectures whose turn-2 KV reuse is tested equal to a full
 recompute (``tests/test_self_zoom.py``). Others raise NotImplementedError with ``reuse_kv=True``."""
 
@@ -129,7 +131,8 @@ class Turn1State:
         cache: KV cache of ``cat(prompt_ids, generated_ids)[:cache.get_seq_length()]`` (``generate`` never feeds
             its last token); None once consumed.
         usage: turn-1 usage; full: ``(visual tokens, processed pixels)`` of the whole image under ``high``;
-        seconds: turn-1 wall time.
+        seconds: turn-1 wall time. crops_text: the crops' user turn carries the tool text (see
+        :class:`~zoomvlm.awares.protocol.SelfZoomProtocol`).
     """
 
     target: HFTarget
@@ -145,10 +148,11 @@ class Turn1State:
     usage: Usage
     full: tuple[int | None, int]
     seconds: float
+    crops_text: bool = True
 
 
 def _encode(processor, text: str, images: list[Image.Image], device) -> dict:
-    return processor(text=[text], images=[images], return_tensors="pt").to(device)
+    return encode_inputs(processor, [text], [images], device)
 
 
 def _count_visual(target: HFTarget, ids: torch.Tensor) -> int | None:
@@ -157,21 +161,21 @@ def _count_visual(target: HFTarget, ids: torch.Tensor) -> int | None:
 
 def full_image_cost(target: HFTarget, image: Image.Image, high: Budget) -> tuple[int | None, int]:
     """``(visual tokens, processed pixels)`` of the whole ``image`` under ``high``, processed once: RTR's
-    denominator (AwaRes sec. 3.1/4). Tokens are the image placeholders the processor emits for a one-image prompt
-    holding the high view (None when the model has no image-token id); pixels as
-    :meth:`~zoomvlm.targets.hf.HFTarget.processed_pixels`."""
+    denominator (AwaRes sec. 3.1/4), as :meth:`~zoomvlm.targets.hf.HFTarget.reference_visual_tokens` and
+    :meth:`~zoomvlm.targets.hf.HFTarget.processed_pixels` count them (None tokens: no image-token id)."""
     view = resize_to_budget(image.convert("RGB"), high)
-    inputs = _encode(target.processor, chat_prompt(target.processor, 1, "?"), [view], "cpu")
-    return _count_visual(target, inputs["input_ids"][0]), target.processed_pixels(view)
+    return target.reference_visual_tokens(image, high), target.processed_pixels(view)
 
 
 def _turn1_messages(question: str, system: str | None) -> list[dict]:
     return trajectory_messages(question, None, (), system=system)
 
 
-def _conversation(question: str, turn1_text: str, keys: Sequence[str], system: str | None) -> list[dict]:
+def _conversation(
+    question: str, turn1_text: str, keys: Sequence[str], system: str | None, crops_text: bool = True
+) -> list[dict]:
     """``trajectory_messages``'s tool-call layout, with the model's own turn-1 text as the assistant turn."""
-    messages = trajectory_messages(question, None, keys, system=system)
+    messages = trajectory_messages(question, None, keys, system=system, crops_text=crops_text)
     assistant = messages[-2]
     assert assistant["role"] == "assistant", messages
     assistant["content"] = [{"type": "text", "text": turn1_text}]
@@ -188,6 +192,7 @@ def start_self_zoom(
     max_new_tokens: int = 32,
     system: str | None = AWARES_SYSTEM_PROMPT,
     forced_text: str | None = None,
+    crops_text: bool = True,
 ) -> Turn1State:
     """Turn 1: the low-resolution view and the question -> greedy text, keeping the KV cache for turn 2.
 
@@ -211,7 +216,7 @@ def start_self_zoom(
     if forced_text is None:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
         generated = out.sequences[0, prompt_ids.shape[0] :]
-        cache = out.past_key_values
+        cache = out.cache
         text = processor.decode(generated, skip_special_tokens=True).strip()
     else:
         suffix = answer_text(processor, forced_text, end_of_turn=True)
@@ -222,7 +227,7 @@ def start_self_zoom(
         fed["attention_mask"] = torch.ones_like(fed["input_ids"])
         if "mm_token_type_ids" in inputs:  # the forced tokens are text (type 0)
             fed["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, n_extra))
-        cache = model(**fed, use_cache=True).past_key_values
+        cache = model(**fed, use_cache=True).cache
         text = forced_text.strip()
     seconds = time.perf_counter() - start
     usage = Usage(
@@ -246,6 +251,7 @@ def start_self_zoom(
         usage=usage,
         full=full_image_cost(target, image, high),
         seconds=seconds,
+        crops_text=crops_text,
     )
 
 
@@ -330,7 +336,7 @@ def continue_with_crops(
     model, processor = target.model, target.processor
     crops = high_res_crops(state.image, keys, state.high)
     text = processor.apply_chat_template(
-        _conversation(state.question, state.text, keys, state.system), add_generation_prompt=True
+        _conversation(state.question, state.text, keys, state.system, state.crops_text), add_generation_prompt=True
     )
     full = _encode(processor, text, [state.low_view, *crops], model.device)
     full_ids = full["input_ids"][0]
@@ -350,7 +356,7 @@ def continue_with_crops(
         if reused < cached_len:  # the rendered assistant turn differs from the generated tokens from here on
             cache.crop(reused - cached_len)  # transformers 5: a negative count of tokens to drop
             assert cache.get_seq_length() == reused, (cache.get_seq_length(), reused)
-        new_images = processor.image_processor(images=[crops], return_tensors="pt").to(model.device)
+        new_images = image_inputs(processor, crops).to(model.device)
         kwargs = {**new_images, "input_ids": full_ids[None], "attention_mask": full["attention_mask"]}
         if positions == "mrope":  # the new slice's 3-D positions as a full recompute gives them
             kwargs["position_ids"], _ = _rope_module(model).get_rope_index(
@@ -359,7 +365,8 @@ def continue_with_crops(
                 image_grid_thw=full["image_grid_thw"],
                 attention_mask=full["attention_mask"],
             )
-        out = model.generate(**kwargs, past_key_values=cache, **gen_kwargs)
+        # ``cache=`` (transformers >= 5.24): ``past_key_values=`` is announced for removal in transformers 6.
+        out = model.generate(**kwargs, cache=cache, **gen_kwargs)
         fed_ids = full_ids[reused:]
         fed_pixels = tuple(target.processed_pixels(c) for c in crops)
     else:
@@ -425,6 +432,7 @@ def _self_zoom(
     max_new_tokens: int,
     reuse_kv: bool,
     system: str | None,
+    crops_text: bool = True,
 ) -> list[SelfZoomResult]:
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
@@ -432,7 +440,9 @@ def _self_zoom(
         _check_kv_reuse(target.model)
     results = []
     for image, question in zip(images, questions, strict=True):
-        state = start_self_zoom(target, image, question, high, max_new_tokens=max_new_tokens, system=system)
+        state = start_self_zoom(
+            target, image, question, high, max_new_tokens=max_new_tokens, system=system, crops_text=crops_text
+        )
         results.append(finish_self_zoom(state, max_new_tokens=max_new_tokens, reuse_kv=reuse_kv))
     n_errors = count_outcomes(results)["tool_error"]
     if n_errors:
@@ -450,6 +460,7 @@ def self_zoom_generate(
     max_new_tokens: int = 32,
     reuse_kv: bool = True,
     system: str | None = AWARES_SYSTEM_PROMPT,
+    crops_text: bool = True,
 ) -> list[SelfZoomResult]:
     """AwaRes self-zoom (sec. 3.1) for each ``(image, question)``: turn 1 on the low view, turn 2 on the crops
     it asks for; greedy, one sample at a time.
@@ -459,6 +470,7 @@ def self_zoom_generate(
         images: ORIGINAL images, any size. questions: one per image, used verbatim.
         high: the high-resolution view's budget (the turn-1 view is it halved; crops are at its scale).
         max_new_tokens: per turn. reuse_kv: see :func:`continue_with_crops`. system: turn-1 system prompt.
+        crops_text: the crops' user turn carries a text naming them (ours) or only the images (released AwaRes).
 
     Returns:
         One :class:`SelfZoomResult` per sample, in order.
@@ -469,41 +481,96 @@ def self_zoom_generate(
     """
     name = getattr(model, "name_or_path", "") or type(model).__name__
     target = HFTarget(name, model=model, processor=processor)
-    return _self_zoom(target, images, questions, high, max_new_tokens=max_new_tokens, reuse_kv=reuse_kv, system=system)
+    return _self_zoom(
+        target,
+        images,
+        questions,
+        high,
+        max_new_tokens=max_new_tokens,
+        reuse_kv=reuse_kv,
+        system=system,
+        crops_text=crops_text,
+    )
 
 
-class SelfZoomRunner:
-    """An :class:`~zoomvlm.targets.hf.HFTarget` run as an AwaRes self-zoomer, for the eval pipeline.
+class SelfZoomPolicy:
+    """``--policy self-zoom[:PROTOCOL][@HIGH]``: the ``hf:`` target itself decides where to look (AwaRes).
+
+    Unlike the other policies it does not hand views to the target: :meth:`answer_with` runs both turns on the
+    target (turn 1 on the low view, an optional ``GET_CROPS`` tool call, turn 2 with the crops and the reused
+    turn-1 KV cache) and returns, per sample, the :class:`~zoomvlm.policies.base.Proposal` (the crop-set boxes of
+    the action, the turn-1 text as ``raw``, an unparseable call as ``error``) and the
+    :class:`~zoomvlm.targets.base.Generation` whose usage counts every DISTINCT image once (low view + crops:
+    ``view_pixels``, ``visual_tokens``), so :func:`~zoomvlm.core.pipeline.run_batch` computes RTR as for any
+    policy. :attr:`last_turn_seconds` (each turn's seconds) and :attr:`last_actions` (``direct``, ``crops:3,0`` or
+    ``tool_error``) of the last call go into the records.
 
     Args:
-        target: the (AwaRes-trained) model; its ``max_new_tokens`` applies per turn, its ``budget`` is unused.
-        high: the high-resolution budget (``Budget``, or a spec such as ``"side:768"``).
+        protocol: a name in :data:`~zoomvlm.awares.protocol.PROTOCOLS` (``awares``: the released
+            ``Kimhi/AWARES-Qwen2.5-VL-7B`` protocol, the default; ``zoomvlm``: our own prompt) or a
+            :class:`~zoomvlm.awares.protocol.SelfZoomProtocol`.
+        high: the high-resolution budget; default the protocol's. The CLI counts RTR against it, as AwaRes does.
         reuse_kv: reuse the turn-1 KV cache in turn 2 (see :func:`continue_with_crops`).
-        system: the turn-1 system prompt.
+
+    Raises:
+        ValueError: an unknown protocol name.
     """
 
     def __init__(
-        self,
-        target: HFTarget,
-        high: Budget | str | int,
-        *,
-        reuse_kv: bool = True,
-        system: str | None = AWARES_SYSTEM_PROMPT,
+        self, protocol: str | SelfZoomProtocol = "awares", high: Budget | str | int | None = None, reuse_kv=True
     ):
-        self.target = target
-        self.high = Budget.parse(high)
+        if isinstance(protocol, str):
+            if protocol not in PROTOCOLS:
+                raise ValueError(f"unknown self-zoom protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+            protocol = PROTOCOLS[protocol]
+        self.protocol = protocol
+        self.high = protocol.high if high is None else Budget.parse(high)
         self.reuse_kv = reuse_kv
-        self.system = system
-        self.name = f"self-zoom:{target.name}@{self.high}"
+        suffix = "" if protocol.name == "awares" else f":{protocol.name}"
+        self.name = f"self-zoom{suffix}" + ("" if high is None else f"@{self.high}")
 
-    def answer(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[SelfZoomResult]:
-        """One :class:`SelfZoomResult` per ``(image, question)``; see :func:`self_zoom_generate`."""
-        return _self_zoom(
-            self.target,
+    def propose(self, images, questions, evidence=None):
+        raise TypeError("self-zoom needs the target to decide: call answer_with(target, images, questions)")
+
+    def answer_with(self, target, images: Sequence[Image.Image], questions: Sequence[str]) -> list[tuple]:
+        """Run self-zoom on ``target`` (an :class:`~zoomvlm.targets.hf.HFTarget`, possibly behind a response cache,
+        which self-zoom bypasses). Returns ``[(Proposal, Generation), ...]`` in order (see the class docstring).
+
+        Raises:
+            ValueError: ``target`` is not an ``hf:`` target (API and OCR targets cannot run the two-turn protocol).
+        """
+        from zoomvlm.awares.protocol import CROP_SET
+        from zoomvlm.policies.base import Proposal
+        from zoomvlm.targets.base import Generation
+
+        hf = getattr(target, "target", target)  # unwrap a CachedTarget
+        if not isinstance(hf, HFTarget):
+            raise ValueError(f"--policy self-zoom needs an hf: target (the model decides itself), got {target.name}")
+        results = _self_zoom(
+            hf,
             images,
             questions,
             self.high,
-            max_new_tokens=self.target.max_new_tokens,
+            max_new_tokens=hf.max_new_tokens,
             reuse_kv=self.reuse_kv,
-            system=self.system,
+            system=self.protocol.system,
+            crops_text=self.protocol.crops_text,
         )
+        out = []
+        self.last_turn_seconds = [[u.seconds for u in r.usage] for r in results]
+        self.last_actions = [
+            "tool_error" if r.tool_error is not None else "crops:" + ",".join(r.crops) if r.crops else "direct"
+            for r in results
+        ]
+        for r in results:
+            proposal = Proposal(boxes=tuple(CROP_SET[k] for k in r.crops), raw=r.turn1_text, error=r.tool_error)
+            pixels = r.usage[0].view_pixels + (r.usage[1].view_pixels[-len(r.crops) :] if r.crops else ())
+            usage = Usage(
+                view_pixels=pixels,
+                visual_tokens=r.visual_tokens,
+                prompt_tokens=sum(u.prompt_tokens or 0 for u in r.usage),
+                completion_tokens=sum(u.completion_tokens or 0 for u in r.usage),
+                seconds=r.seconds,
+            )
+            out.append((proposal, Generation(r.text, usage)))
+        return out

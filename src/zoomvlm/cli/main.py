@@ -87,14 +87,14 @@ def _default_metric(target_spec: str) -> str:
 
 
 def _rtr_reference(args, policy):
-    """--rtr-reference, else a crop-set policy's high view (AwaRes counts RTR against it), else None."""
+    """--rtr-reference, else a crop-set or self-zoom policy's high view (AwaRes counts RTR against it), else None."""
     from zoomvlm.core.geometry import Budget
 
     if args.rtr_reference:
         return Budget.parse(args.rtr_reference)
     high = getattr(policy, "high", None)
     if high is not None:
-        print(f"RTR counted against the crop-set policy's high view {high} (set --rtr-reference to change)",
+        print(f"RTR counted against the policy's high view {high} (set --rtr-reference to change)",
               file=sys.stderr)  # fmt: skip
     return high
 
@@ -172,6 +172,8 @@ def cmd_eval(args) -> int:
                        batch_size=args.batch_size, config=config, progress=not args.no_progress,
                        shard=shard, rtr_reference=rtr_reference)  # fmt: skip
     print(format_table([(f"{policy.name} -> {target.name}", summary)], markdown=args.markdown))
+    if summary.get("visual_tokens") is not None:
+        print(f"visual tokens per question: {summary['visual_tokens']:.1f} (RTR counted in {summary['rtr_unit']})")
     if summary["by_field"]:
         print("by field: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in summary["by_field"].items()))
     extra = {k: v for k, v in summary.items() if k.startswith(("pope_", "ocrbench_"))}  # metrics.aggregate

@@ -101,7 +101,9 @@ def cmd_train(args) -> int:
         from zoomvlm.awares.grpo import run_awares_grpo as run
     final = run(recipe)
     if args.stage.startswith("awares"):
-        print(f"trained self-zoom model saved to {final}; it answers with zoomvlm.awares.self_zoom (SelfZoomRunner)")
+        print(
+            f"trained self-zoom model saved to {final}; it answers with zoomvlm.awares.self_zoom (--policy self-zoom)"
+        )
     elif recipe.data.policy == "crop_set":
         print(f"trained crop-set policy saved to {final}; use it with --policy crop-set:{final}")
     else:

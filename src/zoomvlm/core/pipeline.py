@@ -30,11 +30,16 @@ class Record:
     """The result of one sample, one line of ``results.jsonl``.
 
     Units: pixels are counted per view as the target consumed them; ``rtr`` (Retain Token Ratio, AwaRes
-    sec. 4) = pixels processed across all views / pixels of the whole image processed once at the run's
-    RTR reference (native unless ``rtr_reference`` says otherwise); seconds are
+    sec. 4) = visual tokens of all views / visual tokens of the whole image processed once at the run's RTR
+    reference (native, i.e. the model's full resolution, unless ``rtr_reference`` says otherwise) where the
+    target counts tokens (``hf:``; ``rtr_unit`` "tokens"), else the same ratio in pixels (``rtr_unit``
+    "pixels"); seconds are
     wall-clock, batch time split evenly over the batch. ``cached``: the target's answer came from a response
     cache (:class:`~zoomvlm.targets.cache.CachedTarget`); its usage and ``target_seconds`` are then those measured
-    by the call that computed it, not the lookup's.
+    by the call that computed it, not the lookup's. ``evidence_hit`` is 0 when the policy's output was invalid
+    and it fell back to the whole image (that box covers everything but found nothing). Self-zoom records
+    (``--policy self-zoom``) also carry ``action`` (``direct``, ``crops:3,0`` or ``tool_error``) and
+    ``turn_seconds`` (each turn's wall time); their ``target_seconds`` is both turns together.
     """
 
     id: str
@@ -59,6 +64,9 @@ class Record:
     height: int
     field: str | None = None
     cached: bool = False
+    rtr_unit: str = "pixels"
+    action: str | None = None
+    turn_seconds: list[float] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -85,6 +93,17 @@ def build_request(
 def _reference_pixels(width: int, height: int, reference: Budget | None) -> int:
     w, h = (width, height) if reference is None else reference.fit(width, height)
     return w * h
+
+
+def _rtr(target: Target, image: Image.Image, usage, width: int, height: int, reference: Budget | None):
+    """``(rtr, unit)``: visual tokens over the reference's visual tokens where the target counts both (the model's
+    own currency, AwaRes sec. 3.1), else processed pixels over the reference's pixels."""
+    count = getattr(target, "reference_visual_tokens", None)
+    if usage.visual_tokens is not None and count is not None:
+        full = count(image, reference)
+        if full:
+            return usage.visual_tokens / full, "tokens"
+    return usage.pixels / _reference_pixels(width, height, reference), "pixels"
 
 
 def run_batch(
@@ -117,14 +136,24 @@ def run_batch(
         images = [s.load_image() for s in samples]
     questions = [s.question for s in samples]
     start = time.perf_counter()
-    proposals = policy.propose(images, questions, evidence=[s.evidence_boxes for s in samples])
-    policy_seconds = (time.perf_counter() - start) / max(1, len(samples))
+    turn_seconds = actions = None
+    if hasattr(policy, "bind_target"):  # a policy that reads the target's internals (ViCrop's attention)
+        policy.bind_target(target)
+    if hasattr(policy, "answer_with"):  # self-zoom: the target decides and answers itself, over two turns
+        pairs = policy.answer_with(target, images, questions)
+        proposals, generations = [p for p, _ in pairs], [g for _, g in pairs]
+        turn_seconds, actions = policy.last_turn_seconds, policy.last_actions
+        policy_seconds = 0.0
+    else:
+        proposals = policy.propose(images, questions, evidence=[s.evidence_boxes for s in samples])
+        policy_seconds = (time.perf_counter() - start) / max(1, len(samples))
     if len(proposals) != len(samples):
         raise RuntimeError(f"policy {policy.name} returned {len(proposals)} proposals for {len(samples)} samples")
-    requests = [build_request(img, q, p, crop_budget) for img, q, p in zip(images, questions, proposals, strict=True)]
-    generations = target.generate(requests)
+    if turn_seconds is None:
+        reqs = [build_request(img, q, p, crop_budget) for img, q, p in zip(images, questions, proposals, strict=True)]
+        generations = target.generate(reqs)
     records = []
-    for sample, prop, gen in zip(samples, proposals, generations, strict=True):
+    for i, (sample, prop, gen) in enumerate(zip(samples, proposals, generations, strict=True)):
         name = sample.metric or metric
         if name not in METRICS:
             raise KeyError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
@@ -132,6 +161,10 @@ def run_batch(
         names = dict.fromkeys([*GENERIC_METRICS, name])
         scores = {m: score_answer(m, gen.text, sample.answers, sample.meta) for m in names} if sample.answers else {}
         usage = gen.usage
+        rtr, rtr_unit = _rtr(target, images[i], usage, sample.width, sample.height, rtr_reference)
+        hit = evidence_hit(prop.boxes, sample.evidence_boxes)
+        if prop.error and prop.boxes and hit is not None:
+            hit = 0.0  # the whole-image fallback of an invalid output covers everything; it found nothing
         records.append(
             Record(
                 id=sample.id,
@@ -144,9 +177,9 @@ def run_batch(
                 boxes=[b.as_list() for b in prop.boxes],
                 policy_raw=prop.raw,
                 policy_error=prop.error,
-                evidence_hit=evidence_hit(prop.boxes, sample.evidence_boxes),
+                evidence_hit=hit,
                 view_pixels=list(usage.view_pixels),
-                rtr=usage.pixels / _reference_pixels(sample.width, sample.height, rtr_reference),
+                rtr=rtr,
                 visual_tokens=usage.visual_tokens,
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
@@ -156,6 +189,9 @@ def run_batch(
                 height=sample.height,
                 field=sample.field,
                 cached=getattr(gen, "cached", False),
+                rtr_unit=rtr_unit,
+                action=actions[i] if actions is not None else None,
+                turn_seconds=turn_seconds[i] if turn_seconds is not None else None,
             )
         )
     return records

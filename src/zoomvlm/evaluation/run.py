@@ -283,8 +283,10 @@ def summarize(records: Sequence[dict]) -> dict:
         ``n``; ``accuracy`` (mean ``score``); ``evidence_hit_rate`` over records where it applies (a crop
         was proposed and evidence exists) and ``n_evidence``; ``rtr`` (mean Retain Token Ratio);
         ``policy_s``, ``target_s``, ``total_s`` (mean seconds per question); ``format_failures`` (count of
-        invalid policy outputs) and ``format_failure_rate``; ``by_field`` accuracy per ``field``; plus the
-        benchmark numbers that are not per-sample means (``pope_f1``, ``ocrbench_score``...) when such records
+        invalid policy outputs) and ``format_failure_rate``; ``visual_tokens`` (mean image tokens per question
+        over records that count them, else None) and ``rtr_unit`` (``tokens``, ``pixels``, or both joined by
+        ``/``); ``by_field`` accuracy per ``field``; plus the benchmark numbers that are not per-sample means
+        (``pope_f1``, ``ocrbench_score``...) when such records
         are present (:func:`zoomvlm.core.metrics.aggregate`).
     """
     from zoomvlm.core.metrics import aggregate
@@ -305,6 +307,8 @@ def summarize(records: Sequence[dict]) -> dict:
         "policy_s": _mean([r["policy_seconds"] for r in records]),
         "target_s": _mean([r["target_seconds"] for r in records]),
         "total_s": _mean([r["policy_seconds"] + r["target_seconds"] for r in records]),
+        "visual_tokens": _mean([r["visual_tokens"] for r in records if r.get("visual_tokens") is not None]),
+        "rtr_unit": "/".join(sorted({r.get("rtr_unit", "pixels") for r in records})) or None,
         "format_failures": failures,
         "format_failure_rate": failures / n if n else None,
         "by_field": {k: _mean(v) for k, v in sorted(fields.items())},

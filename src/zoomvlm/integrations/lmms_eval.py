@@ -145,6 +145,8 @@ class ZoomVLM(_LmmsBase):
         from zoomvlm.core.pipeline import build_request
         from zoomvlm.targets.base import TargetRequest
 
+        if hasattr(self.policy, "bind_target"):  # reads the target's internals (--policy attention)
+            self.policy.bind_target(self.target)
         proposals = self.policy.propose(images, texts)
         reqs = [build_request(img, q, p, self.crop_budget) for img, q, p in zip(images, texts, proposals, strict=True)]
         if answers is not None:
@@ -168,7 +170,11 @@ class ZoomVLM(_LmmsBase):
         for start in range(0, len(requests), self.batch_size):
             chunk = [r.args for r in requests[start : start + self.batch_size]]
             images = [self._image(a[2], a[3], a[4], a[5]) for a in chunk]
-            gens = self.target.generate(self._requests(images, [a[0] for a in chunk]))
+            texts = [a[0] for a in chunk]
+            if hasattr(self.policy, "answer_with"):  # self-zoom: the target decides and answers over two turns
+                gens = [g for _, g in self.policy.answer_with(self.target, images, texts)]
+            else:
+                gens = self.target.generate(self._requests(images, texts))
             for args, img, gen in zip(chunk, images, gens, strict=True):
                 text = gen.text
                 until = (args[1] or {}).get("until") or []

@@ -16,6 +16,11 @@ POLICY_SPECS = {
     "(no CKPT: the shipped tiny one; HIGH: the high-resolution budget, default the trained one)",
     "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3)",
     "crop-set-oracle[:T][@HIGH]": "low-res view + the crops whose IoU with the human box is >= T (EVALUATION ONLY)",
+    "self-zoom[:PROTOCOL][@HIGH]": "hf: targets: the target itself decides (AwaRes): low view, optional GET_CROPS, "
+    "answer with the crops and the reused KV cache. PROTOCOL awares (the released AwaRes model's, default) or "
+    "zoomvlm (ours); HIGH default pixels:1605632 (awares) / side:768 (zoomvlm)",
+    "attention[:F]": "hf: targets: training-free ViCrop crop where the target's own answer-start attention over "
+    "the image, relative to a generic question's, is highest; F = crop side fraction (default 0.5)",
 }
 
 
@@ -58,6 +63,16 @@ def load_policy(spec: str, **kwargs) -> ZoomPolicy:
     """
     kind, _, arg = spec.partition(":")
     try:
+        if kind.partition("@")[0] == "self-zoom":
+            from zoomvlm.awares.self_zoom import SelfZoomPolicy
+
+            head, _, high = spec.partition("@")
+            protocol = head.partition(":")[2] or "awares"
+            return SelfZoomPolicy(protocol, high=high or None)
+        if kind == "attention":
+            from zoomvlm.policies.attention import AttentionCrop
+
+            return AttentionCrop(float(arg)) if arg else AttentionCrop()
         if kind == "none" and not arg:
             return NoZoom()
         if kind == "full" and not arg:

@@ -121,6 +121,13 @@ class ServeConfig:
             raise ValueError("--upstream-model needs --upstream")
         if self.policy.split(":")[0] == "oracle" or self.policy.startswith("crop-set-oracle"):
             raise ValueError("oracle policies need human evidence boxes; a server has none")
+        if self.policy.split(":")[0].split("@")[0] in ("self-zoom", "attention"):
+            # both read the target model's own internals (its tool call / its attention): not a region proposer
+            # that can sit in front of an endpoint; use `zoomvlm eval --target hf:...` for them
+            raise ValueError(
+                f"--policy {self.policy} needs an hf: target's internals and is not served yet; "
+                "use it with zoomvlm eval / ask --target hf:MODEL"
+            )
         if self.on_policy_error not in ("open", "fail"):
             raise ValueError(f"--on-policy-error must be open or fail, got {self.on_policy_error!r}")
         for name in (

@@ -134,6 +134,11 @@ class CachedTarget:
         self._local = threading.local()
         self._connect()  # fail now, not at the first batch, if the file is not a database
 
+    def reference_visual_tokens(self, image, reference=None):
+        """The wrapped target's RTR denominator in tokens (None when it does not count tokens)."""
+        count = getattr(self.target, "reference_visual_tokens", None)
+        return count(image, reference) if count is not None else None
+
     def _connect(self) -> sqlite3.Connection:
         # One connection per process and thread: sqlite3 connections must not cross a fork or a thread.
         conn = getattr(self._local, "conn", None)

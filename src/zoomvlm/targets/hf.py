@@ -14,13 +14,43 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from zoomvlm.core.geometry import Budget
+from zoomvlm.core.geometry import Budget, resize_to_budget
 from zoomvlm.core.prompts import target_prompt
 from zoomvlm.targets.base import Generation, TargetRequest, Usage, require_answers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HFTarget", "answer_text", "chat_prompt", "generate_texts", "load_vlm"]
+__all__ = [
+    "HFTarget",
+    "answer_text",
+    "chat_prompt",
+    "encoder_images",
+    "encode_inputs",
+    "encoder_view",
+    "BUDGET_MEANING",
+    "generate_texts",
+    "image_inputs",
+    "load_vlm",
+    "processor_family",
+    "processor_image_kwargs",
+]
+
+# What a view budget means, per family (the README's targets table). The image processors as released do not obey
+# a budget on their own: SmolVLM's upscales every view to ``longest_edge`` 2048 and tiles it (9 tiles for a 24x64
+# crop), LLaVA-1.5's centre-crops to 336x336. So the target shrinks each view to its budget FIRST and then tells
+# the processor not to resize it again (:func:`processor_image_kwargs`), capping at the processor's own maximum
+# (:func:`encoder_view`); the vision encoder then sees at most the budget's pixels.
+BUDGET_MEANING = {
+    "idefics3": "view shrunk to the budget (capped at size.longest_edge, 2048 as released), then rounded UP to "
+    "whole 512 px tiles (max_image_size) and split: 64 tokens per tile, plus one 512 px global tile when split. "
+    "<=512 px: 1 tile = 64 tokens; <=1024: <=5 tiles = <=320; <=2048: <=17 tiles = <=1088",
+    "qwen2_vl": "view shrunk to the budget (the processor caps it at max_pixels), then resized to multiples of "
+    "28 px: (H/28)*(W/28) tokens (patch 14, merge 2); a 3:4 view at 384 px = 140 tokens, at 1024 px = 999",
+    "llava": "every view is padded to a square (LLaVA-1.5's own evaluation, no centre crop) and resized to "
+    "336x336: always 576 tokens; the budget only limits the detail (the view is shrunk to it first)",
+}
+"""Per family, what a view budget means in visual tokens (measured with the real processors of SmolVLM-256M-Instruct,
+Qwen2.5-VL-7B-Instruct and llava-1.5-7b-hf; ``tests/test_real_processors.py``)."""
 
 
 def load_vlm(model_id: str, device: str | None = None, dtype: str | torch.dtype = "auto"):
@@ -85,6 +115,83 @@ def answer_text(processor, answer: str, end_of_turn: bool = False) -> str:
     return f" {answer}" + (processor.tokenizer.eos_token if end_of_turn else "")
 
 
+def processor_family(processor) -> str:
+    """``"idefics3"`` (SmolVLM, Idefics3), ``"qwen2_vl"`` (Qwen2-VL, Qwen2.5-VL), ``"llava"`` (a CLIP image
+    processor: LLaVA-1.5) or ``"other"``, read off the image processor's class name."""
+    name = type(getattr(processor, "image_processor", None)).__name__
+    if name.startswith(("Idefics3", "SmolVLM")):
+        return "idefics3"
+    if name.startswith("Qwen2VL"):
+        return "qwen2_vl"
+    if name.startswith(("CLIP", "Llava")) and type(processor).__name__.startswith("Llava"):
+        return "llava"
+    return "other"
+
+
+def processor_image_kwargs(processor) -> dict:
+    """Image-processor overrides that make the processor keep the size :func:`encoder_view` gave a view.
+
+    - ``idefics3`` with image splitting: ``do_resize=False`` (the released processor would first rescale the
+      longest side to ``size.longest_edge``, upscaling small views to 2048 px); the view is still rounded up to
+      whole tiles and split, as the released model was trained. Without splitting (the tiny cropper) nothing
+      changes: the view is resized to one tile.
+    - ``llava``: ``do_center_crop=False`` (the view is already padded to a square by :func:`encoder_view`).
+    - others: ``{}``.
+    """
+    family = processor_family(processor)
+    if family == "idefics3" and getattr(processor.image_processor, "do_image_splitting", False):
+        return {"do_resize": False}
+    if family == "llava":
+        return {"do_center_crop": False}
+    return {}
+
+
+def _pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    # LLaVA-1.5's expand2square (haotian-liu/LLaVA, llava/mm_utils.py): centre the image on a square canvas filled
+    # with the processor's mean colour. Three lines, so written here rather than imported from the LLaVA repo.
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def encoder_view(processor, view: Image.Image) -> Image.Image:
+    """``view`` (already shrunk to its budget) as the processor must receive it so the budget holds (RGB).
+
+    - ``idefics3`` with splitting: shrunk (never enlarged) so its longest side is at most the processor's
+      ``size["longest_edge"]`` (2048 for SmolVLM as released), since :func:`processor_image_kwargs` turns the
+      processor's own resize off.
+    - ``qwen2_vl``: unchanged (its ``min_pixels``/``max_pixels`` resize already follows the view's size).
+    - ``llava``: padded to a square with the image mean colour, as LLaVA-1.5's evaluation does.
+    """
+    view = view.convert("RGB")
+    family = processor_family(processor)
+    ip = getattr(processor, "image_processor", None)
+    if family == "idefics3" and processor_image_kwargs(processor):
+        cap = (getattr(ip, "size", None) or {}).get("longest_edge")
+        if cap:
+            view = resize_to_budget(view, Budget(max_side=int(cap)))
+    elif family == "llava":
+        mean = getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5)
+        view = _pad_to_square(view, tuple(int(round(255 * m)) for m in mean))
+    return view
+
+
+def encoder_images(processor, images: list[list[Image.Image]]) -> list[list[Image.Image]]:
+    """:func:`encoder_view` of every image of every row."""
+    return [[encoder_view(processor, im) for im in row] for row in images]
+
+
+def image_inputs(processor, images: list[Image.Image]) -> dict:
+    """The image processor's outputs (``pixel_values`` ...) for one row of ``images``, prepared as
+    :func:`generate_texts` prepares them (:func:`encoder_view` + :func:`processor_image_kwargs`)."""
+    views = [encoder_view(processor, im) for im in images]
+    return processor.image_processor(images=[views], return_tensors="pt", **processor_image_kwargs(processor))
+
+
 def _image_token_id(model, processor) -> int | None:
     for owner in (processor, model.config):
         for attr in ("image_token_id", "image_token_index"):
@@ -94,12 +201,16 @@ def _image_token_id(model, processor) -> int | None:
     return None
 
 
-def _encode(processor, prompts: list[str], images: list[list[Image.Image]], device) -> dict:
+def encode_inputs(processor, prompts: list[str], images: list[list[Image.Image]], device) -> dict:
+    """Processor outputs for chat-formatted ``prompts`` (left-padded) and their ``images`` (one list per row), each
+    image prepared by :func:`encoder_view` and :func:`processor_image_kwargs`, on ``device``."""
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        kwargs = {"images": images} if any(images) else {}
+        kwargs = (
+            {"images": encoder_images(processor, images), **processor_image_kwargs(processor)} if any(images) else {}
+        )
         inputs = processor(text=prompts, padding=True, return_tensors="pt", **kwargs)
     finally:
         tokenizer.padding_side = side
@@ -121,7 +232,7 @@ def generate_texts(
         processor outputs that were fed to the model, and the number of non-padding tokens generated per
         row (where padding and end-of-turn share an id, the end token is not counted).
     """
-    inputs = _encode(processor, prompts, images, model.device)
+    inputs = encode_inputs(processor, prompts, images, model.device)
     gen_kwargs.setdefault("do_sample", False)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]
@@ -165,6 +276,7 @@ class HFTarget:
             model, processor = load_vlm(model_id, device=device, dtype=dtype)
         self.model, self.processor = model, processor
         self.image_token_id = _image_token_id(model, processor)
+        self._token_cache: dict[tuple[int, int], int] = {}
         self.name = f"hf:{model_id}@{self.budget}"
 
     def _prepare(self, requests: Sequence[TargetRequest], with_answers: bool = False):
@@ -179,8 +291,9 @@ class HFTarget:
         return views, prompts
 
     def processed_pixels(self, view: Image.Image) -> int:
-        """Pixels of ``view`` as the vision encoder receives it, after the image processor's resizing."""
-        out = self.processor.image_processor(images=[view], return_tensors="pt")
+        """Pixels of ``view`` as the vision encoder receives it, after the image processor's resizing (and the
+        family's preparation, :func:`encoder_view`)."""
+        out = image_inputs(self.processor, [view])
         if "image_grid_thw" in out:  # Qwen2-VL family: patches of patch_size^2 pixels
             patch = getattr(self.processor.image_processor, "patch_size", 14)
             return int(out["image_grid_thw"].prod(dim=-1).sum()) * patch * patch
@@ -188,6 +301,24 @@ class HFTarget:
             return int(out["pixel_attention_mask"].sum())
         pv = out["pixel_values"]
         return int(pv.numel() // pv.shape[-3]) if pv.dim() >= 3 else int(pv.numel())
+
+    def view_visual_tokens(self, view: Image.Image) -> int | None:
+        """Image placeholder tokens the processor emits for ``view`` alone in a one-image prompt (``None`` when
+        the model has no image-token id). Depends only on the view's size for the three families, so it is
+        cached by size."""
+        if self.image_token_id is None:
+            return None
+        key = view.size
+        if key not in self._token_cache:
+            inputs = encode_inputs(self.processor, [chat_prompt(self.processor, 1, "?")], [[view]], "cpu")
+            self._token_cache[key] = int((inputs["input_ids"][0] == self.image_token_id).sum())
+        return self._token_cache[key]
+
+    def reference_visual_tokens(self, image: Image.Image, reference: Budget | None = None) -> int | None:
+        """RTR's denominator in the model's own currency: visual tokens of the whole ``image`` under ``reference``
+        (``None`` = native, i.e. the processor's own maximum: SmolVLM 2048 px tiles, Qwen ``max_pixels``, LLaVA
+        336x336), processed once (AwaRes sec. 3.1/4). ``None`` when the model has no image-token id."""
+        return self.view_visual_tokens(resize_to_budget(image.convert("RGB"), reference or Budget()))
 
     def _usage(
         self, inputs: dict, row: int, views: list[Image.Image], seconds: float, completion: int | None
@@ -232,8 +363,8 @@ class HFTarget:
             return []
         views, prompts = self._prepare(requests)
         _, full = self._prepare(requests, with_answers=True)
-        inputs = _encode(self.processor, full, views, self.model.device)
-        prompt_inputs = _encode(self.processor, prompts, views, "cpu")
+        inputs = encode_inputs(self.processor, full, views, self.model.device)
+        prompt_inputs = encode_inputs(self.processor, prompts, views, "cpu")
         logits = self.model(**inputs).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = inputs["input_ids"][:, 1:]
