@@ -23,9 +23,9 @@ from zoomvlm.awares.protocol import (
     parse_crop_action,
     trajectory_messages,
 )
+from zoomvlm.awares.rewards import AwaResReward, ToolCost, crop_set_format_reward
 from zoomvlm.core.geometry import Box, Budget, same_scale_budget
 from zoomvlm.core.pipeline import run_batch
-from zoomvlm.cropvlm.rewards import CropSetReward, ToolCost, crop_set_format_reward
 from zoomvlm.policies import load_policy
 
 HIGH = Budget(max_side=768)
@@ -155,7 +155,7 @@ def test_crop_set_reward_answers_from_the_requested_views(demo_samples):
             ]
 
     target = ViewAwareTarget(budget=HIGH)
-    reward = CropSetReward(target, HIGH, answer_reward="contains", cost=ToolCost(0.5, 0.1, 0.4))
+    reward = AwaResReward("contains", ToolCost(0.5, 0.1, 0.4), target=target, high=HIGH)
     completions = ["GET_CROPS: ['3']", "GET_CROPS: ['3']", "NO_CROPS", "garbage"]
     n = len(completions)
     got = reward(completions=completions, image_path=[str(s.image)] * n, question=[s.question] * n,
@@ -265,7 +265,7 @@ def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples, tiny_
         return [float(len(str(c))) for c in completions]
 
     target = EchoTarget(budget=Budget(max_side=128))
-    reward = CropSetReward(target, recipe.data["high"], "contains")
+    reward = AwaResReward("contains", recipe.awares.cost, target=target, high=recipe.data.high)
     trainer, _ = build_grpo_trainer(recipe, tmp_path / "grpo", reward_funcs=[crop_set_format_reward, reward,
                                     length_reward], reward_weights=[1.0, 1.0, 0.1])  # fmt: skip
     assert trainer.train_dataset[0]["image"].size[1] <= 64  # the low view of side:128
@@ -279,7 +279,7 @@ def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples, tiny_
 
     final = save_final(trainer, trainer.processing_class, tmp_path / "grpo", recipe)
     saved = json.loads((final / "zoomvlm_recipe.json").read_text())
-    assert saved["awares"]["lam"] == recipe.awares["lam"] and saved["data"]["high"] == "side:128"
+    assert saved["awares"]["lam"] == recipe.awares.lam and saved["data"]["high"] == "side:128"
 
 
 def test_shipped_crop_set_policy_answers_with_the_ocr_target(tmp_path, demo_samples):

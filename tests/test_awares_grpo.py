@@ -3,17 +3,18 @@ loss, the loss and KL-reference log-probs see every image of a rollout, R = R_an
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 
-from zoomvlm.awares.grpo import AwaResReward, awares_grpo_dataset, build_awares_grpo_trainer, run_awares_grpo
+from zoomvlm.awares.grpo import awares_grpo_dataset, build_awares_grpo_trainer, run_awares_grpo
 from zoomvlm.awares.protocol import high_res_crops, low_res_view, trajectory_messages
+from zoomvlm.awares.rewards import AwaResReward, ToolCost
 from zoomvlm.core.geometry import Budget
-from zoomvlm.cropvlm.rewards import ToolCost
 from zoomvlm.data.samples import load_image
-from zoomvlm.train.recipe import Recipe, load_recipe
+from zoomvlm.train.recipe import Recipe, load_recipe, recipe_from_dict
 
 HIGH = "side:224"  # a quadrant crop is then ~10 image tokens: every forward pass stays well under a second on CPU
 TOOL_CALL = "GET_CROPS: ['3']"
@@ -30,13 +31,14 @@ def records(demo_samples, tmp_path_factory):
     return path
 
 
-def _recipe(records, init, **trainer) -> Recipe:
-    return Recipe(
-        kind="awares_grpo",
-        model={"init": init},
-        data={"file": str(records), "high": HIGH},
-        rewards={"answer": "contains"},  # deterministic R_ans; the semantic route is tested with a stub below
-        trainer={
+def _recipe(records, init, output_dir, **trainer) -> Recipe:
+    return recipe_from_dict({
+        "kind": "awares_grpo",
+        "model": {"init": init},
+        "data": {"file": str(records), "high": HIGH},
+        "awares": {"answer_reward": "contains"},  # deterministic R_ans; the semantic route is tested with a stub below
+        "trainer": {
+            "output_dir": str(output_dir),
             "num_generations": 4,  # G = 4 (AwaRes: 8): four rollouts of distinct shapes fit in one batch
             "per_device_train_batch_size": 4,  # one prompt x G per step
             "gradient_accumulation_steps": 1,
@@ -45,27 +47,46 @@ def _recipe(records, init, **trainer) -> Recipe:
             "seed": 0,
             **trainer,
         },
-    )
+    })  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def built(records, tmp_path_factory, tiny_qwen25vl_init):
     """``(trainer, processor)`` shared by the tests that only roll out (none of them takes a step)."""
     trainer, processor = build_awares_grpo_trainer(
-        _recipe(records, tiny_qwen25vl_init), tmp_path_factory.mktemp("grpo")
+        _recipe(records, tiny_qwen25vl_init, tmp_path_factory.mktemp("grpo"))
     )
     trainer.current_gradient_accumulation_steps = 1  # set by train(); compute_loss outside train() reads it
     return trainer, processor
 
 
+@contextlib.contextmanager
+def scripted(trainer, script):
+    """Within the block, ``script(turn, i) -> str | None`` REPLACES rollout i's sampled turn (its tokens + eos);
+    ``None`` keeps the sample. Scripted tokens are not the policy's samples: they build rollouts of a known shape."""
+    real = trainer.sample_turn
+
+    def sample_turn(turn, rows, *args, **kwargs):
+        ids, logprobs = real(turn, rows, *args, **kwargs)
+        out = []
+        for row, i in zip(ids, rows, strict=True):
+            text = script(turn, i)
+            tok = trainer.processing_class.tokenizer
+            out.append(row if text is None else tok.encode(text, add_special_tokens=False) + [tok.eos_token_id])
+        return out, None if out != ids else logprobs
+
+    trainer.sample_turn = sample_turn
+    try:
+        yield
+    finally:
+        del trainer.sample_turn  # back to the class's method
+
+
 def _rollout(trainer, script: dict, row: int = 0):
     """One generation batch of G rollouts of dataset row ``row``; ``script[(turn, i)]`` replaces rollout i's turn."""
-    trainer.script = lambda turn, i: script.get((turn, i))
-    try:
+    with scripted(trainer, lambda turn, i: script.get((turn, i))):
         inputs = [trainer.train_dataset[row] for _ in range(trainer.num_generations)]
         return trainer._generate_and_score_completions(inputs), inputs[0]
-    finally:
-        trainer.script = None
 
 
 def _unpadded(out, i: int) -> tuple[list[int], list[int], list[int]]:
@@ -94,7 +115,7 @@ def test_tool_output_turn_is_an_observation_masked_out_of_the_loss(built):
     trainer, processor = built
     gold = "LIGHTROOM GALLERY SDN BHD"
     out, row = _rollout(trainer, {(1, 0): TOOL_CALL, (2, 0): gold, (1, 1): gold})
-    tok, pad = processor.tokenizer, trainer._image_pad_token_id
+    tok, pad = processor.tokenizer, trainer.image_pad_token_id
     eos = tok.eos_token_id
 
     # Rollout 0: prompt + completion are exactly the SFT rendering of the tool-call trajectory (trailing "\n" aside).
@@ -189,7 +210,7 @@ def test_awares_reward_scores_the_final_answer_semantic_by_default():
         return [0.8] * len(predictions)
 
     reward = AwaResReward(semantic=semantic)
-    assert reward.answer == "semantic"
+    assert reward.answer_reward == "semantic"
 
     def turns(*texts):
         return [{"role": "assistant" if k % 2 == 0 else "user", "content": t} for k, t in enumerate(texts)]
@@ -221,8 +242,9 @@ RECIPE = """\
 kind: awares_grpo
 model: {{init: {init}}}
 data: {{file: {file}, high: "side:224"}}
-rewards: {{answer: contains, alpha_miss: 0.5, alpha_use: 0.1, lam: 0.3}}
+awares: {{answer_reward: contains, alpha_miss: 0.5, alpha_use: 0.1, lam: 0.3}}
 trainer:
+  output_dir: {out}
   num_generations: 4
   per_device_train_batch_size: 4
   gradient_accumulation_steps: 1
@@ -237,13 +259,14 @@ trainer:
 
 
 def test_two_grpo_steps_change_the_parameters(records, tmp_path, tiny_qwen25vl_init):
-    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records, init=tiny_qwen25vl_init))
-    trainer, _ = build_awares_grpo_trainer(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "grpo")
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records, init=tiny_qwen25vl_init, out=tmp_path / "grpo"))
+    trainer, _ = build_awares_grpo_trainer(load_recipe(tmp_path / "recipe.yaml"))
     assert trainer.beta == 0.04 and trainer.ref_model is not None  # KL to the starting model
     # Even rollouts call the tool and answer right, odd ones are sampled: rewards differ within each group.
-    trainer.script = lambda turn, i: (TOOL_CALL if turn == 1 else "LIGHTROOM GALLERY SDN BHD") if i % 2 == 0 else None
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
-    trainer.train()
+    with scripted(trainer, lambda turn, i: (TOOL_CALL if turn == 1 else "LIGHTROOM GALLERY SDN BHD") if i % 2 == 0
+                  else None):  # fmt: skip
+        trainer.train()
     assert trainer.state.global_step == 2 and trainer.tool_calls >= 4
     changed = sum(not torch.equal(before[k], v.detach()) for k, v in trainer.model.named_parameters())
     assert changed > 0.9 * len(before)
@@ -252,7 +275,7 @@ def test_two_grpo_steps_change_the_parameters(records, tmp_path, tiny_qwen25vl_i
 
 
 def test_run_awares_grpo_saves_the_final_model(records, tmp_path, tiny_qwen25vl_init):
-    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records, init=tiny_qwen25vl_init))
+    (tmp_path / "recipe.yaml").write_text(RECIPE.format(file=records, init=tiny_qwen25vl_init, out=tmp_path / "x"))
     recipe = load_recipe(tmp_path / "recipe.yaml", ["trainer.max_steps=1"])
     final = run_awares_grpo(recipe, tmp_path / "run")
     assert final == tmp_path / "run" / "final" and (final / "config.json").is_file()

@@ -11,10 +11,16 @@ from zoomvlm.cropvlm.rewards import (
     AccuracyReward,
     AnswerProbabilityReward,
     LikelihoodReward,
-    build_rewards,
     completion_text,
     format_reward,
 )
+from zoomvlm.train.recipe import AwaResArgs
+from zoomvlm.train.rewards import RewardContext, build_rewards
+
+
+def _ctx(target=None, policy="cropper"):
+    return RewardContext(policy=policy, metric="anls", crop_budget=None, high="side:768", awares=AwaResArgs(),
+                         target_factory=None if target is None else (lambda: target))  # fmt: skip
 
 
 class CountingTarget:
@@ -106,17 +112,40 @@ def test_answer_probability_is_the_per_character_geometric_mean_probability(grou
             return [-3.0] * len(requests)
 
     assert AnswerProbabilityReward(AnyAnswer())(prompts=None, **long)[0] == pytest.approx(math.exp(-3.0 / 7))
-    funcs, _ = build_rewards({"answer_probability": 1.0}, CountingTarget())
+    funcs, _ = build_rewards({"answer_probability": 1.0}, _ctx(CountingTarget()))
     assert funcs[0].__name__ == "answer_probability"
 
 
 def test_build_rewards_by_name_and_errors():
-    funcs, weights = build_rewards({"format": 1.0, "likelihood": 0.5}, CountingTarget())
+    funcs, weights = build_rewards({"format": 1.0, "likelihood": 0.5}, _ctx(CountingTarget()))
     assert [f.__name__ for f in funcs] == ["format", "likelihood"] and weights == [1.0, 0.5]
     with pytest.raises(KeyError, match="unknown reward"):
-        build_rewards({"nope": 1.0}, CountingTarget())
+        build_rewards({"nope": 1.0}, _ctx(CountingTarget()))
     with pytest.raises(ValueError, match="needs a reward target"):
-        build_rewards({"accuracy": 1.0}, None)
+        build_rewards({"accuracy": 1.0}, _ctx(None))
+    with pytest.raises(ValueError, match="completions are a box"):
+        build_rewards({"crop_set_format": 1.0}, _ctx(None))
+
+
+def test_registry_dotted_path_and_one_awares_reward_for_both_variants():
+    """A user's reward by ``pkg.module:callable`` (TRL's escape hatch) is used as is; ``awares`` is one class whose
+    self-zoom form scores the rollout and whose crop-set form asks the target; rewards pickle."""
+    import pickle
+
+    from zoomvlm.awares.rewards import AwaResReward, crop_set_format_reward
+
+    funcs, _ = build_rewards({"zoomvlm.awares.rewards:crop_set_format_reward": 1.0, "format": 1.0}, _ctx())
+    assert funcs[0] is crop_set_format_reward and funcs[0].__name__ == "crop_set_format"
+    trl_style, _ = build_rewards({"zoomvlm.awares.rewards.crop_set_format_reward": 1.0}, _ctx())
+    assert trl_style[0] is crop_set_format_reward
+    with pytest.raises(KeyError, match="cannot import"):
+        build_rewards({"zoomvlm.awares.rewards:no_such_reward": 1.0}, _ctx())
+    (self_zoom,), _ = build_rewards({"awares": 1.0}, _ctx(policy="self_zoom"))
+    (crop_set,), _ = build_rewards({"awares": 1.0}, _ctx(CountingTarget(), policy="crop_set"))
+    assert type(self_zoom) is type(crop_set) is AwaResReward and self_zoom.__name__ == crop_set.__name__ == "awares"
+    assert self_zoom.target is None and crop_set.target is not None and crop_set.high is not None
+    for f in (funcs[1], self_zoom):
+        assert pickle.loads(pickle.dumps(f)).__name__ == f.__name__
 
 
 def test_ocr_likelihood_prefers_the_evidence_crop(demo_samples, ocr_target):

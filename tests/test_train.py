@@ -9,8 +9,9 @@ import torch
 
 from zoomvlm.cli.main import demo_data_path, main
 from zoomvlm.core.geometry import Box, Budget
+from zoomvlm.core.prompts import completion_text
 from zoomvlm.cropvlm.curation import sft_record
-from zoomvlm.cropvlm.rewards import completion_text, format_reward
+from zoomvlm.cropvlm.rewards import format_reward
 from zoomvlm.train.recipe import RecipeError, bundled_recipes, load_recipe
 
 
@@ -42,12 +43,16 @@ def test_bundled_recipes_parse():
     assert {"tiny_cpu_sft", "tiny_cpu_grpo", "tiny_cpu_grpo_accuracy", "smolvlm256m_lora_sft",
             "smolvlm256m_lora_grpo"} <= names  # fmt: skip
     for name in names:
+        if name.endswith("_vllm"):  # vLLM needs CUDA: refused on this CPU machine (test_gpu_example_configs)
+            with pytest.raises(RecipeError, match="use_vllm needs CUDA"):
+                load_recipe(name)
+            continue
         r = load_recipe(name)
-        assert r.kind in {"sft", "grpo", "awares_sft", "awares_grpo"} and r.trainer.get("output_dir")
+        assert r.kind in {"sft", "grpo", "awares_sft", "awares_grpo"} and r.trainer.output_dir
     grpo = load_recipe("smolvlm256m_lora_grpo")
-    assert grpo.trainer["num_generations"] == 6 and grpo.trainer["temperature"] == 0.8
-    assert grpo.trainer["beta"] == 0.01 and grpo.trainer["scale_rewards"] == "none"
-    assert grpo.model["lora"]["r"] == 128 and grpo.model["lora"]["lora_alpha"] == 256
+    assert grpo.trainer.num_generations == 6 and grpo.trainer.temperature == 0.8
+    assert grpo.trainer.beta == 0.01 and grpo.trainer.scale_rewards == "none"
+    assert grpo.model.lora["r"] == 128 and grpo.model.lora["lora_alpha"] == 256
 
 
 def test_recipe_errors_are_clear(tmp_path):
@@ -62,23 +67,60 @@ def test_recipe_errors_are_clear(tmp_path):
     with pytest.raises(RecipeError, match="section.key=value"):
         load_recipe("tiny_cpu_sft", ["oops"])
     r = load_recipe("tiny_cpu_sft", ["trainer.max_steps=3", "trainer.learning_rate=1e-4", "model.lora=null"])
-    assert r.trainer["max_steps"] == 3 and r.trainer["learning_rate"] == 1e-4 and r.model["lora"] is None
+    assert r.trainer.max_steps == 3 and r.trainer.learning_rate == 1e-4 and r.model.lora is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.cropper_budjet=1", r"data\.cropper_budjet \(did you mean data\.cropper_budget\?\)"),
+        ("trainer.num_generationz=4", r"trainer\.num_generationz"),
+        ("target.metrc=anls", r"target\.metrc"),
+        ("awares.answer=contains", r"awares\.answer\b"),  # the old second spelling of answer_reward is gone
+        ("rewards.nope=1", r"unknown reward 'nope'"),
+        ("rewards.awares=1", r"reward 'awares' reads .* completions are a box"),
+        ("data.policy=crop_set", r"cropper_budget is not used with data.policy: crop_set"),
+        ("awares.alpha_miss=0.01", r"alpha_miss > alpha_use"),
+        ("target.metric=acuracy", r"not a metric"),
+    ],
+)
+def test_typed_recipes_refuse_unknown_keys_and_bad_combinations(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("tiny_cpu_grpo", [override])
+
+
+def test_one_place_for_each_default():
+    """Keys a recipe leaves out get the dataclass defaults (CropVLM's), also in what a checkpoint stores."""
+    from zoomvlm.cropvlm.cropper import _trained_budget
+
+    r = load_recipe("tiny_cpu_grpo", ["data.cropper_budget=null"])
+    assert r.data.view_budget == Budget(max_side=512) and r.to_json()["data"]["cropper_budget"] is None
+    r = load_recipe("tiny_cpu_grpo")
+    assert r.trainer.max_grad_norm == 0.1 and r.trainer.temperature == 0.8 and r.trainer.bf16 is False
+    assert load_recipe("tiny_cpu_crop_set_grpo").to_json()["data"]["high"] == "side:768"
+    assert _trained_budget("/no/such/checkpoint") == 512
+
+
+def test_train_cli_names_an_unknown_key(capsys):
+    rc = main(["train", "grpo", "--config", "tiny_cpu_grpo", "--set", "data.cropper_budjet=1"])
+    assert rc == 2 and "data.cropper_budjet" in capsys.readouterr().err
 
 
 def test_sft_two_steps_change_the_model_and_save_a_loadable_cropper(sft_file, tmp_path, TINY):
-    from trl import SFTConfig, SFTTrainer
+    from safetensors.torch import load_file
+    from trl import SFTTrainer
 
+    from zoomvlm.core.geometry import BoxFormatError, parse_percent_box
     from zoomvlm.cropvlm.cropper import VLMCropper
     from zoomvlm.train.common import build_cropper, save_final
-    from zoomvlm.train.sft import SFT_DEFAULTS, sft_dataset
+    from zoomvlm.train.sft import CropperSFTConfig, sft_dataset
 
     recipe = load_recipe("tiny_cpu_sft", TINY + [f"data.sft_file={sft_file}"])
     model, processor, _ = build_cropper(recipe.model)
     ds = sft_dataset(sft_file, budget=Budget(max_side=64))
     before = _params(model)
-    args = SFTConfig(**{**SFT_DEFAULTS, "output_dir": str(tmp_path / "out"), "max_steps": 2, "bf16": False,
-                        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-                        "learning_rate": 1e-3, "save_strategy": "no"})  # fmt: skip
+    args = CropperSFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                            gradient_accumulation_steps=1, learning_rate=1e-3, save_strategy="no")  # fmt: skip
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor)
     # Loss on the box only: the prompt (and image) tokens are masked out of the labels.
     batch = trainer.data_collator([ds[0]])
@@ -89,10 +131,52 @@ def test_sft_two_steps_change_the_model_and_save_a_loadable_cropper(sft_file, tm
     assert trainer.state.global_step == 2
     assert _changed(before, model) > 10
     final = save_final(trainer, processor, tmp_path / "out", recipe)
+    # Saving: the checkpoint holds exactly the trained weights.
+    saved = load_file(final / "model.safetensors")
+    trained = {k: v.detach() for k, v in model.state_dict().items()}
+    assert saved.keys() <= trained.keys() and len(saved) > 10
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
     cropper = VLMCropper(str(final), max_new_tokens=8)
     assert cropper.budget.max_side == 64  # read back from the saved recipe
-    proposals = cropper.propose([ds[0]["image"]], ["What is the total?"])
-    assert len(proposals) == 1 and len(proposals[0].boxes) == 1
+    # Loading + parsing: the cropper's raw text is the trained model's greedy answer, and its box is that text
+    # parsed (or, when it does not parse, the whole image with the parse error counted).
+    (proposal,) = cropper.propose([ds[0]["image"]], ["What is the total?"])
+    from zoomvlm.core.prompts import cropper_prompt
+    from zoomvlm.targets.hf import chat_prompt, generate_texts
+
+    view = [[ds[0]["image"].convert("RGB")]]
+    (expected,), _, _ = generate_texts(model.eval(), processor, [chat_prompt(processor, 1, cropper_prompt(
+        "What is the total?"))], view, max_new_tokens=8)  # fmt: skip
+    assert proposal.raw == expected
+    try:
+        assert proposal.boxes == (parse_percent_box(expected),) and proposal.error is None
+    except BoxFormatError:
+        assert proposal.boxes == (Box.full(),) and proposal.error and cropper.n_invalid == 1
+
+
+@pytest.mark.slow
+def test_sft_overfit_box_round_trips_through_the_saved_cropper(demo_samples, tmp_path, TINY):
+    """30 SFT steps on ONE box make the greedy answer exactly that box; the cropper loaded from ``final/`` must
+    return it parsed, with no error. Fails when saving (an untrained model writes garbage -> whole image) or the
+    cropper's parsing (wrong box, or a valid box counted invalid) breaks."""
+    from zoomvlm.cropvlm.cropper import VLMCropper
+    from zoomvlm.train.sft import run_sft
+
+    box = Box(0.1, 0.1, 0.9, 0.3)
+    path = tmp_path / "one_box.jsonl"
+    path.write_text(
+        "".join(json.dumps(sft_record(s.id, str(s.image), s.question, box)) + "\n" for s in demo_samples[:6])
+    )
+    # lr 3e-3 constant, 30 steps of 3 rows: what a from-scratch 64 px model needs to memorise one 8-token box
+    recipe = load_recipe("tiny_cpu_sft", TINY + [f"data.sft_file={path}", "trainer.max_steps=30",
+                         "trainer.per_device_train_batch_size=3", "trainer.learning_rate=3e-3",
+                         "trainer.lr_scheduler_type=constant", "trainer.warmup_steps=0", 'trainer.save_strategy="no"',
+                         "trainer.dataloader_num_workers=0"], output_dir=tmp_path / "out")  # fmt: skip
+    final = run_sft(recipe)
+    cropper = VLMCropper(str(final), max_new_tokens=24)
+    proposals = cropper.propose([s.load_image() for s in demo_samples[:2]], [s.question for s in demo_samples[:2]])
+    assert [p.raw for p in proposals] == ["[10, 10, 90, 30]."] * 2
+    assert [p.boxes for p in proposals] == [(box,)] * 2 and cropper.n_invalid == 0
 
 
 def test_grpo_two_steps_change_the_model(tmp_path, TINY):
@@ -144,6 +228,74 @@ def test_train_cli_sft_then_policy(sft_file, tmp_path, capsys, TINY):
     assert f"vlm:{out / 'final'}" in capsys.readouterr().out
     rc = main(["train", "grpo", "--config", "tiny_cpu_sft"])
     assert rc == 2 and "expected 'grpo'" in capsys.readouterr().err
+    _check_publishable(out / "final", capsys, tmp_path)
+
+
+def _check_publishable(final, capsys, tmp_path):
+    """final/ is a publishable folder: model card + recipe + run metrics; `zoomvlm train push` uploads it as is
+    (only huggingface_hub's two network calls are replaced)."""
+    from unittest import mock
+
+    import huggingface_hub
+
+    card = (final / "README.md").read_text()
+    run = json.loads((final / "zoomvlm_run.json").read_text())
+    assert run["global_step"] == 1 and run["num_processes"] == 1 and run["train_loss"] > 0
+    assert f"base_model: {json.loads((final / 'zoomvlm_recipe.json').read_text())['model']['init']}" in card
+    assert "`tiny_cpu_sft` (bundled with zoomvlm)" in card and "UNKNOWN: state the data's licence" in card
+    assert f"| train_loss | {run['train_loss']:.4g} |" in card
+    with (
+        mock.patch.object(huggingface_hub.HfApi, "create_repo") as create,
+        mock.patch.object(huggingface_hub.HfApi, "upload_folder", return_value="https://hub/commit/1") as upload,
+    ):
+        assert main(["train", "push", str(final.parent), "me/tiny-cropper", "--private"]) == 0
+    create.assert_called_once_with("me/tiny-cropper", private=True, exist_ok=True)
+    kwargs = upload.call_args.kwargs
+    assert kwargs["folder_path"] == str(final) and kwargs["repo_id"] == "me/tiny-cropper"
+    assert "tiny_cpu_sft" in kwargs["commit_message"] and "https://hub/commit/1" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "push", str(tmp_path / "empty"), "me/x"]) == 2
+    assert "missing config.json, zoomvlm_recipe.json, README.md" in capsys.readouterr().err
+
+
+def test_model_card_names_the_data_licence():
+    from zoomvlm.train.model_card import data_licence, model_card
+
+    assert "CC BY-NC 4.0" in data_licence("../shared/data/documents/train.jsonl")[1]
+    assert "SROIE" in data_licence("../shared/data/receipts/train.jsonl")[1]
+    r = load_recipe("tiny_cpu_crop_set_grpo")
+    card = model_card(r, {"global_step": 3, "last_logged": {"rewards/awares/mean": 0.25}})
+    assert "`awares` = R_ans - C_tool: R_ans `contains`, alpha_miss 0.5, alpha_use 0.1, lam 0.3" in card
+    assert "| last logged rewards/awares/mean | 0.25 |" in card and "crop-set:PATH" in card
+
+
+def test_gpu_example_configs():
+    """The documented GPU path: accelerate configs that accelerate itself reads, and a vLLM GRPO recipe whose batch
+    arithmetic gives CropVLM's 16 prompts per update on those 4 processes (parsed here with use_vllm off: no CUDA)."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+    ddp, zero2 = (
+        load_config_from_file(str(root / "multi_gpu.yaml")),
+        load_config_from_file(str(root / "deepspeed_zero2.yaml")),
+    )
+    assert ddp.distributed_type == "MULTI_GPU" and zero2.deepspeed_config["zero_stage"] == 2
+    assert ddp.num_processes == zero2.num_processes == 4
+    r = load_recipe("smolvlm256m_lora_grpo_vllm", ["trainer.use_vllm=false"])
+    import yaml
+
+    shipped = yaml.safe_load(bundled_recipes()["smolvlm256m_lora_grpo_vllm"].read_text())
+    assert shipped["trainer"]["use_vllm"] is True and r.trainer.vllm_mode == "server"
+    assert r.target.spec.startswith("openai:") and set(r.rewards) == {"format", "accuracy"}
+    completions = r.trainer.per_device_train_batch_size * ddp.num_processes * r.trainer.gradient_accumulation_steps
+    assert completions % r.trainer.num_generations == 0 and completions // r.trainer.num_generations == 16
+
+
+def test_vllm_on_cpu_fails_early_saying_what_to_use():
+    with pytest.raises(RecipeError, match="use_vllm needs CUDA GPUs .* drop trainer.use_vllm"):
+        load_recipe("tiny_cpu_grpo", ["trainer.use_vllm=true"])
 
 
 def test_box_preserving_crop_keeps_the_boxed_pixels_and_maps_the_box():

@@ -19,7 +19,7 @@ from zoomvlm.awares.weighted_sft import (
     training_chat_template,
     trajectory_dataset,
 )
-from zoomvlm.train.recipe import Recipe
+from zoomvlm.train.recipe import recipe_from_dict
 
 HIGH = "side:224"  # low view <= 112 px, crops <= 112 px: a few dozen image tokens per image keeps a step < 1 s
 TOOL_WEIGHT = 5.0
@@ -205,13 +205,15 @@ def test_two_steps_change_the_model_and_save_checkpoint_and_final(trajectories, 
     init = tmp_path / "init"
     tiny.save_tiny(*tiny.build_tiny_qwen25vl(), init)
     out = tmp_path / "run"
-    recipe = Recipe(kind="awares_sft", model={"init": str(init), "lora": None}, source="test",
-                    data={"file": str(trajectories), "high": HIGH},
-                    trainer={"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-                             "learning_rate": 1e-3, "save_steps": 2, "logging_steps": 1, "tool_call_weight": 5.0,
-                             # True: the Trainer would drop the stored columns the image transform reads
-                             # (image_path, crops, high) unless the trainer declares them signature columns
-                             "remove_unused_columns": True})  # fmt: skip
+    recipe = recipe_from_dict({
+        "kind": "awares_sft", "model": {"init": str(init), "lora": None},
+        "data": {"file": str(trajectories), "high": HIGH},
+        "trainer": {"output_dir": str(tmp_path / "unused"), "max_steps": 2, "per_device_train_batch_size": 2,
+                    "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "save_steps": 2, "logging_steps": 1,
+                    "tool_call_weight": 5.0,
+                    # True: the Trainer would drop the stored columns the image transform reads
+                    # (image_path, crops, high) unless the trainer declares them signature columns
+                    "remove_unused_columns": True}})  # fmt: skip
     final = run_weighted_sft(recipe, out)
     assert final == out / "final" and (final / "config.json").is_file() and (out / "checkpoint-2").is_dir()
     assert json.loads((final / "zoomvlm_recipe.json").read_text())["kind"] == "awares_sft"

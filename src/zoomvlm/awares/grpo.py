@@ -3,9 +3,9 @@
 One rollout (awares_paper_excerpt sec. 3.4; METHODS.md, AwaRes): turn 1 sees the low-resolution view and the
 question and either answers or emits ``GET_CROPS: [...]``; the requested crops at the high-resolution scale come
 back as a new USER turn (:func:`zoomvlm.awares.protocol.trajectory_messages`, the SFT format); turn 2 answers. Each
-rollout gets one reward ``R = R_ans - C_tool`` (:class:`AwaResReward`); TRL turns the group of G = 8 rollouts
-into advantages ``(R - mean) / std`` and takes a PPO-clipped step with a KL penalty (``beta``) to the reference
-model, which is the starting (SFT) policy.
+rollout gets one reward ``R = R_ans - C_tool`` (:class:`~zoomvlm.awares.rewards.AwaResReward`); TRL turns the
+group of G = 8 rollouts into advantages ``(R - mean) / std`` and takes a PPO-clipped step with a KL penalty
+(``beta``) to the reference model, which is the starting (SFT) policy.
 
 Actions and observations. The policy's own tokens (turn 1, tool call included, and turn 2) are actions; the
 tool-output turn (its chat-template framing, the crops' image tokens and the tool text) is an observation:
@@ -18,10 +18,11 @@ How it sits on TRL (read against trl 1.16 ``grpo_trainer.py``):
   refuses a chat template that cannot render that (Qwen2.5-VL's cannot); AwaRes's call is plain text.
 - ``rollout_func`` cannot be used as is either: TRL then restores the DATASET images for the loss forward pass,
   so the crops a rollout received would be missing from ``pixel_values`` (wrong log-probs).
-- So :class:`AwaResGRPOTrainer` overrides ``_generate`` (the rollout; it reuses TRL's
-  ``_tokenize_prompts`` and ``_generate_single_turn`` for both turns, so sampling settings and vLLM work as in
-  TRL) and returns, per rollout, its images ``[low view, *crops]`` and its ``tool_images`` ``[*crops]``. With
-  ``trainer.tools`` non-empty (the subclass registers :func:`get_crops` there after ``__init__``) TRL's
+- So :class:`AwaResGRPOTrainer` writes the rollout on :class:`~zoomvlm.train.trl_compat.MultiTurnGRPOTrainer`
+  (the one module that touches TRL's private ``_generate``, ``_tokenize_prompts`` and ``_generate_single_turn``,
+  so sampling settings and vLLM work as in TRL) and returns, per rollout, its images ``[low view, *crops]`` and
+  its ``tool_images`` ``[*crops]``. With ``trainer.tools`` non-empty (the compat base registers
+  :func:`~zoomvlm.train.trl_compat.tool_image_marker` there after ``__init__``) TRL's
   unmodified multimodal tool-response branch builds the loss/reference/old-policy forward inputs: every
   rollout's images through the image processor, and ``mm_token_type_ids`` rebuilt over the whole
   prompt + completion (Qwen's 3-D M-RoPE positions need them). ``tests/test_awares_grpo.py`` checks that the
@@ -42,160 +43,69 @@ full image: they are counted (``trainer.invalid_tool_calls``, metric ``tools/fai
 turn-1 text is the final answer. Calls are read by :func:`~zoomvlm.awares.protocol.parse_get_crops` (tolerant, anywhere
 in turn 1); one tool round per rollout, as in AwaRes (turn 2's text is final whatever it says).
 
-Run it (no CLI stage is wired yet)::
+Run it::
 
-    from zoomvlm.train.recipe import load_recipe
-    from zoomvlm.awares.grpo import run_awares_grpo
-
-    run_awares_grpo(load_recipe("qwen25vl7b_awares_grpo.yaml"), output_dir="runs/awares_grpo")
+    zoomvlm train awares-grpo --config qwen25vl7b_awares_grpo [--set awares.lam=0.1]
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from trl import GRPOTrainer
+from transformers.trainer_utils import SchedulerType
+from trl import GRPOConfig
 
 from zoomvlm.awares.protocol import (
     AWARES_SYSTEM_PROMPT,
-    ToolCallError,
     crop_set_area,
     high_res_crops,
-    parse_get_crops,
+    parse_tool_call,
     tool_output_text,
 )
+from zoomvlm.awares.rewards import AwaResReward
 from zoomvlm.core.geometry import Budget
-from zoomvlm.cropvlm.rewards import SemanticSimilarity, ToolCost, answer_scores
-from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs, trajectory_records
+from zoomvlm.train.common import TrainerDefaults, build_cropper, resume_checkpoint, save_final, trajectory_records
 from zoomvlm.train.recipe import Recipe
+from zoomvlm.train.trl_compat import MultiTurnGRPOTrainer, Rollout
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "AWARES_GRPO_DEFAULTS",
+    "AwaResGRPOConfig",
     "AwaResGRPOTrainer",
-    "AwaResReward",
-    "awares_action",
     "awares_grpo_dataset",
     "build_awares_grpo_trainer",
-    "get_crops",
-    "parse_tool_call",
     "run_awares_grpo",
 ]
 
-AWARES_GRPO_DEFAULTS = {
-    # AwaRes sec. 3.4: G = 8, advantage (R - group mean) / group std, PPO-clipped objective, KL to the SFT policy.
-    # The paper publishes no other constant; these are TRL's/DeepSeekMath's GRPO values.
-    "num_generations": 8,
-    "scale_rewards": "group",
-    "loss_type": "grpo",  # DeepSeekMath's per-sequence mean, the objective AwaRes writes
-    "beta": 0.04,  # KL to the reference (= starting SFT) model; > 0 so TRL builds the reference
-    "epsilon": 0.2,  # PPO clip
-    "temperature": 1.0,
-    "learning_rate": 1e-6,
-    "lr_scheduler_type": "constant",
-    "max_grad_norm": 1.0,
-    "max_completion_length": 64,  # per policy turn: a tool call is ~10 tokens, AwaRes answers are brief
-    "num_iterations": 1,
-    "per_device_train_batch_size": 8,  # 1 prompt x G = 8 rollouts per device step
-    "gradient_accumulation_steps": 8,
-    "logging_steps": 1,
-    "save_strategy": "steps",
-    "save_steps": 50,
-    "save_total_limit": 2,
-    "report_to": [],
-    "remove_unused_columns": False,  # the rollout and the reward read image_path, high, answers, label
-    "bf16": True,
-}
 
+@dataclass
+class AwaResGRPOConfig(TrainerDefaults, GRPOConfig):
+    """TRL's ``GRPOConfig`` with AwaRes's GRPO defaults (sec. 3.4: G = 8, advantage (R - group mean) / group std,
+    PPO-clipped objective, KL to the SFT policy); the ``trainer:`` section of ``awares_grpo`` recipes. The paper
+    publishes no other constant; the rest are TRL's / DeepSeekMath's GRPO values."""
 
-def get_crops(crops: list[str]) -> str:
-    """Fetch high-resolution crops of the image from the AwaRes crop set.
-
-    Registered in ``trainer.tools`` so that TRL routes rollout images through its multimodal tool-response
-    forward path; the call itself is executed by :meth:`AwaResGRPOTrainer._generate`, which knows the image.
-
-    Args:
-        crops: crop-set keys, e.g. ["3"] or ["0", "5"].
-    """
-    raise RuntimeError("get_crops is executed by AwaResGRPOTrainer's rollout, which knows the image")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Actions and reward
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def parse_tool_call(text: str) -> tuple[list[str] | None, str | None]:
-    """Turn 1's action: ``(None, None)`` a direct answer, ``(keys, None)`` a valid ``GET_CROPS`` call,
-    ``(None, error)`` an unparseable one (counted by the caller; its text is the final answer)."""
-    try:
-        return parse_get_crops(text), None
-    except ToolCallError as err:
-        return None, str(err)
-
-
-def _assistant_texts(completion) -> list[str]:
-    if isinstance(completion, str):
-        return [completion]
-    texts = []
-    for message in completion:
-        if message.get("role") != "assistant":
-            continue
-        content = message.get("content") or ""
-        texts.append(content if isinstance(content, str) else "".join(c.get("text", "") for c in content))
-    return texts
-
-
-def awares_action(completion) -> tuple[list[str] | None, str, str | None]:
-    """``(crops, final answer, tool-call error)`` of one rollout (a TRL conversational completion or a string).
-
-    ``crops`` are the keys of turn 1's valid ``GET_CROPS`` call, else ``None``. The final answer is the last
-    assistant turn after a valid call (``""`` if the rollout ended before turn 2), else turn 1's text: a direct
-    answer, or an unparseable call (``error`` set), which is never replaced by the full image.
-    """
-    texts = _assistant_texts(completion) or [""]
-    keys, error = parse_tool_call(texts[0])
-    if keys:
-        return keys, (texts[-1] if len(texts) > 1 else ""), None
-    return None, texts[0], error
-
-
-class AwaResReward:
-    """``awares``: AwaRes's ``R = R_ans - C_tool`` for one self-zoom rollout (sec. 3.4.1), a TRL reward function.
-
-    ``R_ans`` = :func:`~zoomvlm.cropvlm.rewards.answer_scores` of the final answer (:func:`awares_action`) against the
-    ``answers`` column: ``"semantic"`` (AwaRes: sentence-embedding cosine) or a metric name (``contains``,
-    ``anls``...), in ``[0, 1]``. ``C_tool`` = :class:`~zoomvlm.cropvlm.rewards.ToolCost` of the requested crops, with
-    ``needs_hr`` = (``label`` column == ``"HR"``); an unparseable call requests nothing. Logs ``awares/r_ans``
-    and ``awares/c_tool`` (batch means) through TRL's ``log_metric``.
-
-    Raises:
-        KeyError: an unknown answer reward name.
-    """
-
-    __name__ = "awares"
-
-    def __init__(self, answer: str = "semantic", cost: ToolCost | None = None, semantic=None):
-        self.answer = answer
-        self.cost = cost or ToolCost()
-        self.semantic = semantic if semantic is not None else (SemanticSimilarity() if answer == "semantic" else None)
-        if answer != "semantic":
-            answer_scores(answer, [], [])  # fail early on an unknown name
-
-    def __call__(self, prompts=None, completions=(), answers=(), label=None, log_metric=None, **_) -> list[float]:
-        actions = [awares_action(c) for c in completions]
-        labels = label if label is not None else ["LR"] * len(actions)
-        r_ans = answer_scores(self.answer, [a for _, a, _ in actions], list(answers), self.semantic)
-        c_tool = [self.cost(keys, str(lab).upper() == "HR") for (keys, _, _), lab in zip(actions, labels, strict=True)]
-        if log_metric is not None and actions:
-            log_metric("awares/r_ans", sum(r_ans) / len(r_ans))
-            log_metric("awares/c_tool", sum(c_tool) / len(c_tool))
-        return [r - c for r, c in zip(r_ans, c_tool, strict=True)]
+    num_generations: int | None = field(default=8, metadata={"help": "AwaRes: G = 8 rollouts per prompt."})
+    scale_rewards: str = field(default="group", metadata={"help": "AwaRes: (R - group mean) / group std."})
+    loss_type: str = field(default="grpo", metadata={"help": "DeepSeekMath's per-sequence mean (AwaRes's objective)."})
+    beta: float = field(
+        default=0.04, metadata={"help": "KL to the reference (= starting SFT) model; > 0 so TRL builds it."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of both turns."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "TRL's GRPO default."})
+    lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={"help": "Constant learning rate."})
+    max_completion_length: int | None = field(
+        default=64, metadata={"help": "Per POLICY turn: a tool call is ~10 tokens, AwaRes answers are brief."}
+    )
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "1 prompt x G = 8 rollouts per step."})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "8 prompts per update."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every step."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps (resume point)."})
+    bf16: bool | None = field(default=True, metadata={"help": "bf16 on GPUs; turned off where there is no CUDA."})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,18 +167,15 @@ def _with_low_view(batch: dict[str, list]) -> dict[str, list]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class AwaResGRPOTrainer(GRPOTrainer):
+class AwaResGRPOTrainer(MultiTurnGRPOTrainer):
     """TRL's ``GRPOTrainer`` with AwaRes's two-turn self-zoom rollout (see the module docstring).
 
     The train dataset is :func:`awares_grpo_dataset`'s (columns ``prompt``, ``image``, ``image_path``, ``high``,
     ``answers``, ``label``); ``reward_funcs`` default to ``[AwaResReward()]``. Everything else is
     ``GRPOTrainer``'s (``GRPOConfig``: ``num_generations``, ``beta``, ``epsilon``, ``loss_type``, vLLM...).
+    TRL's private hooks are used through :class:`~zoomvlm.train.trl_compat.MultiTurnGRPOTrainer` only.
 
     Attributes:
-        script: test/debug hook, ``None`` in training. ``script(turn, index) -> str | None`` is asked for each
-            rollout of a generation batch (``turn`` 1 or 2, ``index`` its position in the batch); a string
-            REPLACES the sampled turn (its tokens + the end-of-turn token), ``None`` keeps the sample. Scripted
-            tokens are not the policy's samples: use it to build rollouts of a known shape, not to train.
         invalid_tool_calls, tool_calls: running counts of unparseable and valid turn-1 tool calls.
 
     Raises:
@@ -276,14 +183,10 @@ class AwaResGRPOTrainer(GRPOTrainer):
             tool schemas or whose assistant turn does not end with the eos token.
     """
 
-    def __init__(self, *args, reward_funcs=None, script: Callable[[int, int], str | None] | None = None, **kwargs):
+    def __init__(self, *args, reward_funcs=None, **kwargs):
         super().__init__(*args, reward_funcs=reward_funcs or [AwaResReward()], **kwargs)
-        # Non-empty tools route the loss/reference forward inputs through TRL's tool-image branch (module doc).
-        self.tools = [get_crops]
-        self.script = script
         self.invalid_tool_calls = 0
         self.tool_calls = 0
-        self._rollout_inputs: list[dict] | None = None
         self._originals: OrderedDict[str, object] = OrderedDict()
         self._tool_turn_texts: dict[tuple, str] = {}
         self._check_processor()
@@ -293,7 +196,7 @@ class AwaResGRPOTrainer(GRPOTrainer):
         from PIL import Image
 
         processor = self.processing_class
-        if not self._is_vlm or self._image_pad_token_id is None:
+        if not self.is_vlm or self.image_pad_token_id is None:
             raise ValueError("AwaRes GRPO needs a Qwen-VL-style processor (an <|image_pad|> image token)")
         probe = Image.new("RGB", (56, 56))
         if "image_grid_thw" not in processor.image_processor(images=[probe], return_tensors="pt"):
@@ -325,7 +228,7 @@ class AwaResGRPOTrainer(GRPOTrainer):
             prefix_text = render(prefix, tokenize=False)
             full_text = render(prefix + [{"role": "user", "content": content}], add_generation_prompt=True,
                                tokenize=False)  # fmt: skip
-            eos = self._tokenizer.eos_token
+            eos = self.tokenizer.eos_token
             cut = prefix_text.rfind(eos) + len(eos)
             if cut < len(eos) or not full_text.startswith(prefix_text[:cut]):
                 raise ValueError(
@@ -340,13 +243,6 @@ class AwaResGRPOTrainer(GRPOTrainer):
         return self.processing_class(text=[text], images=crops, return_tensors="pt")["input_ids"][0].tolist()
 
     # -- rollout -----------------------------------------------------------------------------------------------
-    def _generate_and_score_completions(self, inputs):
-        self._rollout_inputs = inputs  # _generate(prompts) needs each rollout's image_path and high
-        try:
-            return super()._generate_and_score_completions(inputs)
-        finally:
-            self._rollout_inputs = None
-
     def _original(self, path: str):
         """The original image at ``path`` (a small LRU cache: the G rollouts of a prompt share it)."""
         from zoomvlm.data.samples import load_image
@@ -358,40 +254,31 @@ class AwaResGRPOTrainer(GRPOTrainer):
         self._originals.move_to_end(path)
         return self._originals[path]
 
-    def _script_turn(self, turn: int, ids: list[list[int]], indices: list[int]) -> tuple[list[list[int]], bool]:
-        if self.script is None:
-            return ids, False
-        out, scripted = [], False
-        for row, index in zip(ids, indices, strict=True):
-            text = self.script(turn, index)
-            if text is None:
-                out.append(row)
-            else:
-                out.append(self._tokenizer.encode(text, add_special_tokens=False) + [self._tokenizer.eos_token_id])
-                scripted = True
-        return out, scripted
+    def sample_turn(
+        self, turn: int, rows: list[int], prompt_ids, images, fields: dict, num_generations: int, **kwargs
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Sample policy turn ``turn`` (1 or 2) for the rollouts at batch positions ``rows``:
+        ``(token ids per rollout, sampling log-probs or None)``. The one place the policy's tokens are drawn
+        (tests replace it to build rollouts of a known shape)."""
+        ids, logprobs = self.generate_turn(prompt_ids, images, fields, num_generations, **kwargs)
+        return [list(t) for t in ids], logprobs
 
-    def _generate(self, prompts: list):
-        """The AwaRes rollout; same return contract as ``GRPOTrainer._generate`` (trl 1.16)."""
-        device = self.accelerator.device
-        mode = "train" if self.model.training else "eval"
-        inputs = self._rollout_inputs
-        if inputs is None or len(inputs) != len(prompts):
-            raise RuntimeError("AwaResGRPOTrainer._generate runs inside _generate_and_score_completions")
+    def rollout(self, prompts: list, inputs: list[dict]) -> Rollout:
+        """The AwaRes rollout: turn 1 -> (tool turn with the crops -> turn 2) for the rollouts that call the tool."""
         n = len(prompts)
+        mode = "train" if self.model.training else "eval"
 
         # Turn 1: TRL's own tokenisation and sampling (transformers or vLLM).
-        prompt_ids, images, fields = self._tokenize_prompts(prompts)
+        prompt_ids, images, fields = self.tokenize_prompts(prompts)
         if images is None or any(not imgs for imgs in images):
             raise ValueError("every AwaRes prompt needs its low-resolution view (dataset column `image`)")
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        turn1, logprobs1 = self._generate_single_turn(prompt_ids, images, fields, num_generations)
-        turn1, scripted1 = self._script_turn(1, [list(t) for t in turn1], list(range(n)))
-        texts1 = self._tokenizer.batch_decode(turn1, skip_special_tokens=True)
+        turn1, logprobs1 = self.sample_turn(1, list(range(n)), prompt_ids, images, fields, num_generations)
+        texts1 = self.tokenizer.batch_decode(turn1, skip_special_tokens=True)
         actions = [parse_tool_call(t) for t in texts1]
 
         # The tool: crops at the high-resolution scale, appended as a user turn.
-        eos = self._tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id
         calls = [i for i, (keys, _) in enumerate(actions) if keys]
         tool_images: list[list] = [[] for _ in range(n)]
         tool_ids: dict[int, list[int]] = {}
@@ -405,26 +292,21 @@ class AwaResGRPOTrainer(GRPOTrainer):
 
         # Turn 2, for the rollouts that called the tool: prompt + turn 1 + tool turn, all images.
         turn2: dict[int, list[int]] = {}
-        logprobs2: dict[int, list[float]] = {}
+        logprobs2: dict[int, list[float]] | None = {}
         if calls:
             ids2 = [prompt_ids[i] + turn1[i] + tool_ids[i] for i in calls]
             images2 = [list(images[i]) + tool_images[i] for i in calls]
             pixels = self.processing_class.image_processor(
                 images=[img for imgs in images2 for img in imgs], return_tensors="pt"
             )
-            fields2 = dict(pixels)  # _generate_single_turn moves them to the device
-            out2, lp2 = self._generate_single_turn(ids2, images2, fields2, num_generations=1, has_tool_images=True)
-            out2, scripted2 = self._script_turn(2, [list(t) for t in out2], calls)
-            scripted1 = scripted1 or scripted2
-            for k, i in enumerate(calls):
-                turn2[i] = out2[k]
-                if lp2 is not None:
-                    logprobs2[i] = lp2[k]
+            out2, lp2 = self.sample_turn(2, calls, ids2, images2, dict(pixels), 1, has_tool_images=True)
+            turn2 = dict(zip(calls, out2, strict=True))
+            logprobs2 = None if lp2 is None else dict(zip(calls, lp2, strict=True))
 
         # Assemble completions: turn 1 (actions) + tool turn (observation) + turn 2 (actions).
         completion_ids, tool_mask, completions = [], [], []
-        logprobs = None if (logprobs1 is None or scripted1) else []
-        texts2 = {i: self._tokenizer.decode(turn2[i], skip_special_tokens=True) for i in calls}
+        logprobs = None if (logprobs1 is None or logprobs2 is None) else []
+        texts2 = {i: self.tokenizer.decode(turn2[i], skip_special_tokens=True) for i in calls}
         for i in range(n):
             t1, tool, t2 = turn1[i], tool_ids.get(i, []), turn2.get(i, [])
             completion_ids.append(t1 + tool + t2)
@@ -437,38 +319,26 @@ class AwaResGRPOTrainer(GRPOTrainer):
             completions.append(messages)
             if logprobs is not None:
                 logprobs.append(list(logprobs1[i]) + [0.0] * len(tool) + list(logprobs2.get(i, [])))
-        rollout_images = [list(images[i]) + tool_images[i] for i in range(n)]
+        self._log_tool_calls(mode, actions)
+        return Rollout(prompt_ids, completion_ids, tool_mask, completions, logprobs,
+                       [list(images[i]) + tool_images[i] for i in range(n)], tool_images)  # fmt: skip
 
-        self._log_rollouts(mode, prompt_ids, completion_ids, tool_mask, actions, device)
-        return prompt_ids, completion_ids, tool_mask, completions, logprobs, {}, rollout_images, tool_images
+    def _log_tool_calls(self, mode: str, actions) -> None:
+        """Tool-call counts (running totals and the batch's frequencies over all processes) and the crop area."""
+        import torch
 
-    def _log_rollouts(self, mode, prompt_ids, completion_ids, tool_mask, actions, device) -> None:
-        """TRL's completion-length metrics (policy tokens only) plus the tool-call counts."""
         n_valid = sum(1 for keys, _ in actions if keys)
         n_invalid = sum(1 for _, err in actions if err)
         self.tool_calls += n_valid
         self.invalid_tool_calls += n_invalid
         if n_invalid:
             logger.info("%d unparseable tool call(s) in this batch, answered from turn 1", n_invalid)
-        gather = self.accelerator.gather
-        lengths = gather(torch.tensor([sum(m) for m in tool_mask], device=device)).float()
-        prompt_tokens = gather(torch.tensor([len(p) for p in prompt_ids], device=device)).sum()
-        if mode == "train":
-            self.state.num_input_tokens_seen += (prompt_tokens + gather(
-                torch.tensor([len(c) for c in completion_ids], device=device)).sum()).item()  # fmt: skip
-        metrics = self._metrics[mode]
-        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        metrics["completions/mean_length"].append(lengths.mean().item())
-        metrics["completions/min_length"].append(lengths.min().item())
-        metrics["completions/max_length"].append(lengths.max().item())
-        ends = [*self.eos_token_ids, self._tokenizer.pad_token_id]
-        clipped = gather(torch.tensor([bool(c) and c[-1] not in ends for c in completion_ids], device=device))
-        metrics["completions/clipped_ratio"].append(clipped.float().mean().item())
+        device, gather = self.accelerator.device, self.accelerator.gather
         counts = gather(torch.tensor([n_valid, n_invalid, len(actions)], device=device).unsqueeze(0)).sum(0).tolist()
         area = gather(torch.tensor([crop_set_area(k) if k else 0.0 for k, _ in actions], device=device))
-        metrics["tools/call_frequency"].append(counts[0] / counts[2])
-        metrics["tools/failure_frequency"].append(counts[1] / max(1, counts[0] + counts[1]))
-        metrics["awares/crop_area"].append(area.mean().item())
+        self.log_metric(mode, "tools/call_frequency", counts[0] / counts[2])
+        self.log_metric(mode, "tools/failure_frequency", counts[1] / max(1, counts[0] + counts[1]))
+        self.log_metric(mode, "awares/crop_area", area.mean().item())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,33 +349,26 @@ class AwaResGRPOTrainer(GRPOTrainer):
 def build_awares_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, reward_funcs=None):
     """``(trainer, processor)``: an :class:`AwaResGRPOTrainer` for an ``awares_grpo`` recipe, ready to ``train()``.
 
-    Recipe keys: ``data.file`` (trajectory records), ``data.high``, ``data.limit``; ``awares.answer_reward``
-    (``semantic`` | a metric), ``awares.alpha_miss`` / ``alpha_use`` / ``lam`` (:class:`ToolCost`), the same
-    section the external crop-set policy's GRPO reads (a ``rewards:`` section with these keys, ``answer`` for
-    ``answer_reward``, is accepted too);
-    ``trainer.*`` = ``GRPOConfig`` keywords over :data:`AWARES_GRPO_DEFAULTS`; ``model`` as for
+    Recipe keys: ``data.file`` (trajectory records), ``data.high`` (else each record's), ``data.limit``;
+    ``rewards`` (default ``{awares: 1.0}``, through the registry :mod:`zoomvlm.train.rewards`) with the ``awares:``
+    section's ``answer_reward`` / ``alpha_miss`` / ``alpha_use`` / ``lam``, the same section the external crop-set
+    policy's GRPO reads; ``trainer`` = :class:`AwaResGRPOConfig`; ``model`` as for
     :func:`~zoomvlm.train.common.build_cropper` (the SFT result).
 
     Raises:
-        KeyError: an unknown ``rewards`` key or answer reward.
+        ValueError: no ``data.file``.
     """
-    from trl import GRPOConfig
+    from zoomvlm.train.rewards import build_rewards, recipe_reward_context
 
-    trainer_kw = trainer_kwargs(AWARES_GRPO_DEFAULTS, recipe.trainer, output_dir)
-    dataset = awares_grpo_dataset(recipe.data["file"], recipe.data.get("high"), recipe.data.get("limit"))
+    args = recipe.trainer_args(output_dir)
+    if not recipe.data.file:
+        raise ValueError("an awares_grpo recipe needs data.file (trajectories of `zoomvlm curate awares`)")
+    dataset = awares_grpo_dataset(recipe.data.file, recipe.data.high, recipe.data.limit)
     if reward_funcs is None:
-        rewards = {**dict(recipe.rewards), **dict(getattr(recipe, "awares", {}) or {})}
-        unknown = set(rewards) - {"answer", "answer_reward", "alpha_miss", "alpha_use", "lam"}
-        if unknown:
-            raise KeyError(
-                f"unknown awares_grpo reward setting(s) {sorted(unknown)}; use answer_reward, alpha_miss, "
-                "alpha_use, lam"
-            )
-        cost = ToolCost(**{k: float(rewards[k]) for k in ("alpha_miss", "alpha_use", "lam") if k in rewards})
-        answer = rewards.get("answer_reward", rewards.get("answer", "semantic"))
-        reward_funcs = [AwaResReward(str(answer), cost)]
+        reward_funcs, weights = build_rewards(recipe.rewards, recipe_reward_context(recipe))
+        if args.reward_weights is None:
+            args.reward_weights = weights
     model, processor, peft_config = build_cropper(recipe.model)
-    args = GRPOConfig(**trainer_kw)
     trainer = AwaResGRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
                                 processing_class=processor, peft_config=peft_config)  # fmt: skip
     return trainer, processor

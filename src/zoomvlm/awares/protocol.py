@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from zoomvlm.core.geometry import Box, Budget, crop_image, half_resolution_budget, resize_to_budget, same_scale_budget
-from zoomvlm.core.prompts import clean_question
+from zoomvlm.core.prompts import clean_question, completion_text
 
 __all__ = [
     "AWARES_RELEASED_CROPS_MAP",
@@ -40,12 +40,14 @@ __all__ = [
     "CROP_SET_POLICY_TEMPLATE",
     "NO_CROPS",
     "ToolCallError",
+    "awares_action",
     "crop_set_area",
     "crop_set_policy_prompt",
     "crops_for_box",
     "format_get_crops",
     "parse_crop_action",
     "parse_get_crops",
+    "parse_tool_call",
     "crop_budgets",
     "crop_set_proposal",
     "high_res_crops",
@@ -243,18 +245,28 @@ def crop_set_policy_prompt(question: str) -> str:
     return CROP_SET_POLICY_TEMPLATE.format(question=clean_question(question))
 
 
-def parse_crop_action(text: str) -> tuple[list[str] | None, str | None]:
-    """The external crop-set policy's action from its text: ``([], None)`` for ``NO_CROPS``, ``(keys, None)``
-    for a valid ``GET_CROPS: [...]``, ``(None, error)`` for anything else (counted as a format failure).
+def parse_tool_call(text: str) -> tuple[list[str] | None, str | None]:
+    """Self-zoom turn 1's action: ``(None, None)`` a direct answer, ``(keys, None)`` a valid ``GET_CROPS`` call,
+    ``(None, error)`` an unparseable one (counted by the caller; its text is the final answer)."""
+    try:
+        return parse_get_crops(text), None
+    except ToolCallError as err:
+        return None, str(err)
+
+
+def parse_crop_action(completion) -> tuple[list[str] | None, str | None]:
+    """The external crop-set policy's action: ``([], None)`` for ``NO_CROPS``, ``(keys, None)`` for a valid
+    ``GET_CROPS: [...]``, ``(None, error)`` for anything else (counted as a format failure).
+
+    ``completion``: its text, or a TRL conversational completion (:func:`~zoomvlm.core.prompts.completion_text`).
 
     >>> parse_crop_action("NO_CROPS"), parse_crop_action("GET_CROPS: ['3']"), parse_crop_action("hm")[0]
     (([], None), (['3'], None), None)
     """
-    text = text.strip()
-    try:
-        keys = parse_get_crops(text)
-    except ToolCallError as err:
-        return None, str(err)
+    text = completion_text(completion).strip()
+    keys, error = parse_tool_call(text)
+    if error is not None:
+        return None, error
     if keys is not None:
         return keys, None
     if text.upper().startswith(NO_CROPS):
@@ -380,3 +392,24 @@ def crop_set_proposal(
         raw=raw,
         error=error,
     )
+
+
+def _assistant_texts(completion) -> list[str]:
+    if isinstance(completion, str):
+        return [completion]
+    return [completion_text([m]) for m in completion if m.get("role") == "assistant"]
+
+
+def awares_action(completion) -> tuple[list[str] | None, str, str | None]:
+    """``(crops, final answer, tool-call error)`` of one self-zoom rollout (a TRL conversational completion or a
+    string).
+
+    ``crops`` are the keys of turn 1's valid ``GET_CROPS`` call, else ``None``. The final answer is the last
+    assistant turn after a valid call (``""`` if the rollout ended before turn 2), else turn 1's text: a direct
+    answer, or an unparseable call (``error`` set), which is never replaced by the full image.
+    """
+    texts = _assistant_texts(completion) or [""]
+    keys, error = parse_tool_call(texts[0])
+    if keys:
+        return keys, (texts[-1] if len(texts) > 1 else ""), None
+    return None, texts[0], error

@@ -13,12 +13,9 @@ question, every image token and the whole tool-output turn (the crops are observ
 ``GET_CROPS`` call, 1 on the other assistant tokens, 0 where the label is -100; and
 :class:`ToolWeightedSFTTrainer` minimises the weighted token-level NLL.
 
-Run it (no CLI stage is wired yet)::
+Run it::
 
-    from zoomvlm.train.recipe import load_recipe
-    from zoomvlm.awares.weighted_sft import run_weighted_sft
-
-    run_weighted_sft(load_recipe("my_awares_sft.yaml"), output_dir="runs/awares_sft")
+    zoomvlm train awares-sft --config qwen25vl7b_awares_sft
 
 with a recipe of ``kind: awares_sft`` whose ``data.file`` is the trajectories JSONL, ``data.high`` an optional
 budget overriding the records' ``high``, and ``trainer.tool_call_weight`` the up-weighting factor.
@@ -37,16 +34,16 @@ from trl import SFTConfig, SFTTrainer
 
 from zoomvlm.awares.protocol import ToolCallError, parse_get_crops
 from zoomvlm.core.geometry import Budget
-from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trainer_kwargs, trajectory_records
+from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trajectory_records
 from zoomvlm.train.recipe import Recipe
-from zoomvlm.train.sft import SFT_DEFAULTS
+from zoomvlm.train.sft import CropperSFTConfig
+from zoomvlm.train.trl_compat import KeepColumnsMixin, weighted_fused_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SMOLVLM_TRAINING_CHAT_TEMPLATE",
     "TRAJECTORY_COLUMNS",
-    "WEIGHTED_SFT_DEFAULTS",
     "ToolCallWeightCollator",
     "ToolWeightedSFTTrainer",
     "WeightedSFTConfig",
@@ -56,11 +53,6 @@ __all__ = [
     "training_chat_template",
     "trajectory_dataset",
 ]
-
-# AwaRes publishes no SFT hyperparameters in the excerpt; the CropVLM SFT defaults (lr 5e-5 cosine, warmup 0.03,
-# effective batch 16, 1 epoch, no truncation) apply, with the assistant mask (WeightedSFTConfig) instead of
-# completion-only loss.
-WEIGHTED_SFT_DEFAULTS = {k: v for k, v in SFT_DEFAULTS.items() if k != "completion_only_loss"}
 
 TRAJECTORY_COLUMNS = ("messages", "image_path", "crops", "high")
 """Stored columns of :func:`trajectory_dataset`; a transform turns them into ``messages`` + ``images`` on access."""
@@ -255,8 +247,13 @@ class ToolCallWeightCollator:
 
 
 @dataclass
-class WeightedSFTConfig(SFTConfig):
-    """``SFTConfig`` plus ``tool_call_weight``; assistant-only loss and keeping all columns are the defaults here."""
+class WeightedSFTConfig(CropperSFTConfig):
+    """The ``trainer:`` section of ``awares_sft`` recipes: ``SFTConfig`` plus ``tool_call_weight``.
+
+    AwaRes publishes no SFT hyperparameters in the excerpt; CropVLM's SFT defaults (:class:`CropperSFTConfig`: lr
+    5e-5 cosine, warmup 0.03, effective batch 16, 1 epoch, no truncation) apply, with the assistant mask instead of
+    completion-only loss.
+    """
 
     tool_call_weight: float = field(
         default=5.0,
@@ -266,13 +263,12 @@ class WeightedSFTConfig(SFTConfig):
         default=True,
         metadata={"help": "Required: the loss weights are laid over TRL's assistant-token mask."},
     )
-    remove_unused_columns: bool = field(
-        default=False,
-        metadata={"help": "Keep the trajectory columns the image transform reads (image_path, crops, high)."},
+    completion_only_loss: bool | None = field(
+        default=None, metadata={"help": "Unused: the assistant mask decides what is supervised."}
     )
 
 
-class ToolWeightedSFTTrainer(SFTTrainer):
+class ToolWeightedSFTTrainer(KeepColumnsMixin, SFTTrainer):
     """``SFTTrainer`` minimising the weighted token NLL of AwaRes sec. 3.3.
 
     Loss over one optimizer step (all gradient-accumulation micro-batches ``m``, all processes when
@@ -298,6 +294,7 @@ class ToolWeightedSFTTrainer(SFTTrainer):
     """
 
     loss_is_scaled_for_ga = True  # the loss is divided by the weight sum of the whole accumulated batch
+    keep_columns = TRAJECTORY_COLUMNS  # the image transform reads image_path/crops/high (KeepColumnsMixin)
 
     def __init__(self, model, args: SFTConfig, *, tool_call_weight: float | None = None, **kwargs):
         if tool_call_weight is None:
@@ -322,13 +319,6 @@ class ToolWeightedSFTTrainer(SFTTrainer):
             raise NotImplementedError("ToolWeightedSFTTrainer does not support sequence or context parallelism")
         self.data_collator = ToolCallWeightCollator(self.data_collator, self.tool_call_weight)
 
-    def _set_signature_columns_if_needed(self):
-        # With remove_unused_columns=True the Trainer drops every stored column that is not a "signature" column;
-        # the image transform reads image_path/crops/high, so they must stay.
-        super()._set_signature_columns_if_needed()
-        missing = [c for c in TRAJECTORY_COLUMNS if c not in self._signature_columns]
-        self._signature_columns = [*self._signature_columns, *missing]
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and, as ``num_items_in_batch``, their total loss weight
         (summed over processes with ``average_tokens_across_devices``) instead of their supervised-token count."""
@@ -351,13 +341,7 @@ class ToolWeightedSFTTrainer(SFTTrainer):
             n_tokens = (inputs["labels"][:, 1:] != -100).sum()
             weights = weights * n_tokens / weights.sum().clamp(min=1e-8)
 
-        def weighted_model(**kwargs):
-            outputs = model(**kwargs)
-            if kwargs.get("fused_lm_head"):
-                outputs.log_probs = outputs.log_probs * weights.to(outputs.log_probs)
-            return outputs
-
-        return super().compute_loss(weighted_model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(weighted_fused_model(model, weights), inputs, return_outputs, num_items_in_batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,13 +351,16 @@ class ToolWeightedSFTTrainer(SFTTrainer):
 
 def build_weighted_sft_trainer(recipe: Recipe, output_dir: str | Path | None = None):
     """``(trainer, processor)`` for an ``awares_sft`` recipe (``data.file``, ``data.high``, ``data.limit``,
-    ``trainer.tool_call_weight``; ``model`` as in :func:`~zoomvlm.train.common.build_cropper`)."""
-    trainer_kw = trainer_kwargs(WEIGHTED_SFT_DEFAULTS, recipe.trainer, output_dir)
-    if "file" not in recipe.data:
+    ``trainer.tool_call_weight``; ``model`` as in :func:`~zoomvlm.train.common.build_cropper`).
+
+    Raises:
+        ValueError: no ``data.file``.
+    """
+    args = recipe.trainer_args(output_dir)
+    if not recipe.data.file:
         raise ValueError("recipe data.file (the trajectories JSONL of `zoomvlm curate awares`) is required")
-    dataset = trajectory_dataset(recipe.data["file"], recipe.data.get("high"), recipe.data.get("limit"))
+    dataset = trajectory_dataset(recipe.data.file, recipe.data.high, recipe.data.limit)
     model, processor, peft_config = build_cropper(recipe.model)
-    args = WeightedSFTConfig(**trainer_kw)
     trainer = ToolWeightedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                                      peft_config=peft_config)  # fmt: skip
     return trainer, processor

@@ -17,11 +17,15 @@ _TRAIN_EPILOG = """\
 recipes (--config): a YAML path or a bundled name:
   tiny_cpu_sft, tiny_cpu_grpo (likelihood reward), tiny_cpu_grpo_accuracy   cropper, this machine, no GPU
   smolvlm256m_lora_sft, smolvlm256m_lora_grpo                               SmolVLM-256M + LoRA (GPU)
+  smolvlm256m_lora_grpo_vllm          the same on 4 GPUs with vLLM rollouts and a shared openai: reward target
   tiny_cpu_crop_set_sft, tiny_cpu_crop_set_grpo          AwaRes external crop-set policy, OCR target, CPU
   qwen25vl7b_awares_sft (awares-sft), qwen25vl7b_awares_grpo (awares-grpo)  AwaRes self-zoom (GPUs)
-override any key: --set trainer.max_steps=10 --set data.limit=32
-A run resumes from the newest checkpoint in its output_dir; the result lands in OUTPUT_DIR/final,
-usable as --policy vlm:OUTPUT_DIR/final.
+override any key: --set trainer.max_steps=10 --set data.limit=32 (an unknown key is an error naming it)
+sections: model, data, target, awares, rewards {name: weight}, trainer (TRL's SFTConfig/GRPOConfig fields)
+A run resumes from the newest checkpoint in its output_dir; the result lands in OUTPUT_DIR/final (model,
+recipe, run metrics, model card README.md), usable as --policy vlm:OUTPUT_DIR/final; publish it with
+`zoomvlm train push OUTPUT_DIR REPO_ID`. Several processes: accelerate launch --multi_gpu --num_processes N
+"$(which zoomvlm)" train ... (GPUs: --config_file configs/accelerate/*.yaml; no GPU: CPU DDP over gloo).
 """
 
 
@@ -86,7 +90,7 @@ def cmd_curate_awares(args) -> int:
 def cmd_train(args) -> int:
     from zoomvlm.train.recipe import load_recipe
 
-    recipe = load_recipe(args.config, args.set or [], kind=args.stage.replace("-", "_"))
+    recipe = load_recipe(args.config, args.set or [], kind=args.stage.replace("-", "_"), output_dir=args.output_dir)
     if args.stage == "sft":
         from zoomvlm.train.sft import run_sft as run
     elif args.stage == "grpo":
@@ -95,15 +99,23 @@ def cmd_train(args) -> int:
         from zoomvlm.awares.weighted_sft import run_weighted_sft as run
     else:
         from zoomvlm.awares.grpo import run_awares_grpo as run
-    final = run(recipe, output_dir=args.output_dir)
+    final = run(recipe)
     if args.stage.startswith("awares"):
         print(
             f"trained self-zoom model saved to {final}; it answers with zoomvlm.awares.self_zoom (--policy self-zoom)"
         )
-    elif recipe.data.get("policy") == "crop_set":
+    elif recipe.data.policy == "crop_set":
         print(f"trained crop-set policy saved to {final}; use it with --policy crop-set:{final}")
     else:
         print(f"trained cropper saved to {final}; use it with --policy vlm:{final}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from zoomvlm.train.model_card import push_final
+
+    info = push_final(args.output_dir, args.repo_id, private=args.private, commit_message=args.message)
+    print(f"pushed {args.output_dir} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
 
 
@@ -155,3 +167,9 @@ def add_commands(sub) -> None:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
         p.add_argument("--output-dir", default=None, help="overrides trainer.output_dir")
         p.set_defaults(func=cmd_train)
+    p = tsub.add_parser("push", help="upload a finished run's final/ (model, recipe, model card) to the hub")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output_dir (or its final/ folder)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="hub repository, user/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", default=None, help="commit message (default: names the recipe)")
+    p.set_defaults(func=cmd_push)

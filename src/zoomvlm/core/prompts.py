@@ -17,6 +17,7 @@ from zoomvlm.core.geometry import format_percent_box, parse_bbox_2d, parse_perce
 
 __all__ = [
     "clean_question",
+    "completion_text",
     "CROPPER_TEMPLATE",
     "GROUNDING_TEMPLATE",
     "TARGET_TEMPLATE",
@@ -62,3 +63,18 @@ def target_prompt(question: str) -> str:
 def grounding_prompt(question: str) -> str:
     """The grounding VLM's user text for ``question``. Raises ValueError on an empty question."""
     return GROUNDING_TEMPLATE.format(question=clean_question(question))
+
+
+def completion_text(completion) -> str:
+    """The text of one TRL completion: a plain string, or a conversational ``[{"role", "content"}]`` list whose
+    contents (strings or ``[{"type": "text", "text": ...}]`` parts) are joined in order."""
+    if isinstance(completion, str):
+        return completion
+    parts = []
+    for message in completion:
+        content = message.get("content") or ""
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.extend(c.get("text") or "" for c in content if c.get("type") == "text")
+    return "".join(parts)

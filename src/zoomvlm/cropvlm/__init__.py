@@ -4,3 +4,6 @@
 - :mod:`~zoomvlm.cropvlm.curation`: model-made seed boxes (``zoomvlm curate boxes``), percentile expansion;
 - :mod:`~zoomvlm.cropvlm.rewards`: the GRPO rewards (format, accuracy, likelihood) on the target's own signal.
 """
+
+DEFAULT_CROPPER_BUDGET = 512
+"""The cropper's input budget (longest side, px) when neither a recipe nor a checkpoint gives one (CropVLM: 512)."""

@@ -11,6 +11,7 @@ from PIL import Image
 
 from zoomvlm.core.geometry import Box, BoxFormatError, Budget, parse_percent_box, resize_to_budget
 from zoomvlm.core.prompts import cropper_prompt
+from zoomvlm.cropvlm import DEFAULT_CROPPER_BUDGET
 from zoomvlm.policies.base import Proposal
 from zoomvlm.targets.hf import chat_prompt, generate_texts, load_vlm
 
@@ -21,8 +22,8 @@ def _trained_budget(checkpoint: str) -> int | str:
     """The cropper budget a zoomvlm recipe trained ``checkpoint`` with (``zoomvlm_recipe.json``), else 512."""
     recipe = Path(checkpoint).expanduser() / "zoomvlm_recipe.json"
     if recipe.is_file():
-        return json.loads(recipe.read_text()).get("data", {}).get("cropper_budget", 512)
-    return 512
+        return json.loads(recipe.read_text()).get("data", {}).get("cropper_budget") or DEFAULT_CROPPER_BUDGET
+    return DEFAULT_CROPPER_BUDGET
 
 
 class VLMCropper:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from zoomvlm.core.geometry import Budget, resize_to_budget
 from zoomvlm.data.samples import iter_jsonl
+
+if TYPE_CHECKING:
+    from zoomvlm.train.recipe import ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +24,47 @@ FINAL = "final"
 """Sub-folder of ``output_dir`` holding the finished model + processor (load it with ``vlm:OUTPUT_DIR/final``)."""
 
 
-def build_cropper(model_cfg: dict):
-    """``(model, processor, peft_config)`` for a recipe's ``model`` section.
+@dataclass
+class TrainerDefaults:
+    """Defaults every zoomvlm trainer config shares, mixed in before TRL's ``SFTConfig``/``GRPOConfig``.
+
+    ``class CropperSFTConfig(TrainerDefaults, SFTConfig)``: these fields override TRL's defaults, and
+    :meth:`__post_init__` turns bf16 off where no CUDA device can run it (TRL defaults to bf16, which
+    transformers refuses on CPU) before TRL's own checks run.
+
+    Raises:
+        ValueError: ``use_vllm`` without CUDA (the message says what to use instead).
+    """
+
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Keep the 2 newest checkpoints: enough to resume, bounded disk use."}
+    )
+    remove_unused_columns: bool | None = field(
+        default=False,
+        metadata={"help": "Keep every dataset column: the rewards and image transforms read image_path, answers..."},
+    )
+
+    def __post_init__(self) -> None:
+        import torch
+
+        if getattr(self, "use_vllm", False) and not torch.cuda.is_available():
+            raise ValueError(
+                "use_vllm needs CUDA GPUs (vLLM has no CPU path in TRL); on CPU drop trainer.use_vllm: rollouts then "
+                "use transformers' generate, also under `accelerate launch --cpu`"
+            )
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Launched on several processes without GPUs (accelerate launch / torchrun): transformers sets up
+            # CPU DDP (gloo) only with use_cpu; without it every process would train alone.
+            self.use_cpu = True
+        if not torch.cuda.is_available() and self.bf16 is not False:
+            if self.bf16:
+                logger.warning("no CUDA device: training in float32 on CPU (recipe asked for bf16)")
+            self.bf16 = False
+        super().__post_init__()
+
+
+def build_cropper(model_cfg: ModelArgs):
+    """``(model, processor, peft_config)`` for a recipe's ``model`` section (:class:`~zoomvlm.train.recipe.ModelArgs`).
 
     ``init``: a hub id or a local ``save_pretrained`` folder, loaded with :func:`zoomvlm.targets.hf.load_vlm`
     (LoRA adapters are merged on load). The CPU recipes start from a from-scratch tiny model written by
@@ -31,7 +76,7 @@ def build_cropper(model_cfg: dict):
         FileNotFoundError: ``init`` names a local folder (absolute, ``./``, ``runs/...``) that does not exist.
         ImportError: LoRA without peft.
     """
-    init = str(model_cfg["init"])
+    init = str(model_cfg.init)
     if not Path(init).exists() and (Path(init).is_absolute() or init.startswith(".") or init.count("/") != 1):
         raise FileNotFoundError(
             f"model.init folder {init!r} not found; for the tiny CPU recipes write it first with "
@@ -39,34 +84,14 @@ def build_cropper(model_cfg: dict):
         )
     from zoomvlm.targets.hf import load_vlm
 
-    model, processor = load_vlm(init, device="cpu", dtype=model_cfg.get("dtype", "auto"))
+    model, processor = load_vlm(init, device="cpu", dtype=model_cfg.dtype)
     model.train()
     peft_config = None
-    if model_cfg.get("lora"):
+    if model_cfg.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **model_cfg["lora"])
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **model_cfg.lora)
     return model, processor, peft_config
-
-
-def trainer_kwargs(defaults: dict, recipe_trainer: dict, output_dir=None) -> dict:
-    """TRL config keywords: ``defaults`` < recipe ``trainer`` < ``output_dir``; bf16 off where no GPU can run it.
-
-    Raises:
-        ValueError: no ``output_dir`` anywhere.
-    """
-    import torch
-
-    kw = {**defaults, **recipe_trainer}
-    if output_dir is not None:
-        kw["output_dir"] = str(output_dir)
-    if "output_dir" not in kw:
-        raise ValueError("set trainer.output_dir in the recipe or pass --output-dir")
-    if not torch.cuda.is_available():
-        if kw.get("bf16"):
-            logger.warning("no CUDA device: training in float32 on CPU (recipe asked for bf16)")
-        kw["bf16"] = False  # TRL defaults to bf16, which CPU training rejects
-    return kw
 
 
 def trajectory_records(
@@ -138,44 +163,53 @@ def resume_checkpoint(output_dir: str | Path) -> str | None:
     return str(folders[-1]) if folders else None
 
 
-def _recipe_name(source: str) -> str:
-    """A bundled recipe by its name (portable), any other recipe by its path."""
-    from zoomvlm.train.recipe import bundled_recipes
-
-    for name, path in bundled_recipes().items():
-        if str(path) == source:
-            return f"{name} (bundled recipe)"
-    return source
+def run_metrics(trainer) -> dict:
+    """What the run measured, from TRL's log history: steps, runtime, steps/s, and the last logged value of every
+    training metric (loss, ``rewards/<name>/mean``, ``reward``...). Written to ``final/zoomvlm_run.json`` and the
+    model card."""
+    history = trainer.state.log_history
+    summary = next((e for e in reversed(history) if "train_runtime" in e), {})
+    last: dict[str, float] = {}
+    for entry in history:
+        if "train_runtime" not in entry:
+            last.update({k: v for k, v in entry.items() if isinstance(v, int | float)})
+    return {
+        "global_step": trainer.state.global_step,
+        "num_processes": trainer.accelerator.num_processes,
+        "train_runtime_s": summary.get("train_runtime"),
+        "train_steps_per_second": summary.get("train_steps_per_second"),
+        "train_loss": summary.get("train_loss"),
+        "last_logged": last,
+    }
 
 
 def save_final(trainer, processor, output_dir: str | Path, recipe) -> Path:
-    """Save the trained cropper to ``output_dir/final`` in ``save_pretrained`` layout (LoRA merged), plus the recipe.
+    """Save the trained model to ``output_dir/final``, publishable as is: ``save_pretrained`` layout (LoRA merged),
+    the processor, the recipe (``zoomvlm_recipe.json``), the run's metrics (``zoomvlm_run.json``) and a model card
+    (``README.md``, :func:`zoomvlm.train.model_card.write_model_card`).
 
-    A peft model is merged into its base weights first, so ``vlm:output_dir/final`` loads like any checkpoint.
+    Under ``accelerate launch`` every process calls this; only the main process writes (the others wait for it), so
+    ``final/`` is written once. A peft model is merged into its base weights first, so ``vlm:output_dir/final``
+    loads like any checkpoint. (DeepSpeed ZeRO-3 shards the weights: save with ``trainer.save_model`` there.)
+
+    Returns:
+        The ``final`` folder (on every process).
     """
+    from zoomvlm.train.model_card import write_model_card
+
     final = Path(output_dir) / FINAL
-    model = trainer.model
-    model = trainer.accelerator.unwrap_model(model) if hasattr(trainer, "accelerator") else model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
-    (final / "zoomvlm_recipe.json").write_text(
-        json.dumps(
-            {
-                "kind": recipe.kind,
-                "source": recipe.source,
-                "model": recipe.model,
-                "data": recipe.data,
-                "trainer": recipe.trainer,
-                "rewards": recipe.rewards,
-                "target": recipe.target,
-                "awares": recipe.awares,  # lam etc.: without it a lambda sweep's checkpoints look identical
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"  # fmt: skip
-    )
-    logger.info("saved %s", final)
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(final)
+        processor.save_pretrained(final)
+        (final / "zoomvlm_recipe.json").write_text(json.dumps(recipe.to_json(), indent=2, default=str) + "\n")
+        metrics = run_metrics(trainer)
+        (final / "zoomvlm_run.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_model_card(final, recipe, metrics)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
     return final

@@ -12,40 +12,42 @@ accelerate/DeepSpeed and vLLM rollouts come with TRL.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from transformers.trainer_utils import SchedulerType
+from trl import GRPOConfig, GRPOTrainer
 
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.prompts import cropper_prompt
-from zoomvlm.cropvlm.rewards import build_rewards
-from zoomvlm.train.common import build_cropper, cropper_views, resume_checkpoint, save_final, trainer_kwargs
+from zoomvlm.train.common import TrainerDefaults, build_cropper, cropper_views, resume_checkpoint, save_final
 from zoomvlm.train.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRPO_DEFAULTS", "build_grpo_trainer", "build_reward_target", "grpo_dataset", "run_grpo"]
+__all__ = ["CropperGRPOConfig", "build_grpo_trainer", "grpo_dataset", "run_grpo"]
 
-GRPO_DEFAULTS = {
-    # CropVLM (METHODS.md): G 6, temperature 0.8, beta 0.01, lr 5e-6 cosine, effective batch 16,
-    # max_grad_norm 0.1, 32 completion tokens, advantage = reward - group mean (no std), one update per rollout.
-    "num_generations": 6,
-    "temperature": 0.8,
-    "beta": 0.01,
-    "learning_rate": 5e-6,
-    "lr_scheduler_type": "cosine",
-    "max_grad_norm": 0.1,
-    "max_completion_length": 32,
-    "scale_rewards": "none",
-    "num_iterations": 1,
-    "per_device_train_batch_size": 12,  # completions per device step: 2 prompts x G=6
-    "gradient_accumulation_steps": 8,  # 16 prompts x 6 boxes per update
-    "logging_steps": 1,
-    "save_strategy": "steps",
-    "save_steps": 25,
-    "save_total_limit": 2,
-    "report_to": [],
-    "remove_unused_columns": False,
-}
+
+@dataclass
+class CropperGRPOConfig(TrainerDefaults, GRPOConfig):
+    """TRL's ``GRPOConfig`` with CropVLM's GRPO defaults (METHODS.md: G 6, temperature 0.8, beta 0.01, lr 5e-6
+    cosine, effective batch 16 prompts, max_grad_norm 0.1, 32 completion tokens, advantage = reward - group mean,
+    one update per rollout); the ``trainer:`` section of ``grpo`` recipes (cropper and crop-set policy)."""
+
+    num_generations: int | None = field(default=6, metadata={"help": "CropVLM: G = 6 boxes per prompt."})
+    temperature: float = field(default=0.8, metadata={"help": "CropVLM: 0.8."})
+    beta: float = field(default=0.01, metadata={"help": "CropVLM: KL coefficient 0.01 to the starting model."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "CropVLM: 5e-6 (cosine)."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "CropVLM: cosine."})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "CropVLM: 0.1."})
+    max_completion_length: int | None = field(default=32, metadata={"help": "CropVLM: 32 tokens (a box is ~16)."})
+    scale_rewards: str = field(
+        default="none", metadata={"help": "CropVLM (Dr-GRPO): advantage = reward - group mean, no std division."}
+    )
+    per_device_train_batch_size: int = field(default=12, metadata={"help": "Completions per device step: 2 x G."})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "16 prompts x G per update."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every step (rewards move fast)."})
+    save_steps: float = field(default=25, metadata={"help": "Checkpoint every N steps (resume point)."})
 
 
 def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
@@ -99,64 +101,31 @@ def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
     )
 
 
-def policy_view_budget(data_cfg: dict) -> tuple[str, Budget]:
-    """``(policy kind, view budget)`` from a recipe's ``data`` section: the cropper's ``cropper_budget`` (default
-    512), or for ``policy: crop_set`` the low view of ``high`` (a ``side:N`` budget; the low view is ``N // 2``).
-
-    Raises:
-        ValueError: ``crop_set`` without a side budget in ``data.high``.
-    """
-    policy = data_cfg.get("policy", "cropper")
-    if policy != "crop_set":
-        return policy, Budget.parse(data_cfg.get("cropper_budget", 512))
-    high = Budget.parse(data_cfg.get("high", "side:768"))
-    if high.max_side is None or high.max_pixels is not None:
-        raise ValueError(f"data.high must be a side budget (e.g. side:768) for the crop-set policy, got {high}")
-    return policy, Budget(max_side=high.max_side // 2)
-
-
-def build_reward_target(target_cfg: dict):
-    """The frozen reward target from a recipe's ``target`` section (``spec``, ``budget``; specs as in ``eval``)."""
-    from zoomvlm.targets import load_target
-
-    spec = target_cfg.get("spec")
-    if not spec:
-        raise ValueError("a GRPO recipe with accuracy/likelihood rewards needs target.spec (e.g. ocr, hf:MODEL)")
-    kwargs = {k: v for k, v in target_cfg.items() if k not in {"spec", "budget", "crop_budget", "metric"}}
-    return load_target(spec, budget=target_cfg.get("budget"), **kwargs)
-
-
 def build_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, reward_funcs=None, reward_weights=None):
-    """``(trainer, processor)``: a TRL ``GRPOTrainer`` for ``recipe``, ready to ``train()``.
+    """``(trainer, processor)``: a TRL ``GRPOTrainer`` for a ``grpo`` recipe, ready to ``train()``.
 
     Args:
-        reward_funcs, reward_weights: replace the recipe's rewards (e.g. a custom reward in a test or a
-            user's own TRL-style reward function); by default they are built from ``recipe.rewards``.
+        reward_funcs, reward_weights: replace the recipe's rewards (e.g. a custom reward in a test); by default
+            they come from ``recipe.rewards`` through the registry :func:`zoomvlm.train.rewards.build_rewards`.
+
+    Raises:
+        ValueError: no ``data.file``; a reward that needs a target without ``target.spec``.
     """
-    from trl import GRPOConfig, GRPOTrainer
-
     from zoomvlm.data.samples import load_jsonl
+    from zoomvlm.train.rewards import build_rewards, recipe_reward_context
 
-    trainer_kw = trainer_kwargs(GRPO_DEFAULTS, recipe.trainer, output_dir)
-    samples = load_jsonl(recipe.data["file"])
-    if recipe.data.get("limit"):
-        samples = samples[: int(recipe.data["limit"])]
-    policy, view_budget = policy_view_budget(recipe.data)
-    dataset = grpo_dataset(samples, view_budget, policy)
+    args = recipe.trainer_args(output_dir)
+    if not recipe.data.file:
+        raise ValueError("a grpo recipe needs data.file (a JSONL with answers, or curated trajectories)")
+    samples = load_jsonl(recipe.data.file)
+    if recipe.data.limit:
+        samples = samples[: recipe.data.limit]
+    dataset = grpo_dataset(samples, recipe.data.view_budget, recipe.data.policy)
     if reward_funcs is None:
-        needs_target = any(name not in ("format", "crop_set_format") for name in recipe.rewards)
-        target = build_reward_target(recipe.target) if needs_target else None
-        reward_funcs, reward_weights = build_rewards(
-            recipe.rewards,
-            target,
-            metric=recipe.target.get("metric", "anls"),
-            crop_budget=recipe.target.get("crop_budget"),
-            awares={"high": recipe.data.get("high", "side:768"), **recipe.awares},
-        )
-    if reward_weights is not None:
-        trainer_kw.setdefault("reward_weights", list(reward_weights))
+        reward_funcs, reward_weights = build_rewards(recipe.rewards, recipe_reward_context(recipe))
+    if reward_weights is not None and args.reward_weights is None:
+        args.reward_weights = [float(w) for w in reward_weights]
     model, processor, peft_config = build_cropper(recipe.model)
-    args = GRPOConfig(**trainer_kw)
     trainer = GRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
                           processing_class=processor, peft_config=peft_config)  # fmt: skip
     return trainer, processor

@@ -1,56 +1,261 @@
-"""Training recipes: one YAML file per run, with ``--set key.path=value`` overrides from the command line.
+"""Typed training recipes: one YAML file per run, parsed into dataclasses, with ``--set section.key=value`` overrides.
 
-A recipe has four sections (see ``recipes/*.yaml``, bundled with the package):
+A recipe has these sections (see ``recipes/*.yaml``, bundled with the package); each is a dataclass whose fields
+carry the ONE default and a ``help`` text, parsed by transformers' ``HfArgumentParser`` (TRL's parsers build on
+it). An unknown key anywhere is an error that names it (``data.cropper_budjet``), never silently ignored.
 
-- ``model``: ``init`` (a hub id, a local ``save_pretrained`` folder such as an SFT result, e.g. the tiny
-  init that ``scripts/make_tiny_init.py`` writes;
-  for a from-scratch tiny SmolVLM-architecture model with a locally built tokenizer), ``tiny`` (its size
-  options), ``lora`` (peft ``LoraConfig`` keywords, or null for full fine-tuning), ``seed``.
-- ``data``: ``sft_file`` (SFT: the ``sft.jsonl`` written by ``zoomvlm curate boxes``) or ``file`` (GRPO: a
-  receipts-format JSONL with answers), ``limit``, and ``cropper_budget`` (the cropper's input size).
-- ``trainer``: keyword arguments of TRL's ``SFTConfig`` / ``GRPOConfig``, passed through unchanged, so
-  every TRL option (accelerate, DeepSpeed, vLLM rollouts, ``loss_type``...) is available.
-- GRPO only: ``rewards`` (``{name: weight}``, names from :data:`zoomvlm.cropvlm.rewards.REWARDS`) and ``target``
-  (``spec`` as in ``zoomvlm eval``, ``budget``, ``crop_budget``, ``metric``).
-- AwaRes only: ``data.policy: crop_set`` + ``data.high`` (the external crop-set policy and its
-  high-resolution budget) and ``awares`` (``answer_reward``: ``semantic`` or a metric; the tool-cost
-  constants ``alpha_miss``, ``alpha_use``, ``lam`` of :class:`zoomvlm.cropvlm.rewards.ToolCost`).
-
-Kinds: ``sft`` and ``grpo`` (CropVLM cropper, or the crop-set policy with ``data.policy: crop_set``),
-``awares_sft`` (tool-call-weighted SFT on trajectories) and ``awares_grpo`` (multi-turn self-zoom GRPO).
+- ``kind``: ``sft``, ``grpo`` (CropVLM cropper, or the external crop-set policy with ``data.policy: crop_set``),
+  ``awares_sft`` (tool-call-weighted SFT on trajectories), ``awares_grpo`` (multi-turn self-zoom GRPO).
+- ``model``: :class:`ModelArgs`. ``data``: :class:`DataArgs`. ``target``: :class:`TargetArgs` (GRPO's reward
+  target). ``awares``: :class:`AwaResArgs` (the settings of the ``awares`` reward, both AwaRes variants).
+- ``rewards``: ``{name: weight}``; names from :data:`zoomvlm.train.rewards.REWARDS` or a dotted path
+  ``pkg.module:callable`` to a user's own TRL reward function.
+- ``trainer``: fields of the kind's TRL config: :class:`~zoomvlm.train.sft.CropperSFTConfig`,
+  :class:`~zoomvlm.train.grpo.CropperGRPOConfig`, :class:`~zoomvlm.awares.weighted_sft.WeightedSFTConfig`,
+  :class:`~zoomvlm.awares.grpo.AwaResGRPOConfig` (TRL's ``SFTConfig``/``GRPOConfig`` with our defaults and
+  fields added), so every TRL option (accelerate, DeepSpeed, vLLM rollouts, ``loss_type``...) is available.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import importlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-__all__ = ["Recipe", "RecipeError", "bundled_recipes", "load_recipe"]
+from zoomvlm.awares.policies import DEFAULT_HIGH as _DEFAULT_HIGH_BUDGET
+from zoomvlm.awares.rewards import ToolCost, check_answer_reward
+from zoomvlm.core.geometry import Budget
+from zoomvlm.cropvlm import DEFAULT_CROPPER_BUDGET
+from zoomvlm.cropvlm.rewards import DEFAULT_METRIC
+
+__all__ = [
+    "KINDS",
+    "AwaResArgs",
+    "DataArgs",
+    "ModelArgs",
+    "Recipe",
+    "RecipeError",
+    "TargetArgs",
+    "bundled_recipes",
+    "load_recipe",
+    "recipe_from_dict",
+]
 
 
 class RecipeError(ValueError):
     """A recipe file is missing, malformed, or has an unknown section/key; the message says which."""
 
 
+# The one place of each default, imported from the module that uses it at inference too.
+DEFAULT_HIGH = str(_DEFAULT_HIGH_BUDGET)  # "side:768": AwaRes's high view on the receipts testbed
+
+
+@dataclass
+class ModelArgs:
+    """The policy model a run starts from (section ``model``)."""
+
+    init: str = field(metadata={"help": "Hub id or local save_pretrained folder (e.g. a tiny init or an SFT result)."})
+    dtype: str = field(default="auto", metadata={"help": "torch dtype to load with (auto, float32, bfloat16...)."})
+    lora: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "peft LoraConfig keywords (CropVLM: r 128, alpha 256, dropout 0.05), or null to train all."},
+    )
+
+    def __post_init__(self) -> None:
+        if not str(self.init):
+            raise ValueError("model.init is empty: name a hub id or a local folder")
+        if self.lora is not None and not isinstance(self.lora, dict):
+            raise ValueError(f"model.lora must be a mapping of LoraConfig keywords or null, got {self.lora!r}")
+
+
+@dataclass
+class DataArgs:
+    """Training data and the policy's view (section ``data``)."""
+
+    sft_file: str | None = field(
+        default=None, metadata={"help": "SFT: sft.jsonl of `zoomvlm curate boxes` or actions.jsonl of curate awares."}
+    )
+    file: str | None = field(
+        default=None, metadata={"help": "GRPO / AwaRes: a JSONL with answers (receipts format or trajectories)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Use the first N records only."})
+    policy: str = field(
+        default="cropper",
+        metadata={"help": "cropper (CropVLM's box) or crop_set (the external AwaRes crop-set policy)."},
+    )
+    cropper_budget: int | str | None = field(
+        default=None,
+        metadata={
+            "help": f"The cropper's input view (budget spec); default {DEFAULT_CROPPER_BUDGET}. Not for crop_set, "
+            "whose view is the low view of `high`."
+        },
+    )
+    high: str | int | None = field(
+        default=None,
+        metadata={
+            "help": f"AwaRes high-resolution budget; default {DEFAULT_HIGH} (trajectories keep their own `high` "
+            "in awares_* kinds when unset)."
+        },
+    )
+    augment: float = field(
+        default=0.0, metadata={"help": "SFT: probability a row is replaced by a box-preserving random crop."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("cropper", "crop_set"):
+            raise ValueError(f"data.policy must be cropper or crop_set, got {self.policy!r}")
+        if not 0.0 <= float(self.augment) <= 1.0:
+            raise ValueError(f"data.augment is a probability in [0, 1], got {self.augment}")
+        if self.limit is not None and int(self.limit) < 1:
+            raise ValueError(f"data.limit must be >= 1 or null, got {self.limit}")
+        if self.cropper_budget is not None:
+            Budget.parse(self.cropper_budget)  # a clear error on a bad spec, at load time
+        if self.high is not None:
+            Budget.parse(self.high)
+        if self.policy == "crop_set":
+            if self.cropper_budget is not None:
+                raise ValueError(
+                    "data.cropper_budget is not used with data.policy: crop_set: the crop-set policy sees the low "
+                    "view (data.high with sides halved), exactly as at inference; drop the key"
+                )
+            high = Budget.parse(self.high_budget)
+            if high.max_side is None or high.max_pixels is not None:
+                raise ValueError(
+                    f"data.high must be a side budget (e.g. side:768) for the crop-set policy, got {high}"
+                )
+
+    @property
+    def high_budget(self) -> str:
+        """``high`` or its default, in canonical form (e.g. ``"side:768"``)."""
+        return str(Budget.parse(self.high if self.high is not None else DEFAULT_HIGH))
+
+    @property
+    def view_budget(self) -> Budget:
+        """The policy's input: ``cropper_budget`` (default 512) or, for ``crop_set``, ``high`` with sides halved."""
+        if self.policy == "crop_set":
+            return Budget(max_side=Budget.parse(self.high_budget).max_side // 2)
+        return Budget.parse(self.cropper_budget if self.cropper_budget is not None else DEFAULT_CROPPER_BUDGET)
+
+
+@dataclass
+class TargetArgs:
+    """The frozen reward target of GRPO (section ``target``); specs as in ``zoomvlm eval``."""
+
+    spec: str | None = field(default=None, metadata={"help": "ocr, hf:MODEL or openai:MODEL (OPENAI_BASE_URL)."})
+    budget: int | str | None = field(default=None, metadata={"help": "The target's view budget (None: its own)."})
+    crop_budget: int | str | None = field(default=None, metadata={"help": "The crop's budget (None: the target's)."})
+    metric: str = field(
+        default=DEFAULT_METRIC,
+        metadata={"help": "Metric of the accuracy reward when a row names none (contains, anls, vqa_accuracy...)."},
+    )
+
+    def __post_init__(self) -> None:
+        from zoomvlm.core.metrics import METRICS
+
+        if self.metric not in METRICS:
+            raise ValueError(f"target.metric {self.metric!r} is not a metric; choose from {sorted(METRICS)}")
+        for name in ("budget", "crop_budget"):
+            if getattr(self, name) is not None:
+                Budget.parse(getattr(self, name))
+
+
+@dataclass
+class AwaResArgs:
+    """Settings of AwaRes's ``R = R_ans - C_tool`` reward (section ``awares``), for both AwaRes variants.
+
+    Defaults are :class:`~zoomvlm.awares.rewards.ToolCost`'s (AwaRes publishes no constants; see there why).
+    """
+
+    answer_reward: str = field(
+        default="semantic",
+        metadata={"help": "R_ans: semantic (AwaRes: sentence-embedding cosine) or a metric name (contains, anls)."},
+    )
+    alpha_miss: float = field(
+        default=ToolCost.alpha_miss, metadata={"help": "C_tool when HR was needed and no crop was requested."}
+    )
+    alpha_use: float = field(default=ToolCost.alpha_use, metadata={"help": "C_tool base cost of any crop request."})
+    lam: float = field(
+        default=ToolCost.lam, metadata={"help": "C_tool per unit of requested crop area (trades accuracy for RTR)."}
+    )
+
+    def __post_init__(self) -> None:
+        check_answer_reward(self.answer_reward)
+        self.cost  # noqa: B018 - ToolCost refuses bad constants (negative, or alpha_miss <= alpha_use) and says why
+
+    @property
+    def cost(self) -> ToolCost:
+        """The :class:`~zoomvlm.awares.rewards.ToolCost` of these constants."""
+        return ToolCost(float(self.alpha_miss), float(self.alpha_use), float(self.lam))
+
+
+KINDS: dict[str, str] = {
+    "sft": "zoomvlm.train.sft:CropperSFTConfig",
+    "grpo": "zoomvlm.train.grpo:CropperGRPOConfig",
+    "awares_sft": "zoomvlm.awares.weighted_sft:WeightedSFTConfig",
+    "awares_grpo": "zoomvlm.awares.grpo:AwaResGRPOConfig",
+}
+"""Recipe kind -> the TRL config class of its ``trainer`` section (imported when a recipe of that kind loads)."""
+
 _SECTIONS = {"kind", "model", "data", "trainer", "rewards", "target", "awares"}
+_SECTION_TYPES = {"model": ModelArgs, "data": DataArgs, "target": TargetArgs, "awares": AwaResArgs}
 
 
 @dataclass
 class Recipe:
-    """A parsed recipe (sections as plain dicts; see the module docstring)."""
+    """A parsed recipe: typed sections (see the module docstring) and the tree they were parsed from.
+
+    ``trainer`` is an instance of the kind's TRL config (:data:`KINDS`); :meth:`trainer_args` rebuilds it with
+    another ``output_dir``. ``tree`` is the YAML after overrides: what checkpoints store (``zoomvlm_recipe.json``).
+    """
 
     kind: str
-    model: dict
-    data: dict
-    trainer: dict
-    rewards: dict = field(default_factory=dict)
-    target: dict = field(default_factory=dict)
-    awares: dict = field(default_factory=dict)
-    source: str = ""
+    model: ModelArgs
+    data: DataArgs
+    trainer: Any
+    rewards: dict[str, float]
+    target: TargetArgs
+    awares: AwaResArgs
+    source: str
+    tree: dict
+
+    def trainer_args(self, output_dir: str | Path | None = None):
+        """A fresh instance of the kind's TRL config (trainers may edit theirs), ``output_dir`` replaced when given."""
+        trainer = dict(self.tree.get("trainer", {}))
+        if output_dir is not None:
+            trainer["output_dir"] = str(output_dir)
+        return _parse_section(trainer_config_class(self.kind), trainer, "trainer", self.source)
+
+    def to_json(self) -> dict:
+        """What a checkpoint stores: every typed section with its defaults filled in, and the recipe's trainer keys."""
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "model": dataclasses.asdict(self.model),
+            "data": {**dataclasses.asdict(self.data), "high": self.data.high_budget},
+            "trainer": dict(self.tree.get("trainer", {})),
+            "rewards": dict(self.rewards),
+            "target": dataclasses.asdict(self.target),
+            "awares": dataclasses.asdict(self.awares),  # lam etc.: without it a lambda sweep's checkpoints look alike
+        }
+
+
+def trainer_config_class(kind: str) -> type:
+    """The TRL config class of a recipe ``kind``.
+
+    Raises:
+        RecipeError: an unknown kind.
+    """
+    if kind not in KINDS:
+        raise RecipeError(f"unknown recipe kind {kind!r}; use one of {sorted(KINDS)}")
+    module, name = KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -61,6 +266,11 @@ def bundled_recipes() -> dict[str, Path]:
 
 def _set(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
+    if len(keys) < 2 and not (keys[0] == "kind" or (keys[0] in _SECTIONS and isinstance(value, dict))):
+        raise RecipeError(
+            f"--set {dotted}=...: expected section.key=value, or section={{...}} to replace a whole section "
+            f"(sections: {sorted(_SECTIONS)})"
+        )
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
@@ -80,18 +290,90 @@ def _parse_value(text: str):
     return value
 
 
+def _parse_section(cls: type, values: dict, section: str, source: str):
+    """One section through ``HfArgumentParser.parse_dict``; unknown keys and refused values name ``section.key``."""
+    from transformers import HfArgumentParser
+
+    if not isinstance(values, dict):
+        raise RecipeError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{section}.{key}" + (f" (did you mean {section}.{close[0]}?)" if close else ""))
+        raise RecipeError(f"{source}: unknown key(s) {', '.join(hints)}; {cls.__name__} has no such field")
+    try:
+        (parsed,) = HfArgumentParser(cls).parse_dict(values, allow_extra_keys=False)
+    except (TypeError, ValueError, KeyError) as err:
+        raise RecipeError(f"{source}: section {section!r}: {err.args[0] if err.args else err}") from err
+    return parsed
+
+
+def recipe_from_dict(
+    tree: dict, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None, source: str = "<dict>"
+) -> Recipe:
+    """Parse a recipe tree (the YAML as a dict) after applying ``overrides``; see :func:`load_recipe`."""
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        _set(tree, key.strip(), _parse_value(value))
+    unknown = set(tree) - _SECTIONS
+    if unknown:
+        raise RecipeError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(_SECTIONS)}")
+    for section in ("model", "trainer"):
+        if not isinstance(tree.get(section), dict):
+            raise RecipeError(f"{source}: section {section!r} is missing or not a mapping")
+    recipe_kind = tree.get("kind")
+    if kind is not None and recipe_kind != kind:
+        raise RecipeError(f"{source}: this is a {recipe_kind!r} recipe, expected {kind!r}")
+    config_cls = trainer_config_class(recipe_kind)
+    if "output_dir" not in tree["trainer"]:
+        raise RecipeError(f"{source}: set trainer.output_dir in the recipe or pass --output-dir")
+    sections = {name: _parse_section(cls, tree.get(name) or {}, name, source) for name, cls in _SECTION_TYPES.items()}
+    rewards = tree.get("rewards") or {}
+    if recipe_kind == "awares_grpo" and not rewards:
+        rewards = {"awares": 1.0}  # self-zoom GRPO's one reward, R = R_ans - C_tool
+    if not isinstance(rewards, dict) or not all(isinstance(w, int | float) for w in rewards.values()):
+        raise RecipeError(f"{source}: rewards must be a mapping {{name: weight}}, got {rewards!r}")
+    if recipe_kind in ("grpo", "awares_grpo"):
+        if not rewards:
+            raise RecipeError(f"{source}: a {recipe_kind} recipe needs `rewards: {{name: weight}}`")
+        from zoomvlm.train.rewards import check_reward_names
+
+        try:
+            check_reward_names(rewards, "self_zoom" if recipe_kind == "awares_grpo" else sections["data"].policy)
+        except (KeyError, ValueError) as err:
+            raise RecipeError(f"{source}: {err.args[0]}") from err
+    elif rewards:
+        raise RecipeError(f"{source}: a {recipe_kind} recipe trains no reward; drop the `rewards:` section")
+    trainer = _parse_section(config_cls, tree["trainer"], "trainer", source)
+    return Recipe(kind=recipe_kind, trainer=trainer, rewards={k: float(v) for k, v in rewards.items()},
+                  source=source, tree=tree, **sections)  # fmt: skip
+
+
 def load_recipe(
-    path_or_name: str | Path, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None
+    path_or_name: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    kind: str | None = None,
+    output_dir: str | Path | None = None,
 ) -> Recipe:
     """Read a recipe from a YAML path or a bundled name (e.g. ``tiny_cpu_sft``), then apply overrides.
 
     Args:
         overrides: ``"section.key=value"`` strings; values are parsed as YAML (``3``, ``1e-4``, ``null``,
             ``[a, b]``).
-        kind: expected ``kind`` (``sft``/``grpo``); a mismatch raises.
+        kind: expected ``kind`` (``sft``/``grpo``/``awares_sft``/``awares_grpo``); a mismatch raises.
+        output_dir: replaces ``trainer.output_dir`` (the CLI's ``--output-dir``).
 
     Raises:
-        RecipeError: unknown name/path, invalid YAML, unknown section, bad override, wrong kind.
+        RecipeError: unknown name/path, invalid YAML, unknown section or key (named, with the closest field),
+            a value a section's ``__post_init__`` refuses (the message says why), bad override, wrong kind.
     """
     bundled = bundled_recipes()
     path = Path(path_or_name)
@@ -104,31 +386,5 @@ def load_recipe(
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: invalid YAML: {err}") from err
-    if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
-    tree = copy.deepcopy(tree)
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"--set {item!r}: expected section.key=value")
-        key, value = item.split("=", 1)
-        _set(tree, key.strip(), _parse_value(value))
-    unknown = set(tree) - _SECTIONS
-    if unknown:
-        raise RecipeError(f"{path}: unknown section(s) {sorted(unknown)}; expected {sorted(_SECTIONS)}")
-    for section in ("model", "data", "trainer"):
-        if not isinstance(tree.get(section), dict):
-            raise RecipeError(f"{path}: section {section!r} is missing or not a mapping")
-    if kind is not None and tree.get("kind") != kind:
-        raise RecipeError(f"{path}: this is a {tree.get('kind')!r} recipe, expected {kind!r}")
-    if tree.get("kind") == "grpo" and not tree.get("rewards"):
-        raise RecipeError(f"{path}: a grpo recipe needs `rewards: {{name: weight}}`")
-    return Recipe(
-        kind=tree.get("kind", ""),
-        model=tree["model"],
-        data=tree["data"],
-        trainer=tree["trainer"],
-        rewards=tree.get("rewards") or {},
-        target=tree.get("target") or {},
-        awares=tree.get("awares") or {},
-        source=str(path),
-    )
+    overrides = list(overrides) + ([f"trainer.output_dir={output_dir}"] if output_dir is not None else [])
+    return recipe_from_dict(tree, overrides, kind=kind, source=str(path))

@@ -5,35 +5,39 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from transformers.trainer_utils import SchedulerType
+from trl import SFTConfig, SFTTrainer
 
 from zoomvlm.core.geometry import Box, Budget, crop_image, format_percent_box, parse_percent_box
-from zoomvlm.train.common import build_cropper, cropper_views, resume_checkpoint, save_final, trainer_kwargs
+from zoomvlm.train.common import TrainerDefaults, build_cropper, cropper_views, resume_checkpoint, save_final
 from zoomvlm.train.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SFT_DEFAULTS", "box_preserving_crop", "run_sft", "sft_dataset"]
+__all__ = ["CropperSFTConfig", "box_preserving_crop", "run_sft", "sft_dataset"]
 
-SFT_DEFAULTS = {
-    # CropVLM (METHODS.md): lr 5e-5 cosine, warmup 0.03, effective batch 16, 1 epoch, loss on the box only.
-    "learning_rate": 5e-5,
-    "lr_scheduler_type": "cosine",
-    "warmup_steps": 0.03,  # float < 1 = ratio of total steps (transformers 5 dropped warmup_ratio)
-    "num_train_epochs": 1,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 4,
-    "completion_only_loss": True,
-    "max_length": None,  # never truncate: a cut would split the image tokens
-    "logging_steps": 5,
-    "save_strategy": "steps",
-    "save_steps": 50,
-    "save_total_limit": 2,
-    "report_to": [],
-    "remove_unused_columns": False,
-}
+
+@dataclass
+class CropperSFTConfig(TrainerDefaults, SFTConfig):
+    """TRL's ``SFTConfig`` with CropVLM's SFT defaults (METHODS.md: lr 5e-5 cosine, warmup 0.03, effective
+    batch 16, 1 epoch, loss on the box only); the ``trainer:`` section of ``sft`` recipes."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "CropVLM: 5e-5 (cosine schedule)."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "CropVLM: cosine."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "CropVLM: 0.03; a float < 1 is a ratio of the total steps (transformers 5)."}
+    )
+    num_train_epochs: float = field(default=1, metadata={"help": "CropVLM: 1 epoch."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "x accumulation 4 = CropVLM's 16."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Effective batch 16 with 4 per device."})
+    completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on the box tokens only."})
+    max_length: int | None = field(default=None, metadata={"help": "Never truncate: a cut splits image tokens."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps (resume point)."})
 
 
 def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None, augment: float = 0.0):
@@ -159,20 +163,21 @@ def _text_only(turns: list[dict]) -> list[dict]:
 
 
 def run_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
-    """Train a cropper with ``SFTTrainer``; resumes from the newest checkpoint in ``output_dir``.
+    """Train a cropper (or the crop-set policy) with ``SFTTrainer``; resumes from the newest checkpoint.
 
     Returns:
         The ``output_dir/final`` folder (``save_pretrained`` layout, LoRA merged) that ``vlm:`` loads.
-    """
-    from trl import SFTConfig, SFTTrainer
 
-    trainer_kw = trainer_kwargs(SFT_DEFAULTS, recipe.trainer, output_dir)
-    budget = Budget.parse(recipe.data.get("cropper_budget", 512))
+    Raises:
+        ValueError: the recipe has no ``data.sft_file``.
+    """
+    args = recipe.trainer_args(output_dir)
+    if not recipe.data.sft_file:
+        raise ValueError("an sft recipe needs data.sft_file (written by `zoomvlm curate boxes` or `curate awares`)")
     dataset = sft_dataset(
-        recipe.data["sft_file"], budget, recipe.data.get("limit"), augment=float(recipe.data.get("augment", 0.0))
+        recipe.data.sft_file, recipe.data.view_budget, recipe.data.limit, augment=recipe.data.augment
     )
     model, processor, peft_config = build_cropper(recipe.model)
-    args = SFTConfig(**trainer_kw)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config)  # fmt: skip
     trainer.train(resume_from_checkpoint=resume_checkpoint(args.output_dir))
