@@ -51,6 +51,7 @@ import random
 from functools import lru_cache
 from typing import Any
 
+from zoomvlm.awares.weighted_sft import TINY_SMOLVLM_CHAT_TEMPLATE
 from zoomvlm.targets.hf_compat import (
     ensure_processors_without_torchvision,
     load_processor,
@@ -98,14 +99,7 @@ SPECIAL_TOKENS: list[str] = [
 ] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]  # SmolVLM tile positions (<= 6x6 grid)
 
 # SmolVLM-Instruct's stock template (as shipped with HuggingFaceTB/SmolVLM-256M-Instruct, plus <video>).
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}"
-    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+SMOLVLM_CHAT_TEMPLATE = TINY_SMOLVLM_CHAT_TEMPLATE  # defined in the package: shipped checkpoints carry it
 
 # Qwen2.5-VL-Instruct's ChatML template (as shipped with Qwen/Qwen2.5-VL-3B-Instruct).
 QWEN25VL_CHAT_TEMPLATE = (

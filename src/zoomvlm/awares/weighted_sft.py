@@ -123,7 +123,18 @@ def _with_images(batch: dict[str, list]) -> dict[str, list]:
 # Chat templates with {% generation %} markers
 # ----------------------------------------------------------------------------------------------------------------
 
-# tiny_models.SMOLVLM_CHAT_TEMPLATE (SmolVLM-Instruct's template plus <video>) with TRL's smolvlm_training.jinja
+# The chat template of zoomvlm's from-scratch tiny SmolVLM checkpoints (the shipped assets/cropper and
+# assets/crop_set_policy, and those tests/tiny_models.py builds): SmolVLM-Instruct's template plus <video>.
+TINY_SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}"
+    "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# TINY_SMOLVLM_CHAT_TEMPLATE with TRL's smolvlm_training.jinja
 # change: the assistant turn gets its own branch whose content and <end_of_utterance>\n sit inside
 # {% generation %}. Renders byte-identically to the stock template (tested), so a processor saved with it still
 # prompts the same at inference.
@@ -143,9 +154,7 @@ SMOLVLM_TRAINING_CHAT_TEMPLATE = (
 
 
 def _our_training_templates() -> dict[str, str]:
-    from tiny_models import SMOLVLM_CHAT_TEMPLATE
-
-    return {SMOLVLM_CHAT_TEMPLATE: SMOLVLM_TRAINING_CHAT_TEMPLATE}
+    return {TINY_SMOLVLM_CHAT_TEMPLATE: SMOLVLM_TRAINING_CHAT_TEMPLATE}
 
 
 def training_chat_template(processor) -> str | None:
