@@ -202,14 +202,14 @@ def test_cropper_options_from_the_spec(checkpoint):
 
 
 def test_image_side_splits_the_view_into_more_image_tokens(checkpoint, noise_images):
-    from zoomvlm.targets.hf import _encode, chat_prompt
+    from zoomvlm.targets.hf import chat_prompt, encode_inputs
 
     counts = {}
     for side in (None, 512):
         policy = load_policy(f"vlm:{checkpoint}" + (f"@side={side}" if side else ""))
         policy.processor.image_processor.do_image_splitting = side is not None  # the fixture's default is on
         prompt = chat_prompt(policy.processor, 1, "q")
-        inputs = _encode(policy.processor, [prompt], [[noise_images[1].resize((300, 600))]], "cpu")
+        inputs = encode_inputs(policy.processor, [prompt], [[noise_images[1].resize((300, 600))]], "cpu")
         counts[side] = int((inputs["input_ids"] == policy.model.config.image_token_id).sum())
     assert counts[None] == 16 and counts[512] == 16 * 3  # 600x300 at 512 px: 2x1 tiles + the global tile
     with pytest.raises(ValueError, match="multiple of the 256 px tile"):

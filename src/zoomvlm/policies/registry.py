@@ -12,7 +12,7 @@ POLICY_SPECS = {
     "oracle[:M]": "crop around the human evidence box padded by M (EVALUATION ONLY: needs labels)",
     "vlm:CKPT": "a learned cropper (CropVLM): a VLM checkpoint (hub id or save_pretrained folder)",
     "vlm": "the shipped learned cropper (a tiny SmolVLM-architecture model trained on receipts, CPU)",
-    "vlm[:CKPT]@OPTS": "cropper options, comma-separated: free (no constrained decoding), boxes=K (up to K "
+    "vlm[:CKPT]@OPTS": "cropper options, separated by , or @: free (no constrained decoding), boxes=K (up to K "
     "boxes, K crops), t=T (sample at temperature T), side=PX (split the cropper's view into tiles at PX)",
     "crop-set[:CKPT][@HIGH]": "AwaRes crop-set policy: low-res view + the high-res crops a small VLM requests "
     "(no CKPT: the shipped tiny one; HIGH: the high-resolution budget, default the trained one)",
