@@ -49,9 +49,9 @@ class VLMCropper:
         constrained: mask every token that cannot continue a valid box text (default on).
         max_boxes: K, the most boxes one answer may hold (default 1, CropVLM's single box).
         temperature: 0 = greedy (default); > 0 samples, as GRPO's rollouts do (CropVLM: 0.8).
-        image_side: "see more": SmolVLM's processor resizes the view to this longest side and SPLITS it into
-            tiles (each its own image tokens) plus a global tile, instead of one tile. ``None`` = the
-            checkpoint's processor settings. Raises ValueError for a processor without image splitting.
+        image_side: "see more": the view, capped at this longest side (px, a multiple of the tile), is SPLIT into
+            tiles (each its own image tokens) plus a global tile, instead of one tile (SmolVLM/Idefics3).
+            ``None`` = the checkpoint's processor settings. Raises ValueError for a processor without splitting.
         device: where to load the checkpoint (default CUDA if available).
         model, processor: an already loaded pair (then ``checkpoint`` is only the name).
         name: the policy's name in results (default ``vlm:CHECKPOINT``).
