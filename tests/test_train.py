@@ -136,7 +136,8 @@ def test_sft_two_steps_change_the_model_and_save_a_loadable_cropper(sft_file, tm
     trained = {k: v.detach() for k, v in model.state_dict().items()}
     assert saved.keys() <= trained.keys() and len(saved) > 10
     assert all(torch.equal(saved[k], trained[k]) for k in saved)
-    cropper = VLMCropper(str(final), max_new_tokens=8)
+    # unconstrained, so its raw text is comparable with plain generate_texts below
+    cropper = VLMCropper(str(final), max_new_tokens=8, constrained=False)
     assert cropper.budget.max_side == 64  # read back from the saved recipe
     # Loading + parsing: the cropper's raw text is the trained model's greedy answer, and its box is that text
     # parsed (or, when it does not parse, the whole image with the parse error counted).

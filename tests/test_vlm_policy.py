@@ -15,7 +15,7 @@ def checkpoint(tmp_path_factory, tiny_vlms):
 
 
 def test_loads_checkpoint_and_falls_back_on_invalid_output(checkpoint, noise_images):
-    policy = load_policy(f"vlm:{checkpoint}", max_new_tokens=8)
+    policy = load_policy(f"vlm:{checkpoint}@free", max_new_tokens=8)  # free: constrained decoding is the default
     proposals = policy.propose(noise_images, ["What is the total?", "Who issued it?"])
     assert len(proposals) == 2
     # a random-weight model writes garbage: whole image, raw text and the reason kept, and counted

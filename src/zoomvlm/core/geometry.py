@@ -39,8 +39,10 @@ __all__ = [
     "expand_small_box",
     "format_bbox_2d",
     "format_percent_box",
+    "format_percent_boxes",
     "parse_bbox_2d",
     "parse_percent_box",
+    "parse_percent_boxes",
     "percentile_thresholds",
     "resize_to_budget",
     "same_scale_budget",
@@ -199,30 +201,30 @@ def format_percent_box(box: Box) -> str:
     return f"[{x0}, {y0}, {x1}, {y1}]."
 
 
-def parse_percent_box(text: str) -> Box:
-    """Parse CropVLM's box text ``"[x1, y1, x2, y2]."`` (percentages of width/height) into a Box.
+def format_percent_boxes(boxes: Sequence[Box]) -> str:
+    """Render one or more Boxes as the multi-box text ``"[x1, y1, x2, y2], [x1, y1, x2, y2]."``.
 
-    Tolerant of whitespace, a missing trailing period and decimals. Valid iff the first bracketed
-    list holds exactly 4 numbers, each in ``[0, 100]``, with ``x2 > x1`` and ``y2 > y1`` (CropVLM's
-    validity rule, which the ``format`` reward scores).
+    Each box is rounded as in :func:`format_percent_box`; one box gives exactly :func:`format_percent_box`'s text.
 
     Raises:
-        BoxFormatError: with the reason, e.g. ``"expected 4 numbers, got 3"``.
+        BoxFormatError: no box.
     """
-    if not isinstance(text, str):
-        raise BoxFormatError(f"expected box text, got {type(text).__name__}")
-    match = re.search(r"\[([^\[\]]*)\]", text)
-    if match is None:
-        raise BoxFormatError(f"no [x1, y1, x2, y2] list found in {text.strip()[:60]!r}")
-    parts = [p.strip() for p in match.group(1).split(",")]
+    if not boxes:
+        raise BoxFormatError("the box text needs at least one box")
+    return ", ".join(format_percent_box(b)[:-1] for b in boxes) + "."
+
+
+def _parse_box_list(inner: str, shown: str) -> Box:
+    """One ``x1, y1, x2, y2`` list (the text between the brackets) -> Box, by CropVLM's validity rule."""
+    parts = [p.strip() for p in inner.split(",")]
     if parts == [""]:
         parts = []
     if len(parts) != 4:
-        raise BoxFormatError(f"expected 4 numbers, got {len(parts)} in {match.group(0)!r}")
+        raise BoxFormatError(f"expected 4 numbers, got {len(parts)} in {shown!r}")
     values = []
     for p in parts:
         if not re.fullmatch(_NUMBER, p):
-            raise BoxFormatError(f"{p!r} is not a number in {match.group(0)!r}")
+            raise BoxFormatError(f"{p!r} is not a number in {shown!r}")
         values.append(float(p))
     for name, v in zip(("x1", "y1", "x2", "y2"), values, strict=True):
         if not 0 <= v <= 100:
@@ -233,6 +235,62 @@ def parse_percent_box(text: str) -> Box:
     if y2 <= y1:
         raise BoxFormatError(f"y2 ({y2:g}) must be > y1 ({y1:g})")
     return Box(x1 / 100, y1 / 100, x2 / 100, y2 / 100)
+
+
+_BOX_LIST = re.compile(r"\[([^\[\]]*)\]")
+
+
+def parse_percent_box(text: str) -> Box:
+    """Parse CropVLM's box text ``"[x1, y1, x2, y2]."`` (percentages of width/height) into a Box.
+
+    Tolerant of whitespace, a missing trailing period and decimals. Valid iff the first bracketed
+    list holds exactly 4 numbers, each in ``[0, 100]``, with ``x2 > x1`` and ``y2 > y1`` (CropVLM's
+    validity rule, which the ``format`` reward scores). Later lists are ignored: see
+    :func:`parse_percent_boxes` for the multi-box grammar.
+
+    Raises:
+        BoxFormatError: with the reason, e.g. ``"expected 4 numbers, got 3"``.
+    """
+    if not isinstance(text, str):
+        raise BoxFormatError(f"expected box text, got {type(text).__name__}")
+    match = _BOX_LIST.search(text)
+    if match is None:
+        raise BoxFormatError(f"no [x1, y1, x2, y2] list found in {text.strip()[:60]!r}")
+    return _parse_box_list(match.group(1), match.group(0))
+
+
+def parse_percent_boxes(text: str, max_boxes: int | None = None) -> list[Box]:
+    """Parse the multi-box text ``"[x1, y1, x2, y2], [x1, y1, x2, y2]."`` into Boxes, in order.
+
+    Every bracketed list in ``text`` is one box, each valid by :func:`parse_percent_box`'s rule (4 numbers in
+    ``[0, 100]``, ``x2 > x1``, ``y2 > y1``), with its tolerance (whitespace, decimals, no period). The
+    canonical text (:func:`format_percent_boxes`) separates boxes by ``", "`` and ends with ``"."``; a single
+    box is CropVLM's format. One invalid box makes the whole text invalid (no partial answers, so the
+    ``format`` reward and the failure count mean one thing).
+
+    Args:
+        max_boxes: at most this many boxes (``None``: no limit).
+
+    Raises:
+        BoxFormatError: no list, more than ``max_boxes`` lists, or an invalid list (the reason names which).
+        ValueError: ``max_boxes`` < 1.
+    """
+    if max_boxes is not None and max_boxes < 1:
+        raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
+    if not isinstance(text, str):
+        raise BoxFormatError(f"expected box text, got {type(text).__name__}")
+    lists = list(_BOX_LIST.finditer(text))
+    if not lists:
+        raise BoxFormatError(f"no [x1, y1, x2, y2] list found in {text.strip()[:60]!r}")
+    if max_boxes is not None and len(lists) > max_boxes:
+        raise BoxFormatError(f"expected at most {max_boxes} box(es), got {len(lists)}")
+    boxes = []
+    for i, match in enumerate(lists):
+        try:
+            boxes.append(_parse_box_list(match.group(1), match.group(0)))
+        except BoxFormatError as err:
+            raise BoxFormatError(f"box {i + 1}: {err}" if len(lists) > 1 else str(err)) from None
+    return boxes
 
 
 # ---------------------------------------------------------------------------------------------

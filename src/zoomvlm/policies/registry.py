@@ -12,6 +12,8 @@ POLICY_SPECS = {
     "oracle[:M]": "crop around the human evidence box padded by M (EVALUATION ONLY: needs labels)",
     "vlm:CKPT": "a learned cropper (CropVLM): a VLM checkpoint (hub id or save_pretrained folder)",
     "vlm": "the shipped learned cropper (a tiny SmolVLM-architecture model trained on receipts, CPU)",
+    "vlm[:CKPT]@OPTS": "cropper options, separated by , or @: free (no constrained decoding), boxes=K (up to K "
+    "boxes, K crops), t=T (sample at temperature T), side=PX (split the cropper's view into tiles at PX)",
     "crop-set[:CKPT][@HIGH]": "AwaRes crop-set policy: low-res view + the high-res crops a small VLM requests "
     "(no CKPT: the shipped tiny one; HIGH: the high-resolution budget, default the trained one)",
     "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3)",
@@ -81,12 +83,10 @@ def load_policy(spec: str, **kwargs) -> ZoomPolicy:
             return CenterCrop(float(arg)) if arg else CenterCrop()
         if kind == "oracle":
             return OracleCrop(float(arg)) if arg else OracleCrop()
-        if kind == "vlm":
+        if kind == "vlm" or kind.startswith("vlm@"):
             from zoomvlm.cropvlm.cropper import VLMCropper
 
-            if not arg:
-                return VLMCropper(default_cropper_path(), name="vlm", **kwargs)
-            return VLMCropper(arg, **kwargs)
+            return VLMCropper.from_spec(arg or kind[3:], default_cropper_path(), **kwargs)
         if kind.startswith("crop-set"):
             return _crop_set_policy(kind, arg, **kwargs)
     except ValueError as err:
