@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +40,8 @@ def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=N
     """The reader's pass over each distinct image of ``samples`` at ``budget``, cached in ``path`` (JSONL).
 
     Returns:
-        ``{str(sample.image): Perception}``. The pass is exactly the ``ocr`` target's read of its global view
+        ``{str(sample.image): Perception}`` (the file keys images by their resolved absolute path). The
+        pass is exactly the ``ocr`` target's read of its global view
         (same resize, every detected line kept).
     """
     from zoomvlm.targets.ocr import OCRTarget
@@ -55,15 +57,17 @@ def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=N
             except json.JSONDecodeError:  # torn last line of a killed run
                 continue
             done[row["image"]] = row
-    todo = list(dict.fromkeys(str(s.image) for s in samples if str(s.image) not in done))
+
+    def key(s) -> str:
+        return str(Path(s.image).resolve())
+
+    todo = list(dict.fromkeys(key(s) for s in samples if key(s) not in done))
     if todo:
         reader = reader or OCRTarget(budget=budget)
-        by_image = {str(s.image): s for s in samples}
+        by_image = {key(s): s for s in samples}
         with path.open("a", encoding="utf-8") as f:
             for image in tqdm(todo, desc=f"reading at {budget}", unit="img", disable=not progress):
                 view = resize_to_budget(by_image[image].load_image().convert("RGB"), budget)
-                import time
-
                 start = time.perf_counter()
                 lines = reader.read_all(view)
                 row = {
@@ -77,8 +81,8 @@ def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=N
                 os.fsync(f.fileno())
                 done[image] = row
     return {
-        img: perception_from_lines(done[img]["lines"], tuple(done[img]["view_size"]), max_block)
-        for img in dict.fromkeys(str(s.image) for s in samples)
+        str(s.image): perception_from_lines(done[key(s)]["lines"], tuple(done[key(s)]["view_size"]), max_block)
+        for s in samples
     }
 
 
@@ -104,6 +108,7 @@ class TrainItem:
     q: np.ndarray
     x: np.ndarray
     target: np.ndarray | None
+    seed_box: Box | None = None
 
 
 def build_items(samples, perceptions: dict[str, Perception], encoder: QuestionEncoder,
@@ -112,7 +117,8 @@ def build_items(samples, perceptions: dict[str, Perception], encoder: QuestionEn
     from zoomvlm.cropvlm.proposals import featurize, image_features, seed_targets
 
     items = []
-    static: dict[str, tuple] = {}
+    static: dict[str, np.ndarray] = {}
+    encoder.encode([s.question for s in samples])  # one batched pass; featurize then hits the memo
     for s in tqdm(samples, desc="features", unit="q", disable=not progress):
         p = perceptions[str(s.image)]
         if str(s.image) not in static:
@@ -120,7 +126,7 @@ def build_items(samples, perceptions: dict[str, Perception], encoder: QuestionEn
         q, x = featurize(p, s.question, encoder, static[str(s.image)])
         seed = (seeds or {}).get(s.id)
         target = seed_targets(p, seed) if seed is not None else None
-        items.append(TrainItem(s, p, q, x, target))
+        items.append(TrainItem(s, p, q, x, target, seed))
     return items
 
 

@@ -215,12 +215,15 @@ def train_grpo(
     out_dir: str | Path,
     recipe: dict | None = None,
     progress: bool = True,
+    grouped: bool = False,
 ) -> RegionScorer:
     """GRPO from ``seed_model`` (also the KL reference), resumable, checkpointing into ``out_dir``.
 
     Writes ``checkpoint.pt`` every ``save_every`` steps (model, optimiser, step, RNG), ``log.jsonl`` (one line
     per step) and, at the end, the scorer in ``out_dir/final`` (:func:`~zoomvlm.cropvlm.proposals.save_scorer`).
-    Rerun the same call after a crash to continue from the last checkpoint.
+    Rerun the same call after a crash to continue from the last checkpoint. ``grouped``: a step's questions
+    are all the questions of a few images drawn at random (a reader target then reads each global view once
+    per step from its memo), else questions drawn independently.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,10 +243,20 @@ def train_grpo(
         start = state["step"]
         logger.info("resuming GRPO at step %d", start)
     usable = [i for i, it in enumerate(items) if it.x.shape[0] > 0]
+    by_image: dict[str, list[int]] = {}
+    for i in usable:
+        by_image.setdefault(str(getattr(items[i], "sample", None) and items[i].sample.image), []).append(i)
     log = (out / "log.jsonl").open("a", encoding="utf-8")
     for step in tqdm(range(start, config.steps), desc="GRPO", unit="step", disable=not progress, initial=start,
                      total=config.steps):  # fmt: skip
-        batch_idx = rng.choice(usable, size=min(config.prompts_per_step, len(usable)), replace=False).tolist()
+        if grouped:
+            batch_idx = []
+            for img in rng.permutation(sorted(by_image)):
+                batch_idx += by_image[img]
+                if len(batch_idx) >= config.prompts_per_step:
+                    break
+        else:
+            batch_idx = rng.choice(usable, size=min(config.prompts_per_step, len(usable)), replace=False).tolist()
         stats = grpo_step(model, ref, [items[i] for i in batch_idx], reward_fn, batch_idx, opt, config, rng)
         stats["step"] = step + 1
         log.write(json.dumps(stats) + "\n")

@@ -137,52 +137,59 @@ def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.casefold()) if w not in _STOP}
 
 
-def image_features(perception: Perception, encoder: QuestionEncoder) -> tuple[np.ndarray, np.ndarray]:
-    """The question-independent part, once per image: ``(static [N, N_REGION_FEATURES + N_NGRAM], line_emb [L, 384])``.
+def _trigrams(text: str) -> set[str]:
+    t = re.sub(r"\s+", " ", text.casefold())
+    return {t[i : i + 3] for i in range(len(t) - 2)}
 
-    ``static``: :func:`~zoomvlm.policies.perception.region_features` and hashed character n-grams of each
-    region's low-resolution text; ``line_emb``: MiniLM embeddings of the lines' texts.
+
+def image_features(perception: Perception, encoder: QuestionEncoder | None = None) -> np.ndarray:
+    """The question-independent part, once per image: ``[N, N_REGION_FEATURES + N_NGRAM]`` float32.
+
+    :func:`~zoomvlm.policies.perception.region_features` and hashed character n-grams of each region's
+    low-resolution text. (``encoder`` is unused: line texts are not embedded, which keeps the policy's own
+    cost a small fraction of the reader's pass; the low-resolution text is compared with the question by
+    its characters instead, see :func:`featurize`.)
     """
     regions = perception.regions
     if not regions:
-        return np.zeros((0, N_REGION_FEATURES + N_NGRAM), np.float32), np.zeros((0, QuestionEncoder.dim), np.float32)
-    static = np.concatenate(
+        return np.zeros((0, N_REGION_FEATURES + N_NGRAM), np.float32)
+    return np.concatenate(
         [
             np.stack([region_features(r, perception) for r in regions]),
             np.stack([char_ngrams(r.text) for r in regions]),
         ],
         axis=1,
     ).astype(np.float32)
-    texts = [ln.text for ln in perception.lines]
-    return static, encoder.encode(texts) if texts else np.zeros((0, QuestionEncoder.dim), np.float32)
 
 
-def featurize(perception: Perception, question: str, encoder: QuestionEncoder,
-              static: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def featurize(
+    perception: Perception, question: str, encoder: QuestionEncoder, static: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Inputs of the scorer for one (image, question): ``(q [384], x [N, F])`` with N = ``len(regions)``.
 
-    ``x`` = :func:`image_features` (pass ``static`` to reuse them across questions about one image) and
-    :data:`N_SIM` question-region similarities: MiniLM cosine of the question with the region's lines
-    (mean, max), and the fraction of the question's content words found in the region's text and in its
-    best line.
+    ``q`` = the question's MiniLM embedding. ``x`` = :func:`image_features` (pass ``static`` to reuse them
+    across questions about one image) and :data:`N_SIM` question-region similarities of the low-resolution
+    text: the fraction of the question's content words found in the region's text and in its best line, and
+    the character-trigram overlap (share of the region's trigrams found in the question) of the region and of
+    its best line.
     """
     regions = perception.regions
     q = encoder.encode([question])[0]
-    static_x, line_emb = static if static is not None else image_features(perception, encoder)
+    static_x = static if static is not None else image_features(perception)
     if not regions:
         return q, np.zeros((0, N_REGION_FEATURES + N_NGRAM + N_SIM), np.float32)
-    line_cos = line_emb @ q if len(line_emb) else np.zeros(0, np.float32)
-    qwords = _words(question)
+    qwords, qtri = _words(question), _trigrams(question)
     n_q = max(1, len(qwords))
     line_overlap = np.array([len(qwords & _words(ln.text)) / n_q for ln in perception.lines], np.float32)
+    line_tri = np.array([len(qtri & (t := _trigrams(ln.text))) / max(1, len(t)) for ln in perception.lines])
     sims = np.zeros((len(regions), N_SIM), np.float32)
     for i, r in enumerate(regions):
         m = list(r.members)
-        if m:
-            sims[i, 0] = line_cos[m].mean()
-            sims[i, 1] = line_cos[m].max()
-            sims[i, 3] = line_overlap[m].max()
-        sims[i, 2] = len(qwords & _words(r.text)) / n_q
+        tri = _trigrams(r.text)
+        sims[i, 0] = len(qwords & _words(r.text)) / n_q
+        sims[i, 1] = line_overlap[m].max() if m else 0.0
+        sims[i, 2] = len(qtri & tri) / max(1, len(tri))
+        sims[i, 3] = line_tri[m].max() if m else 0.0
     return q, np.concatenate([static_x, sims], axis=1)
 
 

@@ -44,10 +44,10 @@ def to_ink_frame(box: Box, ink: Box) -> np.ndarray:
 def from_ink_frame(rel: np.ndarray, ink: Box) -> Box:
     """The inverse of :func:`to_ink_frame`, clipped to the image; never empty (at least 1 % per side)."""
     x0, y0, x1, y1 = (
-        ink.x0 + rel[0] * ink.width,
-        ink.y0 + rel[1] * ink.height,
-        ink.x0 + rel[2] * ink.width,
-        ink.y0 + rel[3] * ink.height,
+        float(ink.x0 + rel[0] * ink.width),
+        float(ink.y0 + rel[1] * ink.height),
+        float(ink.x0 + rel[2] * ink.width),
+        float(ink.y0 + rel[3] * ink.height),
     )
     x0, y0 = min(max(x0, 0.0), 0.99), min(max(y0, 0.0), 0.99)
     x1, y1 = min(max(x1, x0 + 0.01), 1.0), min(max(y1, y0 + 0.01), 1.0)
