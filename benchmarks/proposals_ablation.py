@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--baselines", default="none,center,vlm,prior,proposals,oracle",
                         help="built-in policy rows, in order (oracle last)")  # fmt: skip
     parser.add_argument("--budget", default="384")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="first N questions only (a prefix of the same resumable runs)")  # fmt: skip
     parser.add_argument("--shared", default="../shared", help="folder holding data/ (the repo's sibling)")
     args = parser.parse_args()
 
@@ -78,7 +79,7 @@ def main() -> None:
     for name in args.datasets.split(","):
         data = Path(args.shared) / DATASETS[name].removeprefix("../shared/")
         samples = load_jsonl(data)[: args.limit]
-        specs = [(b, b) for b in args.baselines.split(",") if b != "oracle"] + extra
+        specs = [(b, b) for b in args.baselines.split(",") if b and b != "oracle"] + extra
         specs += [("oracle", "oracle")] if "oracle" in args.baselines.split(",") else []
         results, dirs = {}, {}
         for row, spec in specs:
@@ -86,7 +87,9 @@ def main() -> None:
             target = OCRTarget(Budget.parse(args.budget))  # fresh per row: no memoised reads from other rows
             out = dirs[row] = Path(args.out) / name / "".join(c if c.isalnum() or c in ".-" else "_" for c in row)
             config = {"data": str(data.resolve()), "target": target.name, "policy": spec,
-                      "metric": "contains", "limit": args.limit}  # fmt: skip
+                      "metric": "contains", "limit": None}  # fmt: skip
+            # ("limit" stays None: --limit only selects the first N questions of the same resumable run, so
+            # rows measured on more questions are summarised on the same N as the others.)
             results[row] = run_eval(samples, policy, target, out, metric="contains", config=config)
         lo = results["none"]["accuracy"] if "none" in results else float("nan")
         hi = results["oracle"]["accuracy"] if "oracle" in results else float("nan")

@@ -172,7 +172,8 @@ def cmd_grpo(args) -> int:
     cache = RewardCache(out / f"rewards_{args.reward}.jsonl")
     reward_fn = make_target_reward(items, reward, seed_model.config, cache)
     config = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts, group=args.group, beta=args.beta,
-                        lr=args.lr, temperature=args.temperature, seed=args.seed)  # fmt: skip
+                        lr=args.lr, temperature=args.temperature, seed=args.seed,
+                        save_every=args.save_every)  # fmt: skip
     recipe_path = Path(args.init) / "zoomvlm_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "target": args.target,
@@ -270,7 +271,10 @@ def add_parser(tsub) -> None:
             q.add_argument("--group", type=int, default=6, help="actions per question (G). Default: %(default)s")
             q.add_argument("--beta", type=float, default=0.01, help="KL weight. Default: %(default)s")
             q.add_argument("--lr", type=float, default=1e-3, help="Default: %(default)s")
-            q.add_argument("--temperature", type=float, default=1.0, help="Default: %(default)s")
+            q.add_argument("--temperature", type=float, default=2.0,
+                           help="sampling temperature (a confident seed samples one candidate G times at 1.0, "
+                           "so every advantage is 0). Default: %(default)s")  # fmt: skip
+            q.add_argument("--save-every", type=int, default=1, help="checkpoint period in steps. Default: 1")
             q.add_argument("--replay-reads", action="store_true",
                            help="accuracy reward with the ocr target: take its global-view reads from --reads "
                            "(same reader, same view) instead of reading every image again")  # fmt: skip

@@ -276,11 +276,19 @@ def train_seed(
     rng = np.random.default_rng(seed)
     model = RegionScorer(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sizes = np.array([x.shape[0] for _, x, _ in items])
     for epoch in range(epochs):
+        # Shuffled, then sorted by candidate count within windows of 4 batches: batches of similar size pad
+        # little (a dense page has ~10x the candidates of a receipt).
         order = rng.permutation(len(items))
+        window = 4 * batch_size
+        order = np.concatenate(
+            [o[np.argsort(sizes[o], kind="stable")] for o in np.split(order, range(window, len(order), window))]
+        )
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
         total = 0.0
-        for start in range(0, len(items), batch_size):
-            batch = [items[i] for i in order[start : start + batch_size]]
+        for b in rng.permutation(len(batches)):
+            batch = [items[i] for i in batches[b]]
             q, x, mask = pad_batch([(a, b) for a, b, _ in batch])
             t = torch.zeros_like(mask, dtype=torch.float32)
             for i, (_, _, tgt) in enumerate(batch):
@@ -331,6 +339,8 @@ class ProposalCropper:
         k: override the checkpoint's number of boxes.
         perceiver, encoder: shared instances (tests, training); built from the checkpoint otherwise.
         name: the policy name in records.
+        prior: a :class:`~zoomvlm.policies.prior.QuestionPrior`; when given, its box comes first and the
+            scorer's top ``k - 1`` candidates it does not already cover follow (``proposals+prior``).
 
     ``propose`` emits ``Proposal(boxes)`` with up to ``k`` boxes (no candidates: no zoom, ``error`` says
     so). Call :meth:`bind_target` to share the first pass with an ``ocr`` target at the same budget; the
@@ -345,6 +355,7 @@ class ProposalCropper:
         encoder: QuestionEncoder | None = None,
         name: str | None = None,
         model: RegionScorer | None = None,
+        prior=None,
     ):
         self.model = model if model is not None else load_scorer(path or default_proposals_path())
         self.config = self.model.config
@@ -356,6 +367,9 @@ class ProposalCropper:
         self.encoder = encoder or QuestionEncoder()
         self.name = name or ("proposals" if path is None else f"proposals:{path}")
         self._static, self._static_key = None, None
+        # Optional non-reading prior (a QuestionPrior): its box is emitted first and the scorer's candidates
+        # fill the other k - 1 places (a wide, question-placed region + precise lines the reader found).
+        self.prior = prior
 
     def bind_target(self, target) -> bool:
         """Share the perception pass with ``target`` where possible (see :meth:`Perceiver.bind`)."""
@@ -381,8 +395,14 @@ class ProposalCropper:
                 out.append(Proposal(error="the reader found no text line", shared_seconds=p.shared_seconds))
                 continue
             logits = self.logits(p, question)
-            idx = select_boxes(p.regions, logits, self.config)
-            boxes = tuple(crop_box(p.regions[i], self.config) for i in idx)
+            if self.prior is None:
+                idx = select_boxes(p.regions, logits, self.config)
+                lead = ()
+            else:
+                lead = self.prior.propose([image], [question])[0].boxes
+                covered = np.array([lead[0].coverage(r.box) >= self.config.suppress for r in p.regions])
+                idx = select_boxes(p.regions, np.where(covered, -np.inf, logits), self.config, self.config.k - 1)
+            boxes = lead + tuple(crop_box(p.regions[i], self.config) for i in idx)
             raw = " | ".join(p.regions[i].text for i in idx)
             out.append(Proposal(boxes, raw=raw, shared_seconds=p.shared_seconds))
         return out
