@@ -27,9 +27,9 @@ import math
 import statistics
 from pathlib import Path
 
+from zoomvlm.core.geometry import Budget
 from zoomvlm.data import load_jsonl
-from zoomvlm.eval import run_eval
-from zoomvlm.geometry import Budget
+from zoomvlm.evaluation.run import run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.targets.ocr import OCRTarget
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvlm.geometry import Box
+from zoomvlm.core.geometry import Box
 from zoomvlm.policies import load_policy
 from zoomvlm.policies.perception import QuestionEncoder
 from zoomvlm.policies.prior import QuestionPrior, fit_prior, from_ink_frame, to_ink_frame

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from zoomvlm.core.geometry import Box
+from zoomvlm.core.pipeline import run_batch
 from zoomvlm.cropvlm.proposal_grpo import GRPOConfig, expected_reward, grpo_step, train_grpo
 from zoomvlm.cropvlm.proposals import (
     N_SIM,
@@ -17,8 +19,6 @@ from zoomvlm.cropvlm.proposals import (
     select_boxes,
     train_seed,
 )
-from zoomvlm.core.geometry import Box
-from zoomvlm.core.pipeline import run_batch
 from zoomvlm.policies.perception import N_NGRAM, N_REGION_FEATURES, Perceiver, Perception, Region
 from zoomvlm.targets.base import Generation, Usage
 

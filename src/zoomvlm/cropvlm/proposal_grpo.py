@@ -3,7 +3,7 @@
 The policy (:class:`~zoomvlm.cropvlm.proposals.RegionScorer`) is a categorical distribution over the
 candidate regions of one (image, question): ``pi_theta(a | q) = softmax(logits(q) / temperature)_a``. An
 action is one region; it becomes the crop ``crop_box(region)`` and its reward is the target's, through the
-SAME reward functions as the VLM cropper's GRPO (:mod:`zoomvlm.rewards`: ``likelihood``, ``accuracy``,
+SAME reward functions as the VLM cropper's GRPO (:mod:`zoomvlm.cropvlm.rewards`: ``likelihood``, ``accuracy``,
 ``answer_probability``), fed the box in CropVLM's ``"[x1, y1, x2, y2]."`` text.
 
 Equations implemented (each completion ``o_i`` here is ONE action, so ``|o_i| = 1`` and the per-token sums
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, pad_batch, save_scorer
 from zoomvlm.core.geometry import format_percent_box
+from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, pad_batch, save_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class RewardCache:
 
 
 def make_target_reward(items: Sequence, reward, config: ScorerConfig, cache: RewardCache | None = None) -> RewardFn:
-    """Adapt a :mod:`zoomvlm.rewards` function (TRL signature) to :data:`RewardFn` over ``items``.
+    """Adapt a :mod:`zoomvlm.cropvlm.rewards` function (TRL signature) to :data:`RewardFn` over ``items``.
 
     The chosen region of ``items[i]`` becomes ``format_percent_box(crop_box(region))``, the completion the
     reward parses; ``image_path``, ``question`` and ``answers`` come from the item's sample.

@@ -144,10 +144,10 @@ def cmd_seed(args) -> int:
 
 
 def cmd_grpo(args) -> int:
+    from zoomvlm.core.geometry import Budget
     from zoomvlm.cropvlm.proposal_grpo import GRPOConfig, RewardCache, make_target_reward, train_grpo
     from zoomvlm.cropvlm.proposals import load_scorer
-    from zoomvlm.geometry import Budget
-    from zoomvlm.rewards import AccuracyReward, AnswerProbabilityReward, LikelihoodReward
+    from zoomvlm.cropvlm.rewards import AccuracyReward, AnswerProbabilityReward, LikelihoodReward
     from zoomvlm.targets import load_target
 
     samples, seeds, groups = _load(args)
@@ -192,7 +192,7 @@ def _replay_global_reads(target, items) -> None:
     """
     import hashlib
 
-    from zoomvlm.geometry import resize_to_budget
+    from zoomvlm.core.geometry import resize_to_budget
     from zoomvlm.targets.ocr import OCRLine, _Read
 
     target.cache_size = max(target.cache_size, len(items) + 64)
@@ -214,7 +214,7 @@ def _replay_global_reads(target, items) -> None:
 
 
 def cmd_prior(args) -> int:
-    from zoomvlm.geometry import Box
+    from zoomvlm.core.geometry import Box
     from zoomvlm.policies.perception import ink_outline
     from zoomvlm.policies.prior import fit_prior
 

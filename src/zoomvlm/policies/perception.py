@@ -6,7 +6,7 @@ reader's own PP-OCR detector + recogniser (``rapidocr``) run on a cheap view, an
 the question. This module is that perception, shared by the CropVLM-style ``proposals`` cropper and the
 AwaRes-style policies; it learns nothing.
 
-API (everything in the ORIGINAL image's normalised frame, :class:`~zoomvlm.geometry.Box`):
+API (everything in the ORIGINAL image's normalised frame, :class:`~zoomvlm.core.geometry.Box`):
 
 - :class:`Perceiver` ``(budget=384).perceive(image) -> Perception``: one detection + recognition pass on
   ``resize_to_budget(image, budget)``. :meth:`Perceiver.bind` makes it read through the target's own reader
