@@ -46,7 +46,7 @@ from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, pad_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRPOConfig", "RewardCache", "grpo_step", "make_target_reward", "train_grpo"]
+__all__ = ["GRPOConfig", "RewardCache", "export_checkpoint", "grpo_step", "make_target_reward", "train_grpo"]
 
 RewardFn = Callable[[Sequence[int], Sequence[int]], list[float]]
 """``reward(item_indices, actions) -> rewards``: one reward per (question index, chosen candidate index)."""
@@ -227,6 +227,7 @@ def train_grpo(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps({**(recipe or {}), "grpo": asdict(config)}, indent=2) + "\n")
     model = copy.deepcopy(seed_model).train()
     ref = copy.deepcopy(seed_model).eval()
     for p in ref.parameters():
@@ -271,6 +272,22 @@ def train_grpo(
     model.eval()
     save_scorer(model, out / "final", {**(recipe or {}), "grpo": asdict(config)})
     return model
+
+
+def export_checkpoint(out_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Save the scorer of a running (or stopped) GRPO run's last ``checkpoint.pt`` as a loadable checkpoint.
+
+    ``dest`` defaults to ``out_dir/step_N``; the seed's ``config.json`` comes from ``out_dir/final`` if present,
+    else from the run's recipe (``init``). Returns the folder.
+    """
+    from zoomvlm.cropvlm.proposals import load_scorer
+
+    out = Path(out_dir)
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    recipe = json.loads((out / "recipe.json").read_text())
+    model = load_scorer(recipe["init"])
+    model.load_state_dict(state["model"])
+    return save_scorer(model, dest or out / f"step_{state['step']}", {**recipe, "step": state["step"]})
 
 
 def expected_reward(
