@@ -32,15 +32,17 @@ class Item:
 
 
 def toy_items(n=24, n_cand=6, seed=0):
-    """Questions whose good candidate is the one with feature 0 == 1 (the known optimum)."""
+    """Questions whose good candidate is the one with feature 0 == 1 (the known optimum); every third question
+    has fewer candidates, so batches are padded as real ones are."""
     rng = np.random.default_rng(seed)
     items, rewards = [], []
-    for _ in range(n):
-        x = rng.normal(size=(n_cand, F)).astype(np.float32) * 0.1
-        good = rng.integers(n_cand)
+    for i in range(n):
+        n_i = n_cand if i % 3 else n_cand - 2
+        x = rng.normal(size=(n_i, F)).astype(np.float32) * 0.1
+        good = rng.integers(n_i)
         x[:, 0] = 0.0
         x[good, 0] = 1.0
-        r = np.zeros(n_cand)
+        r = np.zeros(n_i)
         r[good] = 1.0
         items.append(Item(rng.normal(size=384).astype(np.float32), x))
         rewards.append(r)
@@ -83,6 +85,7 @@ def test_grpo_step_changes_parameters_and_raises_the_reward_on_a_toy_problem(tmp
     cfg = GRPOConfig(group=6, beta=0.01, lr=1e-2)
     stats = grpo_step(model, seed, items, reward_fn, list(range(len(items))), opt, cfg, np.random.default_rng(0))
     assert stats["advantage_abs"] > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # padded candidates must not give NaN
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), seed.state_dict().values(),
                                                       strict=True))  # fmt: skip
     # a short run climbs towards the optimum (expected reward 1.0), and resumes from its checkpoint

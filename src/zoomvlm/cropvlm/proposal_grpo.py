@@ -140,7 +140,9 @@ def grpo_step(
         ratio = (logp.gather(1, act_t) - old_sel).exp()
         surrogate = torch.minimum(ratio * adv_t, ratio.clamp(1 - config.epsilon, 1 + config.epsilon) * adv_t)
         p = logp.exp()
-        kl = (p * (logp - ref_logp)).masked_fill(~mask, 0.0).sum(-1)  # exact KL(pi || ref), [B]
+        # exact KL(pi || ref), [B]; padded candidates are -inf in both, so their difference is zeroed BEFORE
+        # the product (0 * NaN in the backward pass would poison every parameter)
+        kl = (p * (logp - ref_logp).masked_fill(~mask, 0.0)).sum(-1)
         loss = -surrogate.sum() / surrogate.numel() + config.beta * kl.mean()
         opt.zero_grad()
         loss.backward()
