@@ -15,7 +15,8 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-DEMO_POLICIES = ("none", "center", "vlm", "oracle", "full")  # vlm = the shipped learned cropper
+# vlm = the tiny VLM cropper (default of ask); proposals = the reader-candidate cropper (issue 16, not yet better)
+DEMO_POLICIES = ("none", "center", "vlm", "proposals", "oracle", "full")
 
 _BUDGETS_HELP = """\
 budgets (--budget, --crop-budget):

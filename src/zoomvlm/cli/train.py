@@ -173,3 +173,7 @@ def add_commands(sub) -> None:
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--message", default=None, help="commit message (default: names the recipe)")
     p.set_defaults(func=cmd_push)
+
+    from zoomvlm.cropvlm.proposal_train import add_parser as add_proposals
+
+    add_proposals(tsub)

@@ -137,7 +137,7 @@ def run_batch(
     questions = [s.question for s in samples]
     start = time.perf_counter()
     turn_seconds = actions = None
-    if hasattr(policy, "bind_target"):  # a policy that reads the target's internals (ViCrop's attention)
+    if hasattr(policy, "bind_target"):  # reads the target's internals (ViCrop) or shares its first pass (proposals)
         policy.bind_target(target)
     if hasattr(policy, "answer_with"):  # self-zoom: the target decides and answers itself, over two turns
         pairs = policy.answer_with(target, images, questions)
@@ -146,7 +146,9 @@ def run_batch(
         policy_seconds = 0.0
     else:
         proposals = policy.propose(images, questions, evidence=[s.evidence_boxes for s in samples])
-        policy_seconds = (time.perf_counter() - start) / max(1, len(samples))
+        # A first pass made for the target (Proposal.shared_seconds) is charged by the target, not here.
+        shared = sum(p.shared_seconds for p in proposals)
+        policy_seconds = max(0.0, time.perf_counter() - start - shared) / max(1, len(samples))
     if len(proposals) != len(samples):
         raise RuntimeError(f"policy {policy.name} returned {len(proposals)} proposals for {len(samples)} samples")
     if turn_seconds is None:

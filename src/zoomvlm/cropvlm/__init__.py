@@ -2,7 +2,9 @@
 
 - :mod:`~zoomvlm.cropvlm.cropper`: the VLM cropper policy (``--policy vlm[:CKPT]``);
 - :mod:`~zoomvlm.cropvlm.curation`: model-made seed boxes (``zoomvlm curate boxes``), percentile expansion;
-- :mod:`~zoomvlm.cropvlm.rewards`: the GRPO rewards (format, accuracy, likelihood) on the target's own signal.
+- :mod:`~zoomvlm.cropvlm.rewards`: the GRPO rewards (format, accuracy, likelihood) on the target's own signal;
+- :mod:`~zoomvlm.cropvlm.proposals`: the reader-proposal cropper (``--policy proposals[:CKPT]``), trained by
+  :mod:`~zoomvlm.cropvlm.proposal_train` (seed) and :mod:`~zoomvlm.cropvlm.proposal_grpo` (GRPO).
 """
 
 DEFAULT_CROPPER_BUDGET = 512

@@ -25,6 +25,10 @@ class Proposal:
         raw: the policy model's raw output text, where there is one (kept for debugging and rewards).
         error: why the raw output was invalid (e.g. ``"x2 (10) must be > x1 (40)"``); the policy then
             fell back (CropVLM: to the whole image) and this failure is counted, never hidden.
+        shared_seconds: seconds of this proposal's work that were a first pass made ON THE TARGET'S BEHALF
+            (the target's own read of its global view, memoised and reused by the target, which charges the
+            same seconds to its ``Usage.seconds``). The pipeline subtracts them from the policy's seconds,
+            so the pass is counted once, as target time. 0.0 for every policy that shares nothing.
     """
 
     boxes: tuple[Box, ...] = ()
@@ -33,6 +37,7 @@ class Proposal:
     crop_budgets: tuple[Budget, ...] | None = None
     raw: str | None = None
     error: str | None = None
+    shared_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop_budgets is not None and len(self.crop_budgets) != len(self.boxes):

@@ -14,6 +14,11 @@ POLICY_SPECS = {
     "vlm": "the shipped learned cropper (a tiny SmolVLM-architecture model trained on receipts, CPU)",
     "vlm[:CKPT]@OPTS": "cropper options, separated by , or @: free (no constrained decoding), boxes=K (up to K "
     "boxes, K crops), t=T (sample at temperature T), side=PX (split the cropper's view into tiles at PX)",
+    "proposals[:CKPT]": "learned cropper over the reader's own candidate lines/blocks (PP-OCR first pass, shared "
+    "with an ocr target at the same budget; MiniLM question features); no CKPT: the shipped one",
+    "proposals+prior[:CKPT]": "the prior's box first, then the proposals scorer's top k-1 lines it does not cover",
+    "prior[:CKPT]": "non-reading control: the nearest training questions' model-made box, placed in the page's "
+    "ink outline; no CKPT: the shipped one",
     "crop-set[:CKPT][@HIGH]": "AwaRes crop-set policy: low-res view + the high-res crops a small VLM requests "
     "(no CKPT: the shipped tiny one; HIGH: the high-resolution budget, default the trained one)",
     "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3)",
@@ -87,6 +92,22 @@ def load_policy(spec: str, **kwargs) -> ZoomPolicy:
             from zoomvlm.cropvlm.cropper import VLMCropper
 
             return VLMCropper.from_spec(arg or kind[3:], default_cropper_path(), **kwargs)
+        if kind == "proposals":
+            from zoomvlm.cropvlm.proposals import ProposalCropper
+
+            return ProposalCropper(arg or None, **kwargs)
+        if kind == "proposals+prior":
+            from zoomvlm.cropvlm.proposals import ProposalCropper
+            from zoomvlm.policies.prior import QuestionPrior
+
+            policy = ProposalCropper(arg or None, prior=QuestionPrior(), **kwargs)
+            policy.prior.encoder = policy.encoder  # one MiniLM
+            policy.name = f"proposals+prior:{arg}" if arg else "proposals+prior"
+            return policy
+        if kind == "prior":
+            from zoomvlm.policies.prior import QuestionPrior
+
+            return QuestionPrior(arg or None, **kwargs)
         if kind.startswith("crop-set"):
             return _crop_set_policy(kind, arg, **kwargs)
     except ValueError as err:

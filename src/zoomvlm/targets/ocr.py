@@ -58,6 +58,18 @@ class OCRLine:
     log_probs: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One memoised pass over a view: every detected line, and the seconds the pass took."""
+
+    lines: tuple[OCRLine, ...]
+    seconds: float
+
+    def rows(self, text_score: float) -> list[list[OCRLine]]:
+        """The lines the reader keeps (non-empty text, confidence >= ``text_score``) in reading order."""
+        return reading_order([ln for ln in self.lines if ln.text.strip() and ln.score >= text_score])
+
+
 class OCRTarget:
     """RapidOCR as a :class:`~zoomvlm.targets.base.Target`.
 
@@ -75,11 +87,15 @@ class OCRTarget:
         self.name = f"ocr@{self.budget}"
         self._engine = None
         self._char_index: dict[str, list[int]] | None = None
+        self._charge = 0.0
         # Reads of identical views are memoised (LRU, keyed by a hash of the pixels): the global view of a
         # receipt is shared by its 3 questions in eval and by all G rollouts of a GRPO group. Small: a read
         # keeps per-frame log-probs over ~6.6k classes (about 1 MB per text line).
-        self._reads: OrderedDict[bytes, list[list[OCRLine]]] = OrderedDict()
+        self._reads: OrderedDict[bytes, _Read] = OrderedDict()
         self.cache_size = cache_size
+        # Reads made by a policy on the target's behalf (``read_shared``), not yet consumed by the target:
+        # kept apart from the LRU so a batch of prefetched global views cannot evict each other.
+        self._pending: OrderedDict[bytes, _Read] = OrderedDict()
 
     # ---- engine -------------------------------------------------------------------------------
     @property
@@ -99,19 +115,69 @@ class OCRTarget:
             >= ``text_score`` and non-empty text. Identical views (same pixels) are read once and memoised
             (``cache_size`` most recent views; 0 disables).
         """
+        return self._lookup(view)[0].rows(self.text_score)
+
+    def read_all(self, view: Image.Image) -> list[OCRLine]:
+        """Every line the detector found in ``view`` (any confidence, even empty text), detection order.
+
+        Same memoised pass as :meth:`read` (one detection + recognition per distinct view).
+        """
+        return list(self._lookup(view)[0].lines)
+
+    def read_shared(self, view: Image.Image) -> tuple[list[OCRLine], float]:
+        """A read made on the target's behalf: a policy looks at the view the target will read anyway.
+
+        The first pass is the target's (AwaRes: the first turn is already paid for). A policy that reads
+        the target's OWN global view (same pixels, same budget) through this method gets every line the
+        detector found, and the seconds of that read are charged to the target, once, when the target
+        itself consumes the memoised read in :meth:`generate` or :meth:`loglikelihood` (its ``Usage.seconds``
+        then include them, as for the ``none`` policy). Until then the read is held apart from the LRU
+        (at most 512 views).
+
+        Returns:
+            ``(lines, seconds)``: all lines (see :meth:`read_all`) and the seconds this call spent reading
+            that the target will be charged (0.0 when the view was already read: nothing to hand over).
+        """
+        entry, fresh = self._lookup(view, shared=True)
+        return list(entry.lines), (entry.seconds if fresh else 0.0)
+
+    def _lookup(self, view: Image.Image, shared: bool = False) -> tuple[_Read, bool]:
+        """``(entry, fresh)`` for ``view``; a pending shared entry consumed by the target is charged once."""
         view = view.convert("RGB")
         key = hashlib.blake2b(view.tobytes(), digest_size=16, person=str(view.size).encode()[:16]).digest()
+        if key in self._pending:
+            entry = self._pending[key]
+            if not shared:  # the target consumes the policy's read: charge it now, once
+                del self._pending[key]
+                self._charge += entry.seconds
+                self._remember(key, entry)
+            return entry, False
         if key in self._reads:
             self._reads.move_to_end(key)
-            return self._reads[key]
-        rows = self._read_uncached(view)
+            return self._reads[key], False
+        start = time.perf_counter()
+        entry = _Read(tuple(self._read_uncached(view)), 0.0)
+        entry = _Read(entry.lines, time.perf_counter() - start)
+        if shared:
+            self._pending[key] = entry
+            while len(self._pending) > 512:
+                self._pending.popitem(last=False)
+        else:
+            self._remember(key, entry)
+        return entry, True
+
+    def _remember(self, key: bytes, entry: _Read) -> None:
         if self.cache_size > 0:
-            self._reads[key] = rows
+            self._reads[key] = entry
             while len(self._reads) > self.cache_size:
                 self._reads.popitem(last=False)
-        return rows
 
-    def _read_uncached(self, view: Image.Image) -> list[list[OCRLine]]:
+    def _take_charge(self) -> float:
+        """Seconds of shared reads consumed since the last call (added to the consuming request's usage)."""
+        charge, self._charge = self._charge, 0.0
+        return charge
+
+    def _read_uncached(self, view: Image.Image) -> list[OCRLine]:
         from rapidocr.main import RapidOCRError
 
         engine = self.engine
@@ -124,12 +190,11 @@ class OCRTarget:
         except RapidOCRError:  # nothing detected
             return []
         texts, scores, log_probs = self._recognise(crops)
-        lines = [
+        # Every detected line is kept (a policy looks at low-confidence lines too); ``_Read.rows`` filters.
+        return [
             OCRLine(t, s, np.asarray(b, dtype=np.float32), lp)
             for t, s, b, lp in zip(texts, scores, det.boxes, log_probs, strict=True)
-            if t.strip() and s >= self.text_score
         ]
-        return reading_order(lines)
 
     def _recognise(self, crops: list[np.ndarray]) -> tuple[list[str], list[float], list[np.ndarray]]:
         # RapidOCR's TextRecognizer.__call__ decodes and throws the probabilities away; this repeats its
@@ -160,10 +225,12 @@ class OCRTarget:
         for req in requests:
             start = time.perf_counter()
             views = req.views(self.budget)
+            self._take_charge()
             lines = [" ".join(line.text for line in row) for view in views for row in self.read(view)]
             usage = Usage(
                 view_pixels=tuple(v.width * v.height for v in views),
-                seconds=time.perf_counter() - start,
+                # + a first pass a policy made for this target (``read_shared``): the target's own cost
+                seconds=time.perf_counter() - start + self._take_charge(),
             )
             out.append(Generation("\n".join(lines), usage))
         return out

@@ -1,0 +1,140 @@
+"""Training data of the ``proposals`` cropper: reader passes cached on disk, seed labels, feature items.
+
+No human box is read here: samples enter through :func:`strip_evidence`, and the seed labels come from
+``zoomvlm curate boxes --grounder ocr`` (``raw.jsonl``/``seeds.jsonl``: the reader's own native-resolution
+answer lines).
+
+``reads.jsonl`` (:func:`cached_reads`): one line per image, ``{"image", "view_size", "seconds", "lines":
+[[quad [[x, y] x 4] in view pixels, text, score], ...]}``; written as images are read, so an interrupted
+run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from zoomvlm.core.geometry import Box, Budget, resize_to_budget
+from zoomvlm.policies.perception import Perception, QuestionEncoder, perception_from_lines
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainItem", "build_items", "cached_reads", "load_seed_boxes", "strip_evidence"]
+
+
+def strip_evidence(samples):
+    """The samples without their human ``evidence_boxes`` (the guard: nothing after this can read them)."""
+    return [replace(s, evidence_boxes=()) for s in samples]
+
+
+def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=None, progress: bool = True,
+                 max_block: int = 4) -> dict[str, Perception]:  # fmt: skip
+    """The reader's pass over each distinct image of ``samples`` at ``budget``, cached in ``path`` (JSONL).
+
+    Returns:
+        ``{str(sample.image): Perception}`` (the file keys images by their resolved absolute path). The
+        pass is exactly the ``ocr`` target's read of its global view
+        (same resize, every detected line kept).
+    """
+    from zoomvlm.targets.ocr import OCRTarget
+
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # torn last line of a killed run
+                continue
+            done[row["image"]] = row
+
+    def key(s) -> str:
+        return str(Path(s.image).resolve())
+
+    todo = list(dict.fromkeys(key(s) for s in samples if key(s) not in done))
+    if todo:
+        reader = reader or OCRTarget(budget=budget)
+        by_image = {key(s): s for s in samples}
+        with path.open("a", encoding="utf-8") as f:
+            for image in tqdm(todo, desc=f"reading at {budget}", unit="img", disable=not progress):
+                view = resize_to_budget(by_image[image].load_image().convert("RGB"), budget)
+                start = time.perf_counter()
+                lines = reader.read_all(view)
+                row = {
+                    "image": image,
+                    "view_size": list(view.size),
+                    "seconds": time.perf_counter() - start,
+                    "lines": [[ln.box.tolist(), ln.text, float(ln.score)] for ln in lines],
+                }
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                done[image] = row
+    return {
+        str(s.image): perception_from_lines(done[key(s)]["lines"], tuple(done[key(s)]["view_size"]), max_block)
+        for s in samples
+    }
+
+
+def load_seed_boxes(curation_dir: str | Path) -> dict[str, Box | None]:
+    """``{sample id: seed box}`` from a ``curate boxes`` folder (its ``raw.jsonl``: the UNexpanded reader box);
+    ``None`` where the reader did not find the answer (``found`` false)."""
+    out: dict[str, Box | None] = {}
+    for line in (Path(curation_dir) / "raw.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[row["id"]] = Box(*row["seed_box"]) if row["found"] else None
+    return out
+
+
+@dataclass
+class TrainItem:
+    """One training question: its sample, perception, scorer inputs and (optional) seed label."""
+
+    sample: object
+    perception: Perception
+    q: np.ndarray
+    x: np.ndarray
+    target: np.ndarray | None
+    seed_box: Box | None = None
+
+
+def build_items(samples, perceptions: dict[str, Perception], encoder: QuestionEncoder,
+                seeds: dict[str, Box | None] | None = None, progress: bool = True) -> list[TrainItem]:  # fmt: skip
+    """Featurise every sample (:func:`~zoomvlm.cropvlm.proposals.featurize`); seed labels where a seed exists."""
+    from zoomvlm.cropvlm.proposals import featurize, image_features, seed_targets
+
+    items = []
+    static: dict[str, np.ndarray] = {}
+    encoder.encode([s.question for s in samples])  # one batched pass; featurize then hits the memo
+    for s in tqdm(samples, desc="features", unit="q", disable=not progress):
+        p = perceptions[str(s.image)]
+        if str(s.image) not in static:
+            static[str(s.image)] = image_features(p, encoder)
+        q, x = featurize(p, s.question, encoder, static[str(s.image)])
+        seed = (seeds or {}).get(s.id)
+        target = seed_targets(p, seed) if seed is not None else None
+        items.append(TrainItem(s, p, q, x, target, seed))
+    return items
+
+
+def split_train(items: Sequence[TrainItem], holdout: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """Split training items BY IMAGE into (fit, held-out) for selecting settings on train only."""
+    images = sorted({str(it.sample.image) for it in items})
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(images, size=max(1, int(len(images) * holdout)), replace=False).tolist())
+    fit = [it for it in items if str(it.sample.image) not in held]
+    out = [it for it in items if str(it.sample.image) in held]
+    return fit, out

@@ -1,0 +1,302 @@
+"""GRPO for the ``proposals`` cropper on the target's own reward (a small loop: this policy is not a language model).
+
+The policy (:class:`~zoomvlm.cropvlm.proposals.RegionScorer`) is a categorical distribution over the
+candidate regions of one (image, question): ``pi_theta(a | q) = softmax(logits(q) / temperature)_a``. An
+action is one region; it becomes the crop ``crop_box(region)`` and its reward is the target's, through the
+SAME reward functions as the VLM cropper's GRPO (:mod:`zoomvlm.cropvlm.rewards`: ``likelihood``, ``accuracy``,
+``answer_probability``), fed the box in CropVLM's ``"[x1, y1, x2, y2]."`` text.
+
+Equations implemented (each completion ``o_i`` here is ONE action, so ``|o_i| = 1`` and the per-token sums
+of the papers have a single term):
+
+- Group sampling and the group-relative advantage, Dr-GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+  Training", eq. 3 / sec. 3.1): ``A_i = r_i - mean_j r_j`` over the ``G`` actions of one question, WITHOUT
+  GRPO's division by ``std_j r_j`` (DeepSeekMath, Shao et al. 2024, eq. 3 divides; ``scale_rewards="group"``
+  here reproduces that variant), and without the ``1/|o_i|`` length normalisation (irrelevant at length 1).
+- The clipped surrogate of GRPO (DeepSeekMath eq. 3, PPO-style):
+  ``J = 1/(B G) sum_q sum_i [ min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i) ] - beta KL(pi_theta || pi_ref)``
+  with ``rho_i = pi_theta(o_i | q) / pi_old(o_i | q)``; with ``mu = 1`` update per rollout (CropVLM's setting)
+  ``rho = 1`` and the gradient is the policy gradient ``A_i grad log pi_theta(o_i | q)``. The constant
+  ``1/(B G)`` normaliser is Dr-GRPO's (no per-sequence length).
+- The KL to the reference (the seed policy): DeepSeekMath eq. 4 estimates it per sampled token with
+  ``pi_ref/pi_theta - log(pi_ref/pi_theta) - 1`` (Schulman's k3). With a few dozen candidates the EXACT
+  ``KL(pi_theta || pi_ref) = sum_a pi_theta(a) (log pi_theta(a) - log pi_ref(a))`` is cheap, and it is what
+  the estimator is unbiased for, so the exact value is used.
+
+Rewards of one (question, box) never change (the target is frozen and the candidates are fixed), so they
+are memoised across steps (:class:`RewardCache`, optionally on disk), as the reward functions already do
+within one call: identical crops of a question are scored once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from zoomvlm.core.geometry import format_percent_box
+from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, pad_batch, save_scorer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GRPOConfig", "RewardCache", "export_checkpoint", "grpo_step", "make_target_reward", "train_grpo"]
+
+RewardFn = Callable[[Sequence[int], Sequence[int]], list[float]]
+"""``reward(item_indices, actions) -> rewards``: one reward per (question index, chosen candidate index)."""
+
+
+@dataclass
+class GRPOConfig:
+    """Settings of :func:`train_grpo` (defaults: CropVLM's G = 6, beta = 0.01, one update per rollout).
+
+    Args:
+        steps: optimiser steps.
+        prompts_per_step: questions per step (B).
+        group: actions sampled per question (G), with replacement.
+        temperature: sampling temperature of the categorical policy.
+        beta: weight of KL(pi_theta || pi_seed).
+        lr: AdamW learning rate (constant).
+        epsilon: PPO clip range (used when ``mu > 1``).
+        mu: policy updates per rollout (1 = plain on-policy gradient, ``rho = 1``).
+        scale_rewards: ``"none"`` (Dr-GRPO, default) or ``"group"`` (GRPO: divide by the group's std).
+        max_grad_norm: gradient clipping.
+        save_every: checkpoint period in steps (resume from ``checkpoint.pt``).
+        seed: sampling / shuffling seed.
+    """
+
+    steps: int = 30
+    prompts_per_step: int = 16
+    group: int = 6
+    temperature: float = 1.0
+    beta: float = 0.01
+    lr: float = 1e-3
+    epsilon: float = 0.2
+    mu: int = 1
+    scale_rewards: str = "none"
+    max_grad_norm: float = 1.0
+    save_every: int = 5
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.group < 2:
+            raise ValueError("group must be >= 2: a group-relative advantage needs at least two samples")
+        if self.scale_rewards not in ("none", "group"):
+            raise ValueError(f"scale_rewards must be 'none' (Dr-GRPO) or 'group' (GRPO), got {self.scale_rewards!r}")
+        if self.mu < 1 or self.steps < 0 or self.prompts_per_step < 1:
+            raise ValueError("mu and prompts_per_step must be >= 1 and steps >= 0")
+
+
+def _log_probs(model: RegionScorer, items, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, x, mask = pad_batch([(it.q, it.x) for it in items])
+    return torch.log_softmax(model(q, x, mask) / temperature, dim=-1), mask
+
+
+def grpo_step(
+    model: RegionScorer,
+    ref: RegionScorer,
+    items: Sequence,
+    reward_fn: RewardFn,
+    item_indices: Sequence[int],
+    opt: torch.optim.Optimizer,
+    config: GRPOConfig,
+    rng: np.random.Generator,
+) -> dict:
+    """One GRPO step on the questions ``items`` (objects with ``q [384]`` and ``x [N, F]``); see module docs.
+
+    Returns:
+        ``{"reward": mean reward of the sampled actions, "kl": exact KL to ref, "loss": last loss,
+        "advantage_abs": mean |A|}``. Questions without candidates are skipped.
+    """
+    items = [it for it in items if it.x.shape[0] > 0]
+    idx = [i for i, it in zip(item_indices, items, strict=False) if it.x.shape[0] > 0]
+    if not items:
+        return {"reward": float("nan"), "kl": 0.0, "loss": 0.0, "advantage_abs": 0.0}
+    with torch.no_grad():
+        old_logp, mask = _log_probs(model, items, config.temperature)  # [B, N]
+    probs = old_logp.exp().numpy()
+    actions = np.stack([rng.choice(probs.shape[1], size=config.group, p=p / p.sum()) for p in probs])  # [B, G]
+    flat_q = [i for i in idx for _ in range(config.group)]
+    rewards = np.asarray(reward_fn(flat_q, actions.reshape(-1).tolist()), np.float64).reshape(actions.shape)
+    adv = rewards - rewards.mean(axis=1, keepdims=True)  # Dr-GRPO: no std division
+    if config.scale_rewards == "group":
+        adv = adv / (rewards.std(axis=1, keepdims=True) + 1e-4)
+    adv_t = torch.as_tensor(adv, dtype=torch.float32)
+    act_t = torch.as_tensor(actions)
+    old_sel = old_logp.gather(1, act_t)  # [B, G]
+    with torch.no_grad():
+        ref_logp, _ = _log_probs(ref, items, config.temperature)
+    loss_value = 0.0
+    kl_value = 0.0
+    for _ in range(config.mu):
+        logp, _ = _log_probs(model, items, config.temperature)
+        ratio = (logp.gather(1, act_t) - old_sel).exp()
+        surrogate = torch.minimum(ratio * adv_t, ratio.clamp(1 - config.epsilon, 1 + config.epsilon) * adv_t)
+        p = logp.exp()
+        # exact KL(pi || ref), [B]; padded candidates are -inf in both, so their difference is zeroed BEFORE
+        # the product (0 * NaN in the backward pass would poison every parameter)
+        kl = (p * (logp - ref_logp).masked_fill(~mask, 0.0)).sum(-1)
+        loss = -surrogate.sum() / surrogate.numel() + config.beta * kl.mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        opt.step()
+        loss_value, kl_value = float(loss.detach()), float(kl.detach().mean())
+    return {
+        "reward": float(rewards.mean()),
+        "kl": kl_value,
+        "loss": loss_value,
+        "advantage_abs": float(np.abs(adv).mean()),
+    }
+
+
+class RewardCache:
+    """Memo of ``(sample id, box text) -> reward`` for one reward, optionally appended to a JSONL file."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.values: dict[tuple[str, str], float] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.values[(row["id"], row["box"])] = row["reward"]
+
+    def add(self, key: tuple[str, str], value: float) -> None:
+        self.values[key] = value
+        if self.path:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"id": key[0], "box": key[1], "reward": value}) + "\n")
+
+
+def make_target_reward(items: Sequence, reward, config: ScorerConfig, cache: RewardCache | None = None) -> RewardFn:
+    """Adapt a :mod:`zoomvlm.cropvlm.rewards` function (TRL signature) to :data:`RewardFn` over ``items``.
+
+    The chosen region of ``items[i]`` becomes ``format_percent_box(crop_box(region))``, the completion the
+    reward parses; ``image_path``, ``question`` and ``answers`` come from the item's sample.
+    """
+    cache = cache or RewardCache()
+
+    def fn(item_indices: Sequence[int], actions: Sequence[int]) -> list[float]:
+        keys = []
+        for i, a in zip(item_indices, actions, strict=True):
+            it = items[i]
+            keys.append((it.sample.id, format_percent_box(crop_box(it.perception.regions[a], config))))
+        todo = list(dict.fromkeys(k for k in keys if k not in cache.values))
+        if todo:
+            by_id = {items[i].sample.id: items[i].sample for i in item_indices}
+            samples = [by_id[k[0]] for k in todo]
+            values = reward(
+                prompts=[None] * len(todo),
+                completions=[k[1] for k in todo],
+                image_path=[str(s.image) for s in samples],
+                question=[s.question for s in samples],
+                answers=[list(s.answers) for s in samples],
+            )
+            for k, v in zip(todo, values, strict=True):
+                cache.add(k, float(v))
+        return [cache.values[k] for k in keys]
+
+    return fn
+
+
+def train_grpo(
+    seed_model: RegionScorer,
+    items: Sequence,
+    reward_fn: RewardFn,
+    config: GRPOConfig,
+    out_dir: str | Path,
+    recipe: dict | None = None,
+    progress: bool = True,
+    grouped: bool = False,
+) -> RegionScorer:
+    """GRPO from ``seed_model`` (also the KL reference), resumable, checkpointing into ``out_dir``.
+
+    Writes ``checkpoint.pt`` every ``save_every`` steps (model, optimiser, step, RNG), ``log.jsonl`` (one line
+    per step) and, at the end, the scorer in ``out_dir/final`` (:func:`~zoomvlm.cropvlm.proposals.save_scorer`).
+    Rerun the same call after a crash to continue from the last checkpoint. ``grouped``: a step's questions
+    are all the questions of a few images drawn at random (a reader target then reads each global view once
+    per step from its memo), else questions drawn independently.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps({**(recipe or {}), "grpo": asdict(config)}, indent=2) + "\n")
+    model = copy.deepcopy(seed_model).train()
+    ref = copy.deepcopy(seed_model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    rng = np.random.default_rng(config.seed)
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        start = state["step"]
+        logger.info("resuming GRPO at step %d", start)
+    usable = [i for i, it in enumerate(items) if it.x.shape[0] > 0]
+    by_image: dict[str, list[int]] = {}
+    for i in usable:
+        by_image.setdefault(str(getattr(items[i], "sample", None) and items[i].sample.image), []).append(i)
+    log = (out / "log.jsonl").open("a", encoding="utf-8")
+    for step in tqdm(range(start, config.steps), desc="GRPO", unit="step", disable=not progress, initial=start,
+                     total=config.steps):  # fmt: skip
+        if grouped:
+            batch_idx = []
+            for img in rng.permutation(sorted(by_image)):
+                batch_idx += by_image[img]
+                if len(batch_idx) >= config.prompts_per_step:
+                    break
+        else:
+            batch_idx = rng.choice(usable, size=min(config.prompts_per_step, len(usable)), replace=False).tolist()
+        stats = grpo_step(model, ref, [items[i] for i in batch_idx], reward_fn, batch_idx, opt, config, rng)
+        stats["step"] = step + 1
+        log.write(json.dumps(stats) + "\n")
+        log.flush()
+        logger.info("GRPO step %d: %s", step + 1, {k: round(v, 4) for k, v in stats.items() if k != "step"})
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                        "step": step + 1}, tmp)  # fmt: skip
+            tmp.replace(ckpt)
+    log.close()
+    model.eval()
+    save_scorer(model, out / "final", {**(recipe or {}), "grpo": asdict(config)})
+    return model
+
+
+def export_checkpoint(out_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Save the scorer of a running (or stopped) GRPO run's last ``checkpoint.pt`` as a loadable checkpoint.
+
+    ``dest`` defaults to ``out_dir/step_N``; the seed's ``config.json`` comes from ``out_dir/final`` if present,
+    else from the run's recipe (``init``). Returns the folder.
+    """
+    from zoomvlm.cropvlm.proposals import load_scorer
+
+    out = Path(out_dir)
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    recipe = json.loads((out / "recipe.json").read_text())
+    model = load_scorer(recipe["init"])
+    model.load_state_dict(state["model"])
+    return save_scorer(model, dest or out / f"step_{state['step']}", {**recipe, "step": state["step"]})
+
+
+def expected_reward(
+    model: RegionScorer, items: Sequence, reward_table: Sequence[np.ndarray], temperature: float = 1.0
+) -> float:
+    """``mean_q sum_a pi(a | q) r(q, a)`` for known per-candidate rewards (tests, toy problems)."""
+    with torch.no_grad():
+        logp, _ = _log_probs(model, items, temperature)
+    p = logp.exp().numpy()
+    return float(np.mean([float((p[i, : len(r)] * r).sum()) for i, r in enumerate(reward_table)]))

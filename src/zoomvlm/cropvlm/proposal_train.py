@@ -1,0 +1,303 @@
+"""``zoomvlm train proposals {seed,grpo,prior}``: train the reader-proposal cropper and the prior, no human boxes.
+
+1. ``seed``: the reader's pass over every training image at the view budget (cached in ``--reads``), the
+   model-made seed boxes of ``zoomvlm curate boxes --grounder ocr`` (one curation folder per dataset), a soft
+   label over the candidates (:func:`~zoomvlm.cropvlm.proposals.seed_targets`) and the listwise cross-entropy
+   fit (:func:`~zoomvlm.cropvlm.proposals.train_seed`). Reported on a held-out 20 % of the TRAINING images
+   (split by image): how often the top candidate matches the model-made seed box (IoU >= 0.3).
+2. ``grpo``: GRPO from the seed checkpoint on the target's own reward
+   (:mod:`zoomvlm.cropvlm.proposal_grpo`), resumable (rerun the same command).
+3. ``prior``: the non-reading control (:mod:`zoomvlm.policies.prior`) from the same curation folders.
+
+Human ``evidence_boxes`` are dropped as the data is loaded (:func:`~zoomvlm.cropvlm.proposal_data.strip_evidence`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_EPILOG = """\
+example (receipts + documents, the shipped recipe):
+  zoomvlm train proposals seed --data ../shared/data/receipts/train.jsonl --curation runs/curate_receipts \\
+      --data ../shared/data/documents/train.jsonl --curation runs/curate_documents --out runs/proposals_seed
+  zoomvlm train proposals grpo --data ... --curation ... --init runs/proposals_seed --reward likelihood \\
+      --out runs/proposals_grpo_likelihood
+  zoomvlm train proposals prior --data ... --curation ... --out runs/prior
+--data and --curation pair up in order: each dataset with the `zoomvlm curate boxes --grounder ocr` folder
+made from it. Human evidence boxes in the data are dropped on load and never read.
+"""
+
+
+def _load(args):
+    """(samples, seeds, groups) over all --data/--curation pairs, evidence stripped; ``groups`` maps each data
+    file to its samples (one reads cache per file)."""
+    from zoomvlm.cropvlm.proposal_data import load_seed_boxes, strip_evidence
+    from zoomvlm.data import load_jsonl
+
+    samples, seeds, groups = [], {}, {}
+    for data, cur in zip(args.data, args.curation, strict=True):
+        part = strip_evidence(_load_jsonl_without_boxes(data, load_jsonl))
+        groups[data] = part
+        samples += part
+        seeds.update(load_seed_boxes(cur))
+    missing = [s.id for s in samples if s.id not in seeds]
+    if missing:
+        logger.warning("%d samples have no seed box yet (curation unfinished?): they get no seed label", len(missing))
+    return samples, seeds, groups
+
+
+def _load_jsonl_without_boxes(path: str, load_jsonl):
+    """Load a dataset, dropping ``evidence_boxes`` BEFORE parsing (a bad human box cannot stop training)."""
+    import tempfile
+
+    root = Path(path).resolve().parent
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        row["evidence_boxes"] = []
+        row["image"] = str((root / row["image"]).resolve())
+        rows.append(json.dumps(row))
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        f.write("\n".join(rows) + "\n")
+    try:
+        return load_jsonl(f.name)
+    finally:
+        Path(f.name).unlink()
+
+
+def _items(args, samples, seeds, groups):
+    from zoomvlm.cropvlm.proposal_data import build_items, cached_reads
+    from zoomvlm.policies.perception import QuestionEncoder
+
+    perceptions = {}
+    for data, subset in groups.items():
+        path = Path(args.reads) / f"{Path(data).stem}_{args.view_budget}.jsonl"
+        perceptions.update(cached_reads(subset, args.view_budget, path))
+    encoder = QuestionEncoder()
+    return build_items(samples, perceptions, encoder, seeds), encoder
+
+
+def seed_hit_rate(model, items, min_iou: float = 0.3) -> float:
+    """Share of items (with a seed label) whose top candidate overlaps the model-made seed box (IoU >= min_iou)."""
+    import torch
+
+    from zoomvlm.cropvlm.proposals import pad_batch
+
+    labelled = [it for it in items if it.target is not None]
+    if not labelled:
+        return float("nan")
+    hits = 0
+    with torch.no_grad():
+        for it in labelled:
+            q, x, mask = pad_batch([(it.q, it.x)])
+            top = int(model(q, x, mask)[0].argmax())
+            hits += it.perception.regions[top].box.iou(it.seed_box) >= min_iou
+    return hits / len(labelled)
+
+
+def cmd_seed(args) -> int:
+    from zoomvlm.cropvlm.proposal_data import split_train
+    from zoomvlm.cropvlm.proposals import ScorerConfig, save_scorer, train_seed
+
+    samples, seeds, groups = _load(args)
+    items, _ = _items(args, samples, seeds, groups)
+    config = ScorerConfig(view_budget=str(args.view_budget), k=args.k)
+    fit, held = split_train(items, holdout=0.2, seed=0)
+    data = [(it.q, it.x, it.target) for it in fit if it.target is not None]
+    n_lab = sum(it.target is not None for it in items)
+    print(f"{len(items)} questions, {n_lab} with a seed label the low-resolution pass can match "
+          f"({n_lab / max(1, len(items)):.1%}); fit {len(data)}, held-out train images {len(held)} questions",
+          file=sys.stderr)  # fmt: skip
+    model = train_seed(data, config, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    held_rate, fit_rate = seed_hit_rate(model, held), seed_hit_rate(model, fit)
+    print(f"seed top-1 vs model-made box (IoU >= 0.3): fit {fit_rate:.1%}, held-out train {held_rate:.1%}")
+    # the shipped model is refit on all training questions with the same settings
+    full = [(it.q, it.x, it.target) for it in items if it.target is not None]
+    model = train_seed(full, config, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    recipe = {
+        "stage": "seed",
+        "data": args.data,
+        "curation": args.curation,
+        "view_budget": str(args.view_budget),
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "seed": args.seed,
+        "n_questions": len(items),
+        "n_seed_labels": len(full),
+        "heldout_train_seed_hit": held_rate,
+        "labels": "zoomvlm curate boxes --grounder ocr (model-made); no human box",
+        "licence": "trained on documents/ (MMLongBench-Doc, CC BY-NC 4.0): non-commercial research use",
+    }
+    save_scorer(model, args.out, recipe)
+    print(f"seed scorer saved to {args.out}; use it with --policy proposals:{args.out}")
+    return 0
+
+
+def cmd_grpo(args) -> int:
+    from zoomvlm.core.geometry import Budget
+    from zoomvlm.cropvlm.proposal_grpo import GRPOConfig, RewardCache, make_target_reward, train_grpo
+    from zoomvlm.cropvlm.proposals import load_scorer
+    from zoomvlm.cropvlm.rewards import AccuracyReward, AnswerProbabilityReward, LikelihoodReward
+    from zoomvlm.targets import load_target
+
+    samples, seeds, groups = _load(args)
+    items, _ = _items(args, samples, seeds, groups)
+    seed_model = load_scorer(args.init)
+    target = load_target(args.target, budget=Budget.parse(args.budget))
+    if hasattr(target, "cache_size"):
+        target.cache_size = 16  # a step's questions come from a few images; keep their global reads
+    if (
+        args.reward == "accuracy"
+        and args.replay_reads
+        and str(Budget.parse(args.budget)) == str(Budget.parse(args.view_budget))
+    ):
+        _replay_global_reads(target, items)
+    reward = {
+        "likelihood": lambda: LikelihoodReward(target),
+        "accuracy": lambda: AccuracyReward(target, metric="contains"),
+        "answer_probability": lambda: AnswerProbabilityReward(target),
+    }[args.reward]()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = RewardCache(out / f"rewards_{args.reward}.jsonl")
+    reward_fn = make_target_reward(items, reward, seed_model.config, cache)
+    config = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts, group=args.group, beta=args.beta,
+                        lr=args.lr, temperature=args.temperature, seed=args.seed,
+                        save_every=args.save_every)  # fmt: skip
+    recipe_path = Path(args.init) / "zoomvlm_recipe.json"
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
+    recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "target": args.target,
+              "budget": args.budget}  # fmt: skip
+    train_grpo(seed_model, items, reward_fn, config, out, recipe=recipe, grouped=True)
+    print(f"GRPO scorer saved to {out / 'final'}; use it with --policy proposals:{out / 'final'}")
+    return 0
+
+
+def _replay_global_reads(target, items) -> None:
+    """Put the cached reads of the training images' global views into the ocr target's memo (accuracy reward).
+
+    The cache holds the SAME reader's pass over the SAME view (the target's global view at its budget), so
+    ``generate`` returns the transcript it would compute; only the per-frame log-probabilities are missing,
+    which the accuracy reward does not use. Saves one full-page read per image and step on a busy CPU.
+    """
+    import hashlib
+
+    from zoomvlm.core.geometry import resize_to_budget
+    from zoomvlm.targets.ocr import OCRLine, _Read
+
+    target.cache_size = max(target.cache_size, len(items) + 64)
+    seen = set()
+    for it in items:
+        if str(it.sample.image) in seen:
+            continue
+        seen.add(str(it.sample.image))
+        view = resize_to_budget(it.sample.load_image().convert("RGB"), target.budget)
+        key = hashlib.blake2b(view.tobytes(), digest_size=16, person=str(view.size).encode()[:16]).digest()
+        w, h = view.size
+        lines = tuple(
+            OCRLine(r.text, r.confidence, np.array([[r.box.x0 * w, r.box.y0 * h], [r.box.x1 * w, r.box.y0 * h],
+                                                    [r.box.x1 * w, r.box.y1 * h], [r.box.x0 * w, r.box.y1 * h]],
+                                                   np.float32), np.zeros((0, 0), np.float32))
+            for r in it.perception.lines
+        )  # fmt: skip
+        target._reads[key] = _Read(lines, 0.0)
+
+
+def cmd_prior(args) -> int:
+    from zoomvlm.core.geometry import Box
+    from zoomvlm.policies.perception import ink_outline
+    from zoomvlm.policies.prior import fit_prior
+
+    samples, seeds, _ = _load(args)
+    # the prior learns from the EXPANDED seed boxes (curation's seeds.jsonl): it cannot see the line, so it
+    # needs the safety margin CropVLM's expansion adds
+    expanded = {}
+    for cur in args.curation:
+        for line in (Path(cur) / "seeds.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row["found"]:
+                expanded[row["id"]] = Box(*row["box"])
+    use = [s for s in samples if s.id in expanded]
+    inks = {}
+    for s in use:
+        if str(s.image) not in inks:
+            inks[str(s.image)] = ink_outline(s.load_image())
+    sources = {"data": args.data, "curation": args.curation, "labels": "curate boxes --grounder ocr, expanded"}
+    questions, boxes = [s.question for s in use], [expanded[s.id] for s in use]
+    fit_prior(questions, boxes, [inks[str(s.image)] for s in use], args.out, k=args.k, lo=args.lo, hi=args.hi,
+              sources=sources)  # fmt: skip
+    print(f"prior fitted on {len(use)} questions; saved to {args.out}; use it with --policy prior:{args.out}")
+    return 0
+
+
+def add_parser(tsub) -> None:
+    """Register ``proposals {seed,grpo,prior}`` under ``zoomvlm train``."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = tsub.add_parser("proposals", help="the reader-proposal cropper (seed, grpo) and the prior control",
+                        epilog=_EPILOG, formatter_class=raw)  # fmt: skip
+    psub = p.add_subparsers(dest="proposals_stage", required=True)
+    for stage, func, text in (("seed", cmd_seed, "fit the scorer to model-made seed boxes"),
+                              ("grpo", cmd_grpo, "GRPO on the target's reward from a seed checkpoint"),
+                              ("prior", cmd_prior, "fit the non-reading prior control")):  # fmt: skip
+        q = psub.add_parser(stage, help=text, epilog=_EPILOG, formatter_class=raw)
+        q.add_argument("--data", action="append", required=True, help="training JSONL (repeatable)")
+        q.add_argument("--curation", action="append", required=True,
+                       help="its `curate boxes --grounder ocr` folder (repeatable, same order)")  # fmt: skip
+        q.add_argument("--out", required=True, help="output folder")
+        q.add_argument("--reads", default="runs/reads", help="cache of reader passes. Default: %(default)s")
+        q.add_argument("--view-budget", default="384", help="perception view budget. Default: %(default)s")
+        q.add_argument("--seed", type=int, default=0, help="random seed. Default: %(default)s")
+        if stage == "seed":
+            q.add_argument("--epochs", type=int, default=60, help="Default: %(default)s")
+            q.add_argument("--lr", type=float, default=3e-3, help="Default: %(default)s")
+            q.add_argument("--k", type=int, default=2, help="boxes per question at inference. Default: %(default)s")
+        if stage == "grpo":
+            q.add_argument("--init", required=True, help="seed checkpoint folder")
+            q.add_argument("--reward", choices=("likelihood", "accuracy", "answer_probability"), default="likelihood")
+            q.add_argument("--target", default="ocr", help="reward target spec. Default: %(default)s")
+            q.add_argument("--budget", default="384", help="reward target budget. Default: %(default)s")
+            q.add_argument("--steps", type=int, default=30, help="Default: %(default)s")
+            q.add_argument("--prompts", type=int, default=16, help="questions per step. Default: %(default)s")
+            q.add_argument("--group", type=int, default=6, help="actions per question (G). Default: %(default)s")
+            q.add_argument("--beta", type=float, default=0.01, help="KL weight. Default: %(default)s")
+            q.add_argument("--lr", type=float, default=1e-3, help="Default: %(default)s")
+            q.add_argument("--temperature", type=float, default=2.0,
+                           help="sampling temperature (a confident seed samples one candidate G times at 1.0, "
+                           "so every advantage is 0). Default: %(default)s")  # fmt: skip
+            q.add_argument("--save-every", type=int, default=1, help="checkpoint period in steps. Default: 1")
+            q.add_argument("--replay-reads", action="store_true",
+                           help="accuracy reward with the ocr target: take its global-view reads from --reads "
+                           "(same reader, same view) instead of reading every image again")  # fmt: skip
+        if stage == "prior":
+            q.add_argument("--k", type=int, default=20, help="nearest training questions. Default: %(default)s")
+            q.add_argument("--lo", type=float, default=0.2, help="quantile of left/top edges. Default: %(default)s")
+            q.add_argument(
+                "--hi", type=float, default=0.8, help="quantile of right/bottom edges. Default: %(default)s"
+            )
+        q.set_defaults(func=_validated(func))
+
+
+def _validated(func):
+    def run(args) -> int:
+        import torch
+
+        # The scorer's ops are tiny: one thread avoids OpenMP spin-waiting on a shared, oversubscribed CPU.
+        torch.set_num_threads(1)
+        if len(args.data) != len(args.curation):
+            raise ValueError(f"--data given {len(args.data)} times but --curation {len(args.curation)} times")
+        for path in [*args.data, *args.curation]:
+            if not Path(path).exists():
+                raise ValueError(f"{path} does not exist")
+        return func(args)
+
+    return run

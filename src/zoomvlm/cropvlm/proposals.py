@@ -1,0 +1,408 @@
+"""``proposals``: a learned cropper whose perception is a real pretrained reader (issue 16, "policies that look").
+
+The reader's detector + recogniser read a cheap view (:mod:`zoomvlm.policies.perception`; with the ``ocr``
+target, the SAME first pass the target makes at its own budget, so it is not paid twice). What it found
+(lines, rows, pairs and blocks of rows, their low-resolution text and geometry) are the candidate regions;
+a small torch model (:class:`RegionScorer`) scores each candidate against the question, and the policy
+emits the top ``k`` candidates (non-overlapping, padded by a margin) as boxes cut from the ORIGINAL image.
+It works in front of any target: the boxes are plain normalised boxes.
+
+Question understanding uses the question TEXT (all-MiniLM-L6-v2 embedding + word overlap with each
+candidate's text), never a field id, so users' own questions and unseen document kinds go through the
+same model.
+
+Training, no human boxes (the CropVLM recipe): :func:`seed_targets` turns the reader's native-resolution
+boxes from ``zoomvlm curate boxes --grounder ocr`` into a soft label over candidates, :func:`train_seed`
+fits the scorer by cross-entropy (the seed / SFT stage), then :mod:`zoomvlm.cropvlm.proposal_grpo` runs GRPO
+on the target's own reward.
+
+Checkpoint folder: ``scorer.pt`` (state dict, ~100 kB), ``config.json`` (:class:`ScorerConfig` +
+inference settings), ``zoomvlm_recipe.json`` (how it was made).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from zoomvlm.core.geometry import Box, Budget
+from zoomvlm.policies.base import Proposal
+from zoomvlm.policies.perception import (
+    N_NGRAM,
+    N_REGION_FEATURES,
+    Perceiver,
+    Perception,
+    QuestionEncoder,
+    Region,
+    char_ngrams,
+    region_features,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "N_SIM",
+    "ProposalCropper",
+    "RegionScorer",
+    "ScorerConfig",
+    "crop_box",
+    "default_proposals_path",
+    "featurize",
+    "image_features",
+    "seed_targets",
+    "select_boxes",
+    "train_seed",
+]
+
+N_SIM = 4
+"""Question-region similarity features: MiniLM cosine (region, best line), word overlap (region, best line)."""
+
+_WORD = re.compile(r"[a-z0-9]{3,}")
+_STOP = frozenset(
+    "the and what which who whom whose how many much does did was were are is for from this that with "
+    "according shown show page document report paper there their they them into about when where".split()
+)
+
+
+def default_proposals_path() -> str:
+    """Folder of the proposals cropper shipped inside the package (``--policy proposals``)."""
+    from importlib import resources
+
+    return str(resources.files("zoomvlm") / "assets" / "proposals")
+
+
+@dataclass
+class ScorerConfig:
+    """Shape of :class:`RegionScorer` and how the policy turns scores into boxes.
+
+    Args:
+        hidden: width of the hidden layers.
+        rank: width of the question / region projections whose product carries the interaction.
+        view_budget: the perception view (``384`` = the ``ocr`` target's global view at 384 px).
+        k: boxes emitted per question (top-k candidates after suppression).
+        margin_x, margin_y: padding added to each side of a chosen region (fractions of width / height).
+        line_pad: extra vertical padding, in units of the region's mean line height (the low-resolution
+            line box is a few pixels off at native resolution).
+        suppress: a candidate is skipped when its box covers >= this fraction of an already chosen box or
+            is covered by one to this extent (so the k boxes look at different places).
+    """
+
+    hidden: int = 64
+    rank: int = 32
+    view_budget: str = "384"
+    k: int = 2
+    margin_x: float = 0.03
+    margin_y: float = 0.01
+    line_pad: float = 0.5
+    suppress: float = 0.6
+    extra: dict = field(default_factory=dict)
+
+
+class RegionScorer(nn.Module):
+    """Scores candidate regions against a question: ``logits = f(question, regions)``.
+
+    ``score_i = head([c_i, q, c_i * q])`` with ``c_i = MLP(region features_i)`` and ``q = W e(question)``
+    (``e`` = MiniLM embedding), so the question modulates every region multiplicatively.
+
+    Shapes: ``forward(q [B, 384], x [B, N, F], mask [B, N] bool) -> logits [B, N]``, ``-inf`` where
+    ``mask`` is False. ``F = N_REGION_FEATURES + N_NGRAM + N_SIM``.
+    """
+
+    def __init__(self, config: ScorerConfig | None = None):
+        super().__init__()
+        self.config = config or ScorerConfig()
+        h, r = self.config.hidden, self.config.rank
+        n_in = N_REGION_FEATURES + N_NGRAM + N_SIM
+        self.region = nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, r))
+        self.question = nn.Linear(QuestionEncoder.dim, r)
+        self.head = nn.Sequential(nn.Linear(3 * r, h), nn.ReLU(), nn.Linear(h, 1))
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c = self.region(x)  # [B, N, r]
+        qq = self.question(q)[:, None, :].expand_as(c)  # [B, N, r]
+        logits = self.head(torch.cat([c, qq, c * qq], dim=-1)).squeeze(-1)  # [B, N]
+        return logits.masked_fill(~mask, float("-inf"))
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.casefold()) if w not in _STOP}
+
+
+def _trigrams(text: str) -> set[str]:
+    t = re.sub(r"\s+", " ", text.casefold())
+    return {t[i : i + 3] for i in range(len(t) - 2)}
+
+
+def image_features(perception: Perception, encoder: QuestionEncoder | None = None) -> np.ndarray:
+    """The question-independent part, once per image: ``[N, N_REGION_FEATURES + N_NGRAM]`` float32.
+
+    :func:`~zoomvlm.policies.perception.region_features` and hashed character n-grams of each region's
+    low-resolution text. (``encoder`` is unused: line texts are not embedded, which keeps the policy's own
+    cost a small fraction of the reader's pass; the low-resolution text is compared with the question by
+    its characters instead, see :func:`featurize`.)
+    """
+    regions = perception.regions
+    if not regions:
+        return np.zeros((0, N_REGION_FEATURES + N_NGRAM), np.float32)
+    return np.concatenate(
+        [
+            np.stack([region_features(r, perception) for r in regions]),
+            np.stack([char_ngrams(r.text) for r in regions]),
+        ],
+        axis=1,
+    ).astype(np.float32)
+
+
+def featurize(
+    perception: Perception, question: str, encoder: QuestionEncoder, static: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs of the scorer for one (image, question): ``(q [384], x [N, F])`` with N = ``len(regions)``.
+
+    ``q`` = the question's MiniLM embedding. ``x`` = :func:`image_features` (pass ``static`` to reuse them
+    across questions about one image) and :data:`N_SIM` question-region similarities of the low-resolution
+    text: the fraction of the question's content words found in the region's text and in its best line, and
+    the character-trigram overlap (share of the region's trigrams found in the question) of the region and of
+    its best line.
+    """
+    regions = perception.regions
+    q = encoder.encode([question])[0]
+    static_x = static if static is not None else image_features(perception)
+    if not regions:
+        return q, np.zeros((0, N_REGION_FEATURES + N_NGRAM + N_SIM), np.float32)
+    qwords, qtri = _words(question), _trigrams(question)
+    n_q = max(1, len(qwords))
+    line_overlap = np.array([len(qwords & _words(ln.text)) / n_q for ln in perception.lines], np.float32)
+    line_tri = np.array([len(qtri & (t := _trigrams(ln.text))) / max(1, len(t)) for ln in perception.lines])
+    sims = np.zeros((len(regions), N_SIM), np.float32)
+    for i, r in enumerate(regions):
+        m = list(r.members)
+        tri = _trigrams(r.text)
+        sims[i, 0] = len(qwords & _words(r.text)) / n_q
+        sims[i, 1] = line_overlap[m].max() if m else 0.0
+        sims[i, 2] = len(qtri & tri) / max(1, len(tri))
+        sims[i, 3] = line_tri[m].max() if m else 0.0
+    return q, np.concatenate([static_x, sims], axis=1)
+
+
+def crop_box(region: Region, config: ScorerConfig) -> Box:
+    """The box cut for ``region``: its box padded by the margins and ``line_pad`` line heights, clipped."""
+    line_h = region.box.height / max(1, region.n_lines)
+    return region.box.pad(config.margin_x, config.margin_y + config.line_pad * line_h)
+
+
+def select_boxes(
+    regions: Sequence[Region], logits: np.ndarray, config: ScorerConfig, k: int | None = None
+) -> list[int]:
+    """Indices of the top ``k`` regions by ``logits``, skipping ones that overlap a chosen box (``suppress``)."""
+    k = config.k if k is None else k
+    chosen: list[int] = []
+    for i in np.argsort(-logits, kind="stable"):
+        if not np.isfinite(logits[i]):
+            break
+        b = regions[i].box
+        if any(
+            b.coverage(regions[j].box) >= config.suppress or regions[j].box.coverage(b) >= config.suppress
+            for j in chosen
+        ):
+            continue
+        chosen.append(int(i))
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def _region_coverage(region: Box, seed: Box) -> float:
+    return region.intersection(seed) / max(seed.area, 1e-9)
+
+
+def seed_targets(perception: Perception, seed_box: Box, min_iou: float = 0.1) -> np.ndarray | None:
+    """Soft seed label over ``perception.regions`` from a model-made box (``curate boxes --grounder ocr``).
+
+    ``p_i ∝ IoU(region_i, seed)^2`` over regions with IoU >= ``min_iou``: the region that best matches the
+    reader's native-resolution answer line gets most of the mass, its row / pair a little. Returns None when
+    no candidate reaches ``min_iou`` (the low-resolution pass missed the answer line): no seed label.
+    """
+    if not perception.regions:
+        return None
+    iou = np.array([r.box.iou(seed_box) for r in perception.regions], np.float64)
+    iou[iou < min_iou] = 0.0
+    if iou.max() <= 0:
+        return None
+    p = iou**2
+    return (p / p.sum()).astype(np.float32)
+
+
+def pad_batch(items: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[(q [384], x [N_i, F])] -> (q [B, 384], x [B, N_max, F], mask [B, N_max])`` (zero-padded)."""
+    n = max(1, max(x.shape[0] for _, x in items))
+    f = items[0][1].shape[1]
+    qs = torch.from_numpy(np.stack([q for q, _ in items]))
+    xs = torch.zeros(len(items), n, f)
+    mask = torch.zeros(len(items), n, dtype=torch.bool)
+    for i, (_, x) in enumerate(items):
+        xs[i, : x.shape[0]] = torch.from_numpy(x)
+        mask[i, : x.shape[0]] = True
+    return qs, xs, mask
+
+
+def train_seed(
+    items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    config: ScorerConfig | None = None,
+    epochs: int = 60,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> RegionScorer:
+    """The seed stage: fit a :class:`RegionScorer` to soft labels by cross-entropy.
+
+    Args:
+        items: ``(q [384], x [N, F], target [N])`` per question, ``target`` from :func:`seed_targets`.
+        epochs, lr, weight_decay, batch_size: AdamW over shuffled mini-batches.
+        seed: torch / numpy seed (the result is deterministic for a given seed on one machine).
+
+    Loss: ``-sum_i target_i log softmax(logits)_i`` (listwise cross-entropy), mean over questions.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = RegionScorer(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sizes = np.array([x.shape[0] for _, x, _ in items])
+    for epoch in range(epochs):
+        # Shuffled, then sorted by candidate count within windows of 4 batches: batches of similar size pad
+        # little (a dense page has ~10x the candidates of a receipt).
+        order = rng.permutation(len(items))
+        window = 4 * batch_size
+        order = np.concatenate(
+            [o[np.argsort(sizes[o], kind="stable")] for o in np.split(order, range(window, len(order), window))]
+        )
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        total = 0.0
+        for b in rng.permutation(len(batches)):
+            batch = [items[i] for i in batches[b]]
+            q, x, mask = pad_batch([(a, b) for a, b, _ in batch])
+            t = torch.zeros_like(mask, dtype=torch.float32)
+            for i, (_, _, tgt) in enumerate(batch):
+                t[i, : len(tgt)] = torch.from_numpy(tgt)
+            logp = torch.log_softmax(model(q, x, mask), dim=-1).masked_fill(~mask, 0.0)
+            loss = -(t * logp).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(batch)
+        if epoch % 10 == 0 or epoch == epochs - 1:
+            logger.info("seed epoch %d: loss %.4f", epoch, total / max(1, len(items)))
+    return model.eval()
+
+
+def save_scorer(model: RegionScorer, out_dir: str | Path, recipe: dict | None = None) -> Path:
+    """Write ``scorer.pt``, ``config.json`` and ``zoomvlm_recipe.json`` (``recipe``) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "scorer.pt")
+    (out / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    if recipe is not None:
+        (out / "zoomvlm_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return out
+
+
+def load_scorer(path: str | Path) -> RegionScorer:
+    """Load a scorer saved by :func:`save_scorer`.
+
+    Raises:
+        FileNotFoundError: ``path`` lacks ``scorer.pt`` or ``config.json``.
+    """
+    path = Path(path)
+    for name in ("scorer.pt", "config.json"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path} is not a proposals checkpoint: no {name}")
+    config = ScorerConfig(**json.loads((path / "config.json").read_text()))
+    model = RegionScorer(config)
+    model.load_state_dict(torch.load(path / "scorer.pt", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class ProposalCropper:
+    """``proposals[:CKPT]``: reader candidates scored against the question; the top ``k`` become crops.
+
+    Args:
+        path: a checkpoint folder (:func:`save_scorer`); ``None`` = the shipped one.
+        k: override the checkpoint's number of boxes.
+        perceiver, encoder: shared instances (tests, training); built from the checkpoint otherwise.
+        name: the policy name in records.
+        prior: a :class:`~zoomvlm.policies.prior.QuestionPrior`; when given, its box comes first and the
+            scorer's top ``k - 1`` candidates it does not already cover follow (``proposals+prior``).
+
+    ``propose`` emits ``Proposal(boxes)`` with up to ``k`` boxes (no candidates: no zoom, ``error`` says
+    so). Call :meth:`bind_target` to share the first pass with an ``ocr`` target at the same budget; the
+    read's seconds are then in ``Proposal.shared_seconds`` and charged to the target.
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        k: int | None = None,
+        perceiver: Perceiver | None = None,
+        encoder: QuestionEncoder | None = None,
+        name: str | None = None,
+        model: RegionScorer | None = None,
+        prior=None,
+    ):
+        self.model = model if model is not None else load_scorer(path or default_proposals_path())
+        self.config = self.model.config
+        if k is not None:
+            if k < 1:
+                raise ValueError(f"proposals k must be >= 1, got {k}")
+            self.config = ScorerConfig(**{**asdict(self.config), "k": k})
+        self.perceiver = perceiver or Perceiver(Budget.parse(self.config.view_budget))
+        self.encoder = encoder or QuestionEncoder()
+        self.name = name or ("proposals" if path is None else f"proposals:{path}")
+        self._static, self._static_key = None, None
+        # Optional non-reading prior (a QuestionPrior): its box is emitted first and the scorer's candidates
+        # fill the other k - 1 places (a wide, question-placed region + precise lines the reader found).
+        self.prior = prior
+
+    def bind_target(self, target) -> bool:
+        """Share the perception pass with ``target`` where possible (see :meth:`Perceiver.bind`)."""
+        return self.perceiver.bind(target)
+
+    @torch.no_grad()
+    def logits(self, perception: Perception, question: str) -> np.ndarray:
+        """Scores ``[len(perception.regions)]`` of the candidates for ``question``."""
+        if self._static_key is not perception.regions:  # questions about one image share its features
+            self._static, self._static_key = image_features(perception, self.encoder), perception.regions
+        q, x = featurize(perception, question, self.encoder, self._static)
+        if x.shape[0] == 0:
+            return np.zeros(0, np.float32)
+        qt, xt, mask = pad_batch([(q, x)])
+        return self.model(qt, xt, mask)[0].numpy()
+
+    def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
+        """Up to ``k`` boxes per (image, question); ``evidence`` is ignored (no human box is read)."""
+        out = []
+        for image, question in zip(images, questions, strict=True):
+            p = self.perceiver.perceive(image)
+            if not p.regions:
+                out.append(Proposal(error="the reader found no text line", shared_seconds=p.shared_seconds))
+                continue
+            logits = self.logits(p, question)
+            if self.prior is None:
+                idx = select_boxes(p.regions, logits, self.config)
+                lead = ()
+            else:
+                lead = self.prior.propose([image], [question])[0].boxes
+                covered = np.array([lead[0].coverage(r.box) >= self.config.suppress for r in p.regions])
+                idx = select_boxes(p.regions, np.where(covered, -np.inf, logits), self.config, self.config.k - 1)
+            boxes = lead + tuple(crop_box(p.regions[i], self.config) for i in idx)
+            raw = " | ".join(p.regions[i].text for i in idx)
+            out.append(Proposal(boxes, raw=raw, shared_seconds=p.shared_seconds))
+        return out

