@@ -51,7 +51,6 @@ Run it::
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ from zoomvlm.awares.protocol import (
 )
 from zoomvlm.awares.rewards import AwaResReward
 from zoomvlm.core.geometry import Budget
+from zoomvlm.data.samples import load_image_cached
 from zoomvlm.train.common import TrainerDefaults, build_cropper, resume_checkpoint, save_final, trajectory_records
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.trl_compat import MultiTurnGRPOTrainer, Rollout
@@ -187,7 +187,6 @@ class AwaResGRPOTrainer(MultiTurnGRPOTrainer):
         super().__init__(*args, reward_funcs=reward_funcs or [AwaResReward()], **kwargs)
         self.invalid_tool_calls = 0
         self.tool_calls = 0
-        self._originals: OrderedDict[str, object] = OrderedDict()
         self._tool_turn_texts: dict[tuple, str] = {}
         self._check_processor()
 
@@ -243,17 +242,6 @@ class AwaResGRPOTrainer(MultiTurnGRPOTrainer):
         return self.processing_class(text=[text], images=crops, return_tensors="pt")["input_ids"][0].tolist()
 
     # -- rollout -----------------------------------------------------------------------------------------------
-    def _original(self, path: str):
-        """The original image at ``path`` (a small LRU cache: the G rollouts of a prompt share it)."""
-        from zoomvlm.data.samples import load_image
-
-        if path not in self._originals:
-            self._originals[path] = load_image(path)
-            while len(self._originals) > 16:
-                self._originals.popitem(last=False)
-        self._originals.move_to_end(path)
-        return self._originals[path]
-
     def sample_turn(
         self, turn: int, rows: list[int], prompt_ids, images, fields: dict, num_generations: int, **kwargs
     ) -> tuple[list[list[int]], list[list[float]] | None]:
@@ -285,7 +273,7 @@ class AwaResGRPOTrainer(MultiTurnGRPOTrainer):
         for i in calls:
             keys = actions[i][0]
             tool_images[i] = high_res_crops(
-                self._original(inputs[i]["image_path"]), keys, Budget.parse(inputs[i]["high"])
+                load_image_cached(inputs[i]["image_path"]), keys, Budget.parse(inputs[i]["high"])
             )
             closing = [] if turn1[i] and turn1[i][-1] in self.eos_token_ids else [eos]  # the tool closes the turn
             tool_ids[i] = closing + self.tool_turn_ids(keys, tool_images[i])

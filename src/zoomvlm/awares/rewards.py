@@ -15,12 +15,12 @@ policy's format reward. All rewards here have TRL's signature ``fn(prompts, comp
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 from zoomvlm.awares.protocol import awares_action, crop_set_area, crop_set_proposal, parse_crop_action
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.metrics import METRICS
+from zoomvlm.data.samples import load_image_cached
 
 __all__ = [
     "AwaResReward",
@@ -136,14 +136,6 @@ def crop_set_format_reward(prompts=None, completions=(), **_) -> list[float]:
 crop_set_format_reward.__name__ = "crop_set_format"
 
 
-@functools.lru_cache(maxsize=16)
-def _original(path: str):
-    """The ORIGINAL image at ``path``; the G actions of a prompt share it (a small cache, per process)."""
-    from zoomvlm.data.samples import load_image
-
-    return load_image(path)
-
-
 class AwaResReward:
     """``awares``: AwaRes's ``R = R_ans - C_tool`` (sec. 3.4.1), one TRL reward function for both variants.
 
@@ -201,7 +193,7 @@ class AwaResReward:
             key = (str(path), q, tuple(keys))
             if key not in unique:
                 unique[key] = len(requests)
-                img = _original(str(path))
+                img = load_image_cached(str(path))
                 requests.append(build_request(img, q, crop_set_proposal(img, keys, self.high)))
             index.append(unique[key])
         self.n_calls += len(requests)

@@ -29,17 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-
-from PIL import Image
 
 from zoomvlm.core.geometry import Box, BoxFormatError, Budget, parse_percent_box
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.core.pipeline import build_request
 from zoomvlm.core.prompts import completion_text
-from zoomvlm.data.samples import load_image
+from zoomvlm.data.samples import load_image_cached
 from zoomvlm.policies.base import Proposal
 
 DEFAULT_METRIC = "anls"
@@ -74,27 +71,17 @@ class _TargetReward:
 
     __name__ = "target_reward"
 
-    def __init__(self, target, crop_budget: Budget | int | str | None = None, image_cache: int = 16):
+    def __init__(self, target, crop_budget: Budget | int | str | None = None):
         self.target = target
         self.crop_budget = None if crop_budget is None else Budget.parse(crop_budget)
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
-        self._image_cache = image_cache
         self.n_calls = 0  # target requests actually sent (after dedupe), for logging and tests
-
-    def _image(self, path: str) -> Image.Image:
-        if path not in self._images:
-            self._images[path] = load_image(path)
-            while len(self._images) > self._image_cache:
-                self._images.popitem(last=False)
-        self._images.move_to_end(path)
-        return self._images[path]
 
     def _unique_requests(self, completions, image, question, answers):
         """(requests to send, index of each completion's request). The key is (image, question, answer, crop px)."""
         keys: dict[tuple, int] = {}
         requests, index = [], []
         for c, path, q, ans in zip(completions, image, question, answers, strict=True):
-            img = self._image(str(path))
+            img = load_image_cached(str(path))
             box = _parse(c) or Box.full()
             answer = _first_answer(ans)
             key = (str(path), q, answer, box.to_pixels(*img.size))

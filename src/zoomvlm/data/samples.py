@@ -18,6 +18,7 @@ stay on disk until :meth:`Sample.load_image` is called.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ __all__ = [
     "UnreadableImageError",
     "iter_jsonl",
     "load_image",
+    "load_image_cached",
     "load_jsonl",
     "load_samples",
     "read_appended_jsonl",
@@ -116,6 +118,13 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 _REQUIRED = {"id": str, "image": str, "question": str, "answers": list, "width": int, "height": int}
+
+
+@functools.lru_cache(maxsize=16)
+def load_image_cached(path: str) -> Image.Image:
+    """:func:`load_image` with a small per-process LRU cache (16 images), for the trainers and rewards whose G
+    rollouts of one prompt all need the same ORIGINAL image. Callers must not modify the returned image."""
+    return load_image(path)
 
 
 def _parse_line(obj: object, root: Path, where: str) -> Sample:
