@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import zoomvlm.targets.hf as hf_module
 from zoomvlm.core.geometry import Box, BoxFormatError, crop_image, format_percent_boxes, parse_percent_boxes
 from zoomvlm.core.pipeline import run_batch
-from zoomvlm.cropvlm import cropper as cropper_module
 from zoomvlm.cropvlm.constrained import BoxGrammar, BoxLogitsProcessor, BoxVocabulary
 from zoomvlm.data.samples import Sample
 from zoomvlm.policies import load_policy
@@ -221,7 +221,7 @@ def test_two_box_request_reaches_the_target_as_two_crops(checkpoint, noise_image
 
     policy = load_policy(f"vlm:{checkpoint}@boxes=2")
     two = "[10, 20, 60, 80], [50, 50, 90, 90]."
-    monkeypatch.setattr(cropper_module, "generate_texts", lambda *a, **k: ([two], {}, [29]))
+    monkeypatch.setattr(hf_module, "generate_texts", lambda *a, **k: ([two], {}, [29]))
     image = noise_images[0]
     image.save(tmp_path / "img.png")
     sample = Sample("s0", tmp_path / "img.png", "What is the total?", ("9.00",), image.width, image.height)

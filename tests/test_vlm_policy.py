@@ -3,8 +3,8 @@
 import pytest
 import tiny_models as tiny
 
+import zoomvlm.targets.hf as hf_module
 from zoomvlm.core.geometry import Box
-from zoomvlm.cropvlm import cropper as vlm_module
 from zoomvlm.policies import load_policy
 
 
@@ -27,7 +27,7 @@ def test_loads_checkpoint_and_falls_back_on_invalid_output(checkpoint, noise_ima
 def test_valid_boxes_are_parsed(checkpoint, noise_images, monkeypatch):
     policy = load_policy(f"vlm:{checkpoint}")
     monkeypatch.setattr(
-        vlm_module, "generate_texts", lambda *a, **k: (["[10, 20, 60, 80].", "[50, 50, 40, 90]."], {}, [9, 9])
+        hf_module, "generate_texts", lambda *a, **k: (["[10, 20, 60, 80].", "[50, 50, 40, 90]."], {}, [9, 9])
     )
     good, bad = policy.propose(noise_images, ["q1", "q2"])
     assert good.boxes == (Box(0.1, 0.2, 0.6, 0.8),) and good.error is None

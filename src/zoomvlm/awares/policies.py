@@ -14,16 +14,15 @@ halved, crops at the ``high`` view's scale, so RTR against ``high`` is 0.25 + th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 from PIL import Image
 
 from zoomvlm.awares.protocol import crop_set_policy_prompt, crop_set_proposal, crops_for_box, low_res_view
 from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.policies.base import Proposal
+from zoomvlm.policies.learned import SmallVLMPolicy, trained_setting
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +43,10 @@ def _as_budget(b: Budget | int | str | None, default: Budget) -> Budget:
 
 def trained_high(checkpoint: str) -> Budget:
     """The high-resolution budget a zoomvlm recipe trained ``checkpoint`` with (``data.high``), else 768 px."""
-    recipe = Path(checkpoint).expanduser() / "zoomvlm_recipe.json"
-    if recipe.is_file():
-        high = json.loads(recipe.read_text()).get("data", {}).get("high")
-        if high:
-            return Budget.parse(high)
-    return DEFAULT_HIGH
+    return Budget.parse(trained_setting(checkpoint, "data", "high") or DEFAULT_HIGH)
 
 
-class CropSetPolicy:
+class CropSetPolicy(SmallVLMPolicy):
     """``crop-set:CHECKPOINT``: a small VLM choosing AwaRes crop-set regions for another target.
 
     Args:
@@ -76,31 +70,20 @@ class CropSetPolicy:
         processor=None,
         name: str | None = None,
     ):
-        from zoomvlm.targets.hf import load_vlm
-
         self.high = _as_budget(high, trained_high(checkpoint))
-        self.max_new_tokens = max_new_tokens
-        if model is None or processor is None:
-            model, processor = load_vlm(checkpoint, device=device)
-        self.model, self.processor = model, processor
-        self.name = name or f"crop-set:{checkpoint}"
-        self.n_invalid = 0
-        self.n_total = 0
+        super().__init__(checkpoint, max_new_tokens=max_new_tokens, device=device, model=model, processor=processor,
+                         name=name or f"crop-set:{checkpoint}")  # fmt: skip
 
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
         from zoomvlm.awares.protocol import parse_crop_action
-        from zoomvlm.targets.hf import chat_prompt, generate_texts
 
-        views = [[low_res_view(img, self.high)] for img in images]
-        prompts = [chat_prompt(self.processor, 1, crop_set_policy_prompt(q)) for q in questions]
-        texts, _, _ = generate_texts(self.model, self.processor, prompts, views, max_new_tokens=self.max_new_tokens)
+        views = [low_res_view(img, self.high) for img in images]
+        texts = self.write_actions(views, [crop_set_policy_prompt(q) for q in questions])
         out = []
         for img, text in zip(images, texts, strict=True):
-            self.n_total += 1
             keys, error = parse_crop_action(text)
             if error is not None:
-                self.n_invalid += 1
-                logger.debug("crop-set action %r is invalid (%s); answering from the low view", text, error)
+                self.count_invalid(text, error, "answering from the low view")
             out.append(crop_set_proposal(img, keys or [], self.high, raw=text, error=error))
         return out
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 from PIL import Image
 
@@ -14,20 +12,17 @@ from zoomvlm.core.geometry import Box, BoxFormatError, Budget, parse_percent_box
 from zoomvlm.core.prompts import cropper_prompt
 from zoomvlm.cropvlm import DEFAULT_CROPPER_BUDGET
 from zoomvlm.policies.base import Proposal
-from zoomvlm.targets.hf import chat_prompt, generate_texts, load_vlm
+from zoomvlm.policies.learned import SmallVLMPolicy, trained_setting
 
 logger = logging.getLogger(__name__)
 
 
 def _trained_budget(checkpoint: str) -> int | str:
-    """The cropper budget a zoomvlm recipe trained ``checkpoint`` with (``zoomvlm_recipe.json``), else 512."""
-    recipe = Path(checkpoint).expanduser() / "zoomvlm_recipe.json"
-    if recipe.is_file():
-        return json.loads(recipe.read_text()).get("data", {}).get("cropper_budget") or DEFAULT_CROPPER_BUDGET
-    return DEFAULT_CROPPER_BUDGET
+    """The cropper budget a zoomvlm recipe trained ``checkpoint`` with (``data.cropper_budget``), else 512."""
+    return trained_setting(checkpoint, "data", "cropper_budget") or DEFAULT_CROPPER_BUDGET
 
 
-class VLMCropper:
+class VLMCropper(SmallVLMPolicy):
     """``vlm:CHECKPOINT``: CropVLM's cropper as a zoom policy.
 
     The cropper sees the image (shrunk to ``budget``; SmolVLM's processor then tiles it) and
@@ -78,10 +73,9 @@ class VLMCropper:
         if budget is None:
             budget = _trained_budget(checkpoint)
         self.budget = Budget.parse(budget)
-        self.max_new_tokens = max_new_tokens or 32 + 20 * (max_boxes - 1)
-        if model is None or processor is None:
-            model, processor = load_vlm(checkpoint, device=device)
-        self.model, self.processor = model, processor
+        super().__init__(checkpoint, max_new_tokens=max_new_tokens or 32 + 20 * (max_boxes - 1), device=device,
+                         model=model, processor=processor, name=name or f"vlm:{checkpoint}")  # fmt: skip
+        model, processor = self.model, self.processor
         self.constrained, self.max_boxes, self.temperature = constrained, max_boxes, temperature
         if image_side is not None:
             _split_images(processor, image_side)
@@ -94,10 +88,6 @@ class VLMCropper:
             if self.max_new_tokens < 20 * max_boxes + 3:  # longest text: " " + K boxes of <= 20 chars + "." + EOS
                 logger.warning("max_new_tokens=%d may cut a box of the %d-box grammar short (it then falls back "
                                "to the whole image)", self.max_new_tokens, max_boxes)  # fmt: skip
-        self.name = name or f"vlm:{checkpoint}"
-        self.n_invalid = 0
-        self.n_total = 0
-        self.n_tokens = 0
         self.n_boxes = 0
 
     @classmethod
@@ -127,8 +117,7 @@ class VLMCropper:
         return cls(checkpoint or default_checkpoint, **kwargs)
 
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
-        views = [[resize_to_budget(img.convert("RGB"), self.budget)] for img in images]
-        prompts = [chat_prompt(self.processor, 1, cropper_prompt(q)) for q in questions]
+        views = [resize_to_budget(img.convert("RGB"), self.budget) for img in images]
         gen_kwargs = {}
         if self.temperature > 0:
             gen_kwargs.update(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
@@ -138,18 +127,13 @@ class VLMCropper:
             from zoomvlm.cropvlm.constrained import BoxLogitsProcessor
 
             gen_kwargs["logits_processor"] = LogitsProcessorList([BoxLogitsProcessor(self.vocabulary)])
-        texts, _, n_generated = generate_texts(
-            self.model, self.processor, prompts, views, max_new_tokens=self.max_new_tokens, **gen_kwargs
-        )
+        texts = self.write_actions(views, [cropper_prompt(q) for q in questions], **gen_kwargs)
         out = []
-        for text, n in zip(texts, n_generated, strict=True):
-            self.n_total += 1
-            self.n_tokens += n
+        for text in texts:
             try:
                 out.append(Proposal(tuple(parse_percent_boxes(text, max_boxes=self.max_boxes)), raw=text))
             except BoxFormatError as err:
-                self.n_invalid += 1
-                logger.debug("cropper output %r is invalid (%s); using the whole image", text, err)
+                self.count_invalid(text, str(err), "using the whole image")
                 out.append(Proposal((Box.full(),), raw=text, error=str(err)))
             self.n_boxes += len(out[-1].boxes)
         return out
