@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from zoomvlm.cli.main import demo_data_path
 
@@ -119,3 +120,33 @@ def test_awares_trainers_on_two_processes(stage, tmp_path, demo_samples, tiny_qw
     ranks = [(record / f"params-rank{r}.txt").read_text().split() for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0][0] == "2", ranks
     assert json.loads((tmp_path / "out" / "final" / "zoomvlm_run.json").read_text())["num_processes"] == 2
+
+
+def test_proposal_grpo_on_two_processes(tmp_path):
+    """The proposal-policy GRPO loop (a torch loop, not TRL) on 2 processes (``torchrun``, CPU DDP over gloo), on the
+    toy problem of tests/test_proposals.py: 10 steps, then resumed to 20 from the step-10 checkpoint."""
+    out, record = tmp_path / "out", tmp_path / "record"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+
+    def torchrun(steps: int) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "dist_proposals.py"), str(record), str(out), str(steps)]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    torchrun(10)
+    assert (record / "final-writes.txt").read_text() == "0\n"  # final/ written once, by rank 0
+    first = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in first] == list(range(1, 11))  # one log line per step, not one per rank
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 10
+    torchrun(20)
+    assert (record / "final-writes.txt").read_text() == "0\n0\n"
+    ranks = [(record / f"params-rank{r}.txt").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1], ranks  # DDP averaged the gradients: identical parameters on both ranks
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 21)) and log[:10] == first  # resumed at step 11
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 20
+    reward = json.loads((record / "reward-rank0.json").read_text())
+    assert reward["after"] > reward["before"] + 0.3, reward  # towards the known optimum (expected reward 1.0)
+    assert (out / "final" / "scorer.pt").exists()

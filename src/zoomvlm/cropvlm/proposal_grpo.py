@@ -33,12 +33,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import format_percent_box
@@ -108,17 +110,28 @@ def grpo_step(
     opt: torch.optim.Optimizer,
     config: GRPOConfig,
     rng: np.random.Generator,
+    step_questions: int | None = None,
 ) -> dict:
     """One GRPO step on the questions ``items`` (objects with ``q [384]`` and ``x [N, F]``); see module docs.
+
+    Under torch.distributed (``model`` wrapped in DDP), ``items`` is this process's share of the step's questions,
+    whole groups, and ``step_questions`` the step's questions over all processes: the local loss is scaled by
+    ``world_size / step_questions`` so that DDP's gradient average is the gradient of the one-process loss over
+    all the step's questions, and the returned statistics are reduced over the processes.
 
     Returns:
         ``{"reward": mean reward of the sampled actions, "kl": exact KL to ref, "loss": last loss,
         "advantage_abs": mean |A|}``. Questions without candidates are skipped.
     """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     items = [it for it in items if it.x.shape[0] > 0]
     idx = [i for i, it in zip(item_indices, items, strict=False) if it.x.shape[0] > 0]
     if not items:
+        if world > 1:
+            raise ValueError("every process needs at least one question with candidates per step")
         return {"reward": float("nan"), "kl": 0.0, "loss": 0.0, "advantage_abs": 0.0}
+    # questions the loss is averaged over, per process (one process: len(items), the plain mean)
+    denom = (step_questions or len(items) * world) / world
     with torch.no_grad():
         old_logp, mask = _log_probs(model, items, config.temperature)  # [B, N]
     probs = old_logp.exp().numpy()
@@ -143,12 +156,18 @@ def grpo_step(
         # exact KL(pi || ref), [B]; padded candidates are -inf in both, so their difference is zeroed BEFORE
         # the product (0 * NaN in the backward pass would poison every parameter)
         kl = (p * (logp - ref_logp).masked_fill(~mask, 0.0)).sum(-1)
-        loss = -surrogate.sum() / surrogate.numel() + config.beta * kl.mean()
+        loss = -surrogate.sum() / (denom * config.group) + config.beta * kl.sum() / denom
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         opt.step()
         loss_value, kl_value = float(loss.detach()), float(kl.detach().mean())
+    if world > 1:  # sums over the processes, then the same means as one process over all the questions
+        t = torch.tensor([rewards.sum(), np.abs(adv).sum(), rewards.size, kl_value * len(items), len(items),
+                          loss_value], dtype=torch.float64)  # fmt: skip
+        dist.all_reduce(t)
+        r_sum, a_sum, n_act, kl_sum, n_q, loss_sum = t.tolist()
+        return {"reward": r_sum / n_act, "kl": kl_sum / n_q, "loss": loss_sum / world, "advantage_abs": a_sum / n_act}
     return {
         "reward": float(rewards.mean()),
         "kl": kl_value,
@@ -209,6 +228,21 @@ def make_target_reward(items: Sequence, reward, config: ScorerConfig, cache: Rew
     return fn
 
 
+def _init_distributed() -> tuple[int, int, bool]:
+    """``(rank, world_size, started_here)``: joins the process group a launcher set up (``WORLD_SIZE`` > 1)."""
+    if not (dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return 0, 1, False
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), started
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
 def train_grpo(
     seed_model: RegionScorer,
     items: Sequence,
@@ -226,16 +260,34 @@ def train_grpo(
     Rerun the same call after a crash to continue from the last checkpoint. ``grouped``: a step's questions
     are all the questions of a few images drawn at random (a reader target then reads each global view once
     per step from its memo), else questions drawn independently.
+
+    Several processes (``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu --num_processes N``;
+    ``WORLD_SIZE`` > 1): the process group is joined (gloo without CUDA) and the scorer wrapped in DDP. A step
+    is the SAME step as on one process, split: every process draws the step's questions with the same RNG
+    (``prompts_per_step`` is global), takes a disjoint contiguous share of them (at least one each, so
+    ``prompts_per_step`` >= N), samples the ``G`` actions of each of its questions with its own RNG and scores
+    them, so a question's group, and its group-relative advantage, stay on one process. DDP averages the
+    gradients (the local loss is scaled so the average is the gradient of the one-process loss over all the
+    step's questions), so the parameters stay identical on every process; ``log.jsonl`` holds statistics over
+    all processes. Only rank 0 writes ``recipe.json``, ``log.jsonl``, ``checkpoint.pt`` (with every process's
+    sampling RNG) and ``final/``, with barriers around the saves; on a rerun every process resumes from the same
+    checkpoint. On one process nothing changes (one RNG draws the questions and the actions, as before).
     """
+    rank, world, started = _init_distributed()
+    main = rank == 0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({**(recipe or {}), "grpo": asdict(config)}, indent=2) + "\n")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps({**(recipe or {}), "grpo": asdict(config)}, indent=2) + "\n")
+    _barrier(world)
     model = copy.deepcopy(seed_model).train()
     ref = copy.deepcopy(seed_model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.seed)  # the step's questions: the same draws on every process
+    # the actions: one process keeps the single RNG of old; several sample with one RNG per process
+    act_rng = rng if world == 1 else np.random.default_rng([config.seed, rank])
     start = 0
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
@@ -243,15 +295,23 @@ def train_grpo(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
+        act_states = state.get("action_rngs") or []
+        if world > 1 and len(act_states) == world:
+            act_rng.bit_generator.state = act_states[rank]
+        elif world > 1:  # another number of processes: fresh per-process streams for the rest of the run
+            act_rng = np.random.default_rng([config.seed, rank, state["step"]])
         start = state["step"]
         logger.info("resuming GRPO at step %d", start)
     usable = [i for i, it in enumerate(items) if it.x.shape[0] > 0]
+    if world > 1 and min(config.prompts_per_step, len(usable)) < world:
+        raise ValueError(f"{world} processes need prompts_per_step >= {world} questions with candidates")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     by_image: dict[str, list[int]] = {}
     for i in usable:
         by_image.setdefault(str(getattr(items[i], "sample", None) and items[i].sample.image), []).append(i)
-    log = (out / "log.jsonl").open("a", encoding="utf-8")
-    for step in tqdm(range(start, config.steps), desc="GRPO", unit="step", disable=not progress, initial=start,
-                     total=config.steps):  # fmt: skip
+    log = (out / "log.jsonl").open("a", encoding="utf-8") if main else None
+    for step in tqdm(range(start, config.steps), desc="GRPO", unit="step", disable=not (progress and main),
+                     initial=start, total=config.steps):  # fmt: skip
         if grouped:
             batch_idx = []
             for img in rng.permutation(sorted(by_image)):
@@ -260,19 +320,32 @@ def train_grpo(
                     break
         else:
             batch_idx = rng.choice(usable, size=min(config.prompts_per_step, len(usable)), replace=False).tolist()
-        stats = grpo_step(model, ref, [items[i] for i in batch_idx], reward_fn, batch_idx, opt, config, rng)
+        share = [int(i) for i in np.array_split(np.asarray(batch_idx), world)[rank]] if world > 1 else batch_idx
+        stats = grpo_step(ddp, ref, [items[i] for i in share], reward_fn, share, opt, config, act_rng,
+                          step_questions=len(batch_idx))  # fmt: skip
         stats["step"] = step + 1
-        log.write(json.dumps(stats) + "\n")
-        log.flush()
-        logger.info("GRPO step %d: %s", step + 1, {k: round(v, 4) for k, v in stats.items() if k != "step"})
+        if main:
+            log.write(json.dumps(stats) + "\n")
+            log.flush()
+            logger.info("GRPO step %d: %s", step + 1, {k: round(v, 4) for k, v in stats.items() if k != "step"})
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
-                        "step": step + 1}, tmp)  # fmt: skip
-            tmp.replace(ckpt)
-    log.close()
+            act_states = [act_rng.bit_generator.state] * world
+            if world > 1:
+                dist.all_gather_object(act_states, act_rng.bit_generator.state)
+            if main:
+                tmp = out / "checkpoint.pt.tmp"
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                            "action_rngs": act_states if world > 1 else None, "step": step + 1}, tmp)  # fmt: skip
+                tmp.replace(ckpt)
+            _barrier(world)
+    if log:
+        log.close()
     model.eval()
-    save_scorer(model, out / "final", {**(recipe or {}), "grpo": asdict(config)})
+    if main:
+        save_scorer(model, out / "final", {**(recipe or {}), "grpo": asdict(config)})
+    _barrier(world)
+    if started:
+        dist.destroy_process_group()
     return model
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def cmd_grpo(args) -> int:
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "target": args.target,
               "budget": args.budget}  # fmt: skip
     train_grpo(seed_model, items, reward_fn, config, out, recipe=recipe, grouped=True)
-    print(f"GRPO scorer saved to {out / 'final'}; use it with --policy proposals:{out / 'final'}")
+    if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): rank 0 wrote final/
+        print(f"GRPO scorer saved to {out / 'final'}; use it with --policy proposals:{out / 'final'}")
     return 0
 
 
