@@ -126,3 +126,9 @@ def test_verbose_shows_the_traceback(capsys):
     assert "Traceback (most recent call last)" in err and "error:" in err
     assert main(["ask", "x.jpg", "q?", "--policy", "nope"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ask_defaults_to_the_proposals_cropper():
+    out = subprocess.run([sys.executable, "-m", "zoomvlm.cli", "ask", "--help"], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    assert "Default: proposals" in " ".join(out.split())

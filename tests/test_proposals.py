@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from zoomvlm.core.geometry import Box
+from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.core.pipeline import run_batch
 from zoomvlm.cropvlm.proposal_grpo import GRPOConfig, expected_reward, grpo_step, train_grpo
 from zoomvlm.cropvlm.proposals import (
@@ -149,3 +149,22 @@ def test_multi_box_proposals_reach_the_target_as_several_crops(demo_samples, ocr
     # deterministic: the same question gives the same boxes
     (again,) = run_batch([sample], policy, RecordingTarget())
     assert again.boxes == record.boxes
+
+
+def test_shipped_scorer_reads_at_512_and_does_not_share_a_384_pass():
+    import json
+    from pathlib import Path
+
+    from zoomvlm.cropvlm.proposals import default_proposals_path, load_scorer
+    from zoomvlm.targets.ocr import OCRTarget
+
+    path = default_proposals_path()
+    model = load_scorer(path)
+    assert model.config.view_budget == "512"
+    recipe = json.loads((Path(path) / "zoomvlm_recipe.json").read_text())
+    assert recipe["view_budget"] == "512" and "no human box" in recipe["labels"]
+    policy = ProposalCropper(model=model)
+    assert str(policy.perceiver.budget) == str(Budget.parse("512"))
+    # the ocr target reads its global view at 384 px: a different view, so the policy pays its own pass
+    assert not policy.bind_target(OCRTarget(384))
+    assert policy.bind_target(OCRTarget(512))

@@ -119,12 +119,12 @@ def cmd_seed(args) -> int:
     print(f"{len(items)} questions, {n_lab} with a seed label the low-resolution pass can match "
           f"({n_lab / max(1, len(items)):.1%}); fit {len(data)}, held-out train images {len(held)} questions",
           file=sys.stderr)  # fmt: skip
-    model = train_seed(data, config, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    model = train_seed(data, config, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
     held_rate, fit_rate = seed_hit_rate(model, held), seed_hit_rate(model, fit)
     print(f"seed top-1 vs model-made box (IoU >= 0.3): fit {fit_rate:.1%}, held-out train {held_rate:.1%}")
     # the shipped model is refit on all training questions with the same settings
     full = [(it.q, it.x, it.target) for it in items if it.target is not None]
-    model = train_seed(full, config, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    model = train_seed(full, config, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
     recipe = {
         "stage": "seed",
         "data": args.data,
@@ -132,6 +132,7 @@ def cmd_seed(args) -> int:
         "view_budget": str(args.view_budget),
         "epochs": args.epochs,
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "seed": args.seed,
         "n_questions": len(items),
         "n_seed_labels": len(full),
@@ -262,6 +263,7 @@ def add_parser(tsub) -> None:
         if stage == "seed":
             q.add_argument("--epochs", type=int, default=60, help="Default: %(default)s")
             q.add_argument("--lr", type=float, default=3e-3, help="Default: %(default)s")
+            q.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay. Default: %(default)s")
             q.add_argument("--k", type=int, default=2, help="boxes per question at inference. Default: %(default)s")
         if stage == "grpo":
             q.add_argument("--init", required=True, help="seed checkpoint folder")
