@@ -22,10 +22,9 @@ questions (0 = image-blind, 1 = follows the answer). ``oracle`` rows read human 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import statistics
 from pathlib import Path
+
+from receipts_cropper_ceiling import y_centre_correlation  # the same diagnostic, one definition
 
 from zoomvlm.core.geometry import Budget
 from zoomvlm.data import load_jsonl
@@ -37,28 +36,6 @@ DATASETS = {
     "receipts": "../shared/data/receipts/val.jsonl",
     "documents": "../shared/data/documents/val.jsonl",
 }
-
-
-def y_centre_correlation(out_dir: Path, samples) -> float | None:
-    """Pearson correlation of the first box's y-centre with the smallest human box's, within each ``field``,
-    averaged weighted by questions (as in ``receipts_cropper_ceiling.py``); ``None`` when no row has boxes."""
-    evidence = {s.id: min(s.evidence_boxes, key=lambda b: b.area) for s in samples if s.evidence_boxes}
-    pairs: dict[str, list[tuple[float, float]]] = {}
-    for line in (out_dir / "results.jsonl").read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if r["boxes"] and r["id"] in evidence:
-            e = evidence[r["id"]]
-            y = (r["boxes"][0][1] + r["boxes"][0][3]) / 2
-            pairs.setdefault(r.get("field") or "", []).append((y, (e.y0 + e.y1) / 2))
-    if not pairs:
-        return None
-    total, weighted = 0, 0.0
-    for field_pairs in pairs.values():
-        pred, true = zip(*field_pairs, strict=True)
-        corr = statistics.correlation(pred, true) if len(set(pred)) > 1 and len(set(true)) > 1 else 0.0
-        weighted += (0.0 if math.isnan(corr) else corr) * len(field_pairs)
-        total += len(field_pairs)
-    return weighted / total
 
 
 def main() -> None:
