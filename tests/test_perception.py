@@ -98,3 +98,53 @@ def test_ink_outline_finds_the_dark_part_of_a_page():
     ink = ink_outline(page)
     assert abs(ink.x0 - 0.25) < 0.02 and abs(ink.y1 - 0.75) < 0.02
     assert ink_outline(Image.new("L", (50, 50), 128)) == Box.full()
+
+
+def _quad(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+
+def test_two_pass_lines_take_text_from_the_text_pass_and_recognise_only_illegible_pages():
+    from zoomvlm.policies.perception import perception_from_passes
+
+    # text pass at 100x100 px: one merged row read as "TOTAL 9.00"; detection at 400x400 px splits it in two
+    text = [(_quad(10, 10, 90, 14), "TOTAL 9.00", 0.9)]
+    quads = [_quad(40, 40, 160, 56), _quad(200, 40, 360, 56), _quad(40, 300, 200, 316)]
+    asked = []
+
+    def recognise(idx):
+        asked.append(list(idx))
+        return [(f"hi{i}", 0.8) for i in idx]
+
+    p = perception_from_passes(text, (100, 100), quads, (400, 400), recognise, legible=0.5)
+    assert [r.text for r in p.lines] == ["TOTAL 9.00", "TOTAL 9.00", ""]  # both halves of the row, not the far line
+    assert p.view_size == (400, 400) and p.lines[0].box == Box(0.1, 0.1, 0.4, 0.14)
+    assert p.legibility == pytest.approx(2 / 3) and p.recognised == 0 and asked == []  # legible: nothing recognised
+    # an illegible page (the text pass read nothing confidently): the unread lines are recognised, capped
+    weak = [(_quad(10, 10, 90, 14), "T0TA", 0.2)]
+    p = perception_from_passes(weak, (100, 100), quads, (400, 400), recognise, legible=0.5, max_recognise=2)
+    assert asked == [[0, 1]] and p.recognised == 2
+    assert [r.text for r in p.lines] == ["hi0", "hi1", ""] and p.legibility == 0.0
+
+
+def test_two_pass_perceiver_boxes_come_from_the_detector_at_its_budget(receipt_half):
+    from zoomvlm.targets.ocr import OCRTarget
+
+    crop, total = receipt_half
+    target = OCRTarget(384)
+    perceiver = Perceiver(384, detect_budget=1024)
+    assert perceiver.bind(target)
+    p = perceiver.perceive(crop)
+    assert p.view_size == resize_to_budget(crop, Budget(max_side=1024)).size
+    assert p.shared_seconds > 0 and p.seconds > p.shared_seconds  # the detector is the policy's own cost
+    ev = total.evidence_boxes[0]
+    ev_crop = Box(ev.x0, (ev.y0 - 0.5) * 2, ev.x1, (ev.y1 - 0.5) * 2)
+    best = max(p.lines, key=lambda r: r.box.iou(ev_crop))
+    assert best.box.iou(ev_crop) > 0.3, [(r.text, r.box) for r in p.lines]
+    assert sum(bool(r.text) for r in p.lines) >= len(p.lines) // 2  # most lines carry the text pass's reading
+    # the target still finds its own first pass memoised: one read, charged to it
+    calls = []
+    original = target._read_uncached
+    target._read_uncached = lambda view: calls.append(view.size) or original(view)
+    target.generate([TargetRequest([crop], "q")])
+    assert calls == []

@@ -23,11 +23,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import Box, Budget, resize_to_budget
-from zoomvlm.policies.perception import Perception, QuestionEncoder, perception_from_lines
+from zoomvlm.policies.perception import Perception, QuestionEncoder, perception_from_lines, perception_from_passes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainItem", "build_items", "cached_reads", "load_seed_boxes", "strip_evidence"]
+__all__ = [
+    "TrainItem",
+    "build_items",
+    "cached_passes",
+    "cached_reads",
+    "cached_rows",
+    "load_seed_boxes",
+    "strip_evidence",
+]
 
 
 def strip_evidence(samples):
@@ -35,14 +43,14 @@ def strip_evidence(samples):
     return [replace(s, evidence_boxes=()) for s in samples]
 
 
-def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=None, progress: bool = True,
-                 max_block: int = 4) -> dict[str, Perception]:  # fmt: skip
-    """The reader's pass over each distinct image of ``samples`` at ``budget``, cached in ``path`` (JSONL).
+def cached_rows(samples, budget: Budget | int | str, path: str | Path, reader=None,
+                progress: bool = True) -> dict[str, dict]:  # fmt: skip
+    """The reader's full pass over each distinct image of ``samples`` at ``budget``, cached in ``path`` (JSONL).
 
     Returns:
-        ``{str(sample.image): Perception}`` (the file keys images by their resolved absolute path). The
-        pass is exactly the ``ocr`` target's read of its global view
-        (same resize, every detected line kept).
+        ``{str(sample.image): row}`` with ``row = {"image", "view_size", "seconds", "lines": [[quad, text,
+        score]]}``; the pass is exactly the ``ocr`` target's read of a view at ``budget`` (same resize, every
+        detected line kept). Images already in the file are not read again (an interrupted run resumes).
     """
     from zoomvlm.targets.ocr import OCRTarget
 
@@ -80,10 +88,39 @@ def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=N
                 f.flush()
                 os.fsync(f.fileno())
                 done[image] = row
-    return {
-        str(s.image): perception_from_lines(done[key(s)]["lines"], tuple(done[key(s)]["view_size"]), max_block)
-        for s in samples
-    }
+    return {str(s.image): done[key(s)] for s in samples}
+
+
+def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=None, progress: bool = True,
+                 max_block: int = 4) -> dict[str, Perception]:  # fmt: skip
+    """One-pass perceptions ``{str(sample.image): Perception}`` from :func:`cached_rows` at ``budget``."""
+    rows = cached_rows(samples, budget, path, reader, progress)
+    return {image: perception_from_lines(r["lines"], tuple(r["view_size"]), max_block) for image, r in rows.items()}
+
+
+def cached_passes(samples, view_budget, detect_budget, reads_dir: str | Path, stem: str, legible: float = 0.5,
+                  max_recognise: int = 96, max_block: int = 4,
+                  progress: bool = True) -> dict[str, Perception]:  # fmt: skip
+    """Two-pass perceptions (:func:`~zoomvlm.policies.perception.perception_from_passes`) from cached reads.
+
+    The text pass is the cached full read at ``view_budget``; the detection pass is the cached full read at
+    ``detect_budget`` (its quads are what the detector alone returns: same view, same detector), whose texts
+    stand in for the live policy's recognition of the lines it recognises. Caches:
+    ``reads_dir/{stem}_{budget}.jsonl``.
+    """
+    text = cached_rows(samples, view_budget, Path(reads_dir) / f"{stem}_{view_budget}.jsonl", progress=progress)
+    det = cached_rows(samples, detect_budget, Path(reads_dir) / f"{stem}_{detect_budget}.jsonl", progress=progress)
+    out = {}
+    for image, low in text.items():
+        high = det[image]["lines"]
+
+        def recognise(idx, high=high):
+            return [(high[i][1], high[i][2]) for i in idx]
+
+        out[image] = perception_from_passes(low["lines"], tuple(low["view_size"]), [ln[0] for ln in high],
+                                            tuple(det[image]["view_size"]), recognise, legible, max_recognise,
+                                            max_block)  # fmt: skip
+    return out
 
 
 def load_seed_boxes(curation_dir: str | Path) -> dict[str, Box | None]:

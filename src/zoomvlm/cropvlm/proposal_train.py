@@ -77,15 +77,28 @@ def _load_jsonl_without_boxes(path: str, load_jsonl):
 
 
 def _items(args, samples, seeds, groups):
-    from zoomvlm.cropvlm.proposal_data import build_items, cached_reads
+    from zoomvlm.cropvlm.proposal_data import build_items, cached_passes, cached_reads
     from zoomvlm.policies.perception import QuestionEncoder
 
     perceptions = {}
     for data, subset in groups.items():
-        path = Path(args.reads) / f"{Path(data).stem}_{args.view_budget}.jsonl"
-        perceptions.update(cached_reads(subset, args.view_budget, path))
+        stem = f"{Path(data).resolve().parent.name}_{Path(data).stem}"  # receipts_train, documents_train
+        if args.detect_budget:
+            perceptions.update(cached_passes(subset, args.view_budget, args.detect_budget, args.reads, stem,
+                                             legible=args.legible, max_recognise=args.max_recognise))  # fmt: skip
+        else:
+            path = Path(args.reads) / f"{stem}_{args.view_budget}.jsonl"
+            perceptions.update(cached_reads(subset, args.view_budget, path))
     encoder = QuestionEncoder()
     return build_items(samples, perceptions, encoder, seeds), encoder
+
+
+def _config(args, **kw):
+    """The :class:`ScorerConfig` of the perception options on the command line."""
+    from zoomvlm.cropvlm.proposals import ScorerConfig
+
+    return ScorerConfig(view_budget=str(args.view_budget), detect_budget=args.detect_budget or None,
+                        legible=args.legible, max_recognise=args.max_recognise, **kw)  # fmt: skip
 
 
 def seed_hit_rate(model, items, min_iou: float = 0.3) -> float:
@@ -108,11 +121,11 @@ def seed_hit_rate(model, items, min_iou: float = 0.3) -> float:
 
 def cmd_seed(args) -> int:
     from zoomvlm.cropvlm.proposal_data import split_train
-    from zoomvlm.cropvlm.proposals import ScorerConfig, save_scorer, train_seed
+    from zoomvlm.cropvlm.proposals import save_scorer, train_seed
 
     samples, seeds, groups = _load(args)
     items, _ = _items(args, samples, seeds, groups)
-    config = ScorerConfig(view_budget=str(args.view_budget), k=args.k)
+    config = _config(args, k=args.k)
     fit, held = split_train(items, holdout=0.2, seed=0)
     data = [(it.q, it.x, it.target) for it in fit if it.target is not None]
     n_lab = sum(it.target is not None for it in items)
@@ -130,6 +143,7 @@ def cmd_seed(args) -> int:
         "data": args.data,
         "curation": args.curation,
         "view_budget": str(args.view_budget),
+        "detect_budget": args.detect_budget,
         "epochs": args.epochs,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -163,7 +177,7 @@ def cmd_grpo(args) -> int:
         and args.replay_reads
         and str(Budget.parse(args.budget)) == str(Budget.parse(args.view_budget))
     ):
-        _replay_global_reads(target, items)
+        _replay_global_reads(target, items, args, groups)
     reward = {
         "likelihood": lambda: LikelihoodReward(target),
         "accuracy": lambda: AccuracyReward(target, metric="contains"),
@@ -186,18 +200,24 @@ def cmd_grpo(args) -> int:
     return 0
 
 
-def _replay_global_reads(target, items) -> None:
+def _replay_global_reads(target, items, args, groups) -> None:
     """Put the cached reads of the training images' global views into the ocr target's memo (accuracy reward).
 
-    The cache holds the SAME reader's pass over the SAME view (the target's global view at its budget), so
-    ``generate`` returns the transcript it would compute; only the per-frame log-probabilities are missing,
-    which the accuracy reward does not use. Saves one full-page read per image and step on a busy CPU.
+    The cache (``--reads``, the text pass at ``--view-budget``) holds the SAME reader's pass over the SAME
+    view (the target's global view at its budget), so ``generate`` returns the transcript it would compute;
+    only the per-frame log-probabilities are missing, which the accuracy reward does not use. Saves one
+    full-page read per image and step on a busy CPU.
     """
     import hashlib
 
     from zoomvlm.core.geometry import resize_to_budget
+    from zoomvlm.cropvlm.proposal_data import cached_rows
     from zoomvlm.targets.ocr import OCRLine, _Read
 
+    rows = {}
+    for data, subset in groups.items():
+        stem = f"{Path(data).resolve().parent.name}_{Path(data).stem}"
+        rows.update(cached_rows(subset, args.view_budget, Path(args.reads) / f"{stem}_{args.view_budget}.jsonl"))
     target.cache_size = max(target.cache_size, len(items) + 64)
     seen = set()
     for it in items:
@@ -206,13 +226,10 @@ def _replay_global_reads(target, items) -> None:
         seen.add(str(it.sample.image))
         view = resize_to_budget(it.sample.load_image().convert("RGB"), target.budget)
         key = hashlib.blake2b(view.tobytes(), digest_size=16, person=str(view.size).encode()[:16]).digest()
-        w, h = view.size
         lines = tuple(
-            OCRLine(r.text, r.confidence, np.array([[r.box.x0 * w, r.box.y0 * h], [r.box.x1 * w, r.box.y0 * h],
-                                                    [r.box.x1 * w, r.box.y1 * h], [r.box.x0 * w, r.box.y1 * h]],
-                                                   np.float32), np.zeros((0, 0), np.float32))
-            for r in it.perception.lines
-        )  # fmt: skip
+            OCRLine(text, score, np.asarray(quad, np.float32), np.zeros((0, 0), np.float32))
+            for quad, text, score in rows[str(it.sample.image)]["lines"]
+        )
         target._reads[key] = _Read(lines, 0.0)
 
 
@@ -258,7 +275,26 @@ def add_parser(tsub) -> None:
                        help="its `curate boxes --grounder ocr` folder (repeatable, same order)")  # fmt: skip
         q.add_argument("--out", required=True, help="output folder")
         q.add_argument("--reads", default="runs/reads", help="cache of reader passes. Default: %(default)s")
-        q.add_argument("--view-budget", default="384", help="perception view budget. Default: %(default)s")
+        q.add_argument(
+            "--view-budget",
+            default="384",
+            help="perception text view budget (the ocr target's global view). Default: %(default)s",
+        )
+        q.add_argument(
+            "--detect-budget",
+            default=None,
+            help="two-pass perception: line boxes from the detector alone at this budget, text from "
+            "the --view-budget pass (e.g. 1024). Default: one pass",
+        )
+        q.add_argument(
+            "--legible",
+            type=float,
+            default=0.5,
+            help="two-pass: recognise unread lines on pages whose text pass reads fewer than this "
+            "share of the detected lines. Default: %(default)s",
+        )
+        q.add_argument("--max-recognise", type=int, default=96,
+                       help="two-pass: most lines recognised per page. Default: %(default)s")  # fmt: skip
         q.add_argument("--seed", type=int, default=0, help="random seed. Default: %(default)s")
         if stage == "seed":
             q.add_argument("--epochs", type=int, default=60, help="Default: %(default)s")

@@ -87,7 +87,12 @@ class ScorerConfig:
     Args:
         hidden: width of the hidden layers.
         rank: width of the question / region projections whose product carries the interaction.
-        view_budget: the perception view (``384`` = the ``ocr`` target's global view at 384 px).
+        view_budget: the perception's text view (``384`` = the ``ocr`` target's global view at 384 px).
+        detect_budget: ``None`` = candidates from the lines read at ``view_budget``; otherwise two-pass
+            perception: the detector alone at ``detect_budget`` gives the line boxes, the text view their text
+            (:func:`~zoomvlm.policies.perception.perception_from_passes`).
+        legible, max_recognise: two-pass only: pages whose text view reads fewer than ``legible`` of the
+            detected lines get up to ``max_recognise`` lines recognised at ``detect_budget``.
         k: boxes emitted per question (top-k candidates after suppression).
         margin_x, margin_y: padding added to each side of a chosen region (fractions of width / height).
         line_pad: extra vertical padding, in units of the region's mean line height (the low-resolution
@@ -99,6 +104,9 @@ class ScorerConfig:
     hidden: int = 64
     rank: int = 32
     view_budget: str = "384"
+    detect_budget: str | None = None
+    legible: float = 0.5
+    max_recognise: int = 96
     k: int = 2
     margin_x: float = 0.03
     margin_y: float = 0.01
@@ -363,7 +371,12 @@ class ProposalCropper:
             if k < 1:
                 raise ValueError(f"proposals k must be >= 1, got {k}")
             self.config = ScorerConfig(**{**asdict(self.config), "k": k})
-        self.perceiver = perceiver or Perceiver(Budget.parse(self.config.view_budget))
+        self.perceiver = perceiver or Perceiver(
+            Budget.parse(self.config.view_budget),
+            detect_budget=self.config.detect_budget,
+            legible=self.config.legible,
+            max_recognise=self.config.max_recognise,
+        )
         self.encoder = encoder or QuestionEncoder()
         self.name = name or ("proposals" if path is None else f"proposals:{path}")
         self._static, self._static_key = None, None

@@ -53,6 +53,8 @@ __all__ = [
     "candidate_regions",
     "char_ngrams",
     "ink_outline",
+    "perception_from_lines",
+    "perception_from_passes",
     "region_features",
     "text_stats",
 ]
@@ -94,6 +96,9 @@ class Perception:
         view_size: ``(width, height)`` in pixels of the view that was read.
         seconds: wall seconds this call spent reading (0.0 on a memoised read).
         shared_seconds: the part of ``seconds`` that was the target's own first pass (charged to it).
+        legibility: share of the detected lines that the text pass read with confidence >= 0.5 (two-pass
+            perception, :func:`perception_from_passes`; 1.0 for a single pass).
+        recognised: lines the policy recognised itself at the detection resolution (0 for a single pass).
     """
 
     lines: tuple[Region, ...]
@@ -102,6 +107,8 @@ class Perception:
     view_size: tuple[int, int]
     seconds: float = 0.0
     shared_seconds: float = 0.0
+    legibility: float = 1.0
+    recognised: int = 0
 
 
 def _quad_box(quad, size: tuple[int, int]) -> Box | None:
@@ -171,17 +178,38 @@ class Perceiver:
     """Runs the reader on a cheap view of each image and returns its :class:`Perception`.
 
     Args:
-        budget: the view's budget (default 384 px longest side: the ``ocr`` target's own global view).
+        budget: the TEXT view's budget (default 384 px longest side: the ``ocr`` target's own global view).
         reader: an :class:`~zoomvlm.targets.ocr.OCRTarget` to read with (built lazily when None).
         max_block: see :func:`candidate_regions`.
         cache_size: perceptions of the most recent images kept (3 questions share a receipt).
+        detect_budget: ``None`` = one pass (the candidates are the lines read at ``budget``). Otherwise
+            two-pass perception (:func:`perception_from_passes`): the reader's DETECTOR alone runs on a view
+            at ``detect_budget`` (precise line boxes; detection is ~5 % of a pass's cost, recognition the
+            rest), and each detected line takes its text from the text pass at ``budget``, which is shared
+            with an ``ocr`` target at that budget.
+        legible, max_recognise: the two-pass rule for pages the text pass cannot read: when fewer than
+            ``legible`` of the detected lines got a confident reading, the policy recognises up to
+            ``max_recognise`` of the unread lines itself, at ``detect_budget`` (and pays for it).
 
-    Call :meth:`bind` with the target before use to share the first pass with an ``ocr`` target.
+    Call :meth:`bind` with the target before use to share the text pass with an ``ocr`` target.
     """
 
-    def __init__(self, budget: Budget | int | str = 384, reader=None, max_block: int = 4, cache_size: int = 16):
+    def __init__(
+        self,
+        budget: Budget | int | str = 384,
+        reader=None,
+        max_block: int = 4,
+        cache_size: int = 16,
+        detect_budget: Budget | int | str | None = None,
+        legible: float = 0.5,
+        max_recognise: int = 96,
+    ):
         self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
+        self.detect_budget = None if detect_budget is None else Budget.parse(detect_budget)
+        self.legible = legible
+        self.max_recognise = max_recognise
         self._reader = reader
+        self._detector = None
         self.shared = False
         self.max_block = max_block
         self._cache: OrderedDict[tuple, Perception] = OrderedDict()
@@ -194,6 +222,18 @@ class Perceiver:
 
             self._reader = OCRTarget(budget=self.budget)
         return self._reader
+
+    @property
+    def detector(self):
+        """The reader whose detector (and recogniser, for illegible pages) runs at ``detect_budget``.
+
+        Its own instance (same ONNX models): detections are not memoised, so nothing of the target's is touched.
+        """
+        if self._detector is None:
+            from zoomvlm.targets.ocr import OCRTarget
+
+            self._detector = OCRTarget(budget=self.detect_budget, cache_size=0)
+        return self._detector
 
     def bind(self, target) -> bool:
         """Read through ``target``'s own reader when it is the ``ocr`` reader with this view budget.
@@ -217,8 +257,9 @@ class Perceiver:
         return False
 
     def perceive(self, image: Image.Image) -> Perception:
-        """One reader pass over ``resize_to_budget(image, budget)``; candidates in the original's frame."""
-        view = resize_to_budget(image.convert("RGB"), self.budget)
+        """The reader's pass(es) over ``image``; candidates in the original's frame (see class docstring)."""
+        image = image.convert("RGB")
+        view = resize_to_budget(image, self.budget)
         key = (hashlib.blake2b(view.tobytes(), digest_size=16).digest(), view.size)
         if key in self._cache:  # same image object again (another question about it): no new work
             self._cache.move_to_end(key)
@@ -226,22 +267,36 @@ class Perceiver:
             # The memoised read is re-offered to a shared target too, so it still finds it pending.
             if self.shared:
                 self.reader.read_shared(view)
-            return Perception(p.lines, p.regions, p.ink, p.view_size)
+            return Perception(p.lines, p.regions, p.ink, p.view_size, legibility=p.legibility,
+                              recognised=p.recognised)  # fmt: skip
         start = time.perf_counter()
         if self.shared:
             ocr_lines, shared_seconds = self.reader.read_shared(view)
         else:
             ocr_lines, shared_seconds = self.reader.read_all(view), 0.0
-        perception = perception_from_lines(
-            [(ln.box, ln.text, ln.score) for ln in ocr_lines], view.size, self.max_block
-        )
+        low = [(ln.box, ln.text, ln.score) for ln in ocr_lines]
+        if self.detect_budget is None:
+            perception = perception_from_lines(low, view.size, self.max_block)
+        else:
+            high_view = resize_to_budget(image, self.detect_budget)
+            quads, crops = self.detector.detect(high_view)
+
+            def recognise(idx: list[int]) -> list[tuple[str, float]]:
+                texts, scores, _ = self.detector.recognise_crops([crops[i] for i in idx])
+                return list(zip(texts, scores, strict=True))
+
+            perception = perception_from_passes(low, view.size, quads, high_view.size, recognise,
+                                                self.legible, self.max_recognise, self.max_block)  # fmt: skip
+        seconds = time.perf_counter() - start
         perception = Perception(
             perception.lines,
             perception.regions,
             perception.ink,
-            view.size,
-            seconds=time.perf_counter() - start,
-            shared_seconds=min(shared_seconds, time.perf_counter() - start),
+            perception.view_size,
+            seconds=seconds,
+            shared_seconds=min(shared_seconds, seconds),
+            legibility=perception.legibility,
+            recognised=perception.recognised,
         )
         self._cache[key] = perception
         while len(self._cache) > self.cache_size:
@@ -259,12 +314,80 @@ def perception_from_lines(lines, view_size: tuple[int, int], max_block: int = 4)
         box = _quad_box(quad, view_size)
         if box is not None:
             regions.append(Region(box, str(text).strip(), float(score), "line", 1, (len(regions),)))
+    return _perception(regions, view_size, max_block)
+
+
+def _perception(regions: list[Region], view_size, max_block: int, **extra) -> Perception:
     ink = Box.full()
     if regions:
         ink = regions[0].box
         for r in regions[1:]:
             ink = ink.union(r.box)
-    return Perception(tuple(regions), tuple(candidate_regions(regions, max_block)), ink, tuple(view_size))
+    return Perception(tuple(regions), tuple(candidate_regions(regions, max_block)), ink, tuple(view_size), **extra)
+
+
+CONFIDENT = 0.5
+"""A text-pass line read with at least this mean character confidence counts as read (RapidOCR's default)."""
+
+
+def perception_from_passes(
+    text_lines,
+    text_size: tuple[int, int],
+    quads,
+    detect_size: tuple[int, int],
+    recognise,
+    legible: float = 0.5,
+    max_recognise: int = 96,
+    max_block: int = 4,
+) -> Perception:
+    """Two-pass perception: line boxes from a detection pass, their text from a (cheaper) text pass.
+
+    Args:
+        text_lines: the text pass, ``[(quad in text-view pixels, text, score)]`` (the ``ocr`` target's read of
+            its own global view when shared).
+        text_size: ``(width, height)`` of the text view.
+        quads: the detector's line quadrilaterals on the detection view (pixels of that view).
+        detect_size: ``(width, height)`` of the detection view.
+        recognise: ``recognise(indices into quads) -> [(text, score)]``: recognition of those detected lines at
+            the detection resolution (live: the recogniser on their crops; training: a cached full read).
+        legible: when fewer than this share of the detected lines overlap a confidently read text-pass line
+            (:data:`CONFIDENT`), the page is illegible at the text pass and the unread lines are recognised.
+        max_recognise: at most this many lines are recognised (detection order, i.e. top of the page first).
+        max_block: see :func:`candidate_regions`.
+
+    Returns:
+        A :class:`Perception` whose lines are the DETECTED lines (``view_size`` = the detection view), each with
+        the text of the text-pass lines it overlaps (overlap >= half the smaller box, joined left to right;
+        confidence = their mean), ``legibility`` = the share with a confident match, ``recognised`` = how many
+        were recognised at the detection resolution.
+    """
+    low = [(b, str(t).strip(), float(sc)) for q, t, sc in text_lines if (b := _quad_box(q, text_size)) is not None]
+    boxes, kept = [], []
+    for i, q in enumerate(quads):
+        b = _quad_box(q, detect_size)
+        if b is not None:
+            boxes.append(b)
+            kept.append(i)
+    texts: list[str] = []
+    confs: list[float] = []
+    read = np.zeros(len(boxes), dtype=bool)
+    for j, b in enumerate(boxes):
+        match = [(lb, t, sc) for lb, t, sc in low
+                 if lb.intersection(b) >= 0.5 * min(lb.area, b.area) and t]  # fmt: skip
+        match.sort(key=lambda m: m[0].x0)
+        texts.append(" ".join(t for _, t, _ in match))
+        confs.append(float(np.mean([sc for *_, sc in match])) if match else 0.0)
+        read[j] = any(sc >= CONFIDENT for *_, sc in match)
+    legibility = float(read.mean()) if len(boxes) else 1.0
+    recognised = 0
+    if boxes and legibility < legible:
+        todo = [j for j in range(len(boxes)) if not read[j]][:max_recognise]
+        if todo:
+            for j, (t, sc) in zip(todo, recognise([kept[j] for j in todo]), strict=True):
+                texts[j], confs[j] = str(t).strip(), float(sc)
+            recognised = len(todo)
+    regions = [Region(b, t, c, "line", 1, (j,)) for j, (b, t, c) in enumerate(zip(boxes, texts, confs, strict=True))]
+    return _perception(regions, detect_size, max_block, legibility=legibility, recognised=recognised)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,7 +177,13 @@ class OCRTarget:
         charge, self._charge = self._charge, 0.0
         return charge
 
-    def _read_uncached(self, view: Image.Image) -> list[OCRLine]:
+    def detect(self, view: Image.Image) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The DETECTOR alone on ``view`` (as is; not memoised): ``(quads, crops)``.
+
+        ``quads``: ``[4, 2]`` float32 line quadrilaterals in ``view`` pixels, detection order; ``crops``: the
+        rectified line images the recogniser would read (pass a subset to :meth:`recognise_crops`). Detection
+        is a small part of a read's cost (recognition runs once per line).
+        """
         from rapidocr.main import RapidOCRError
 
         engine = self.engine
@@ -188,13 +194,22 @@ class OCRTarget:
             if engine.use_cls:
                 crops, _ = engine.cls_and_rotate(crops)
         except RapidOCRError:  # nothing detected
+            return [], []
+        return [np.asarray(b, dtype=np.float32) for b in det.boxes], list(crops)
+
+    def recognise_crops(self, crops: list[np.ndarray]) -> tuple[list[str], list[float], list[np.ndarray]]:
+        """The recogniser on line crops from :meth:`detect`: ``(texts, mean confidences, [T, C] log-probs)``."""
+        if not crops:
+            return [], [], []
+        return self._recognise(crops)
+
+    def _read_uncached(self, view: Image.Image) -> list[OCRLine]:
+        quads, crops = self.detect(view)
+        if not quads:
             return []
         texts, scores, log_probs = self._recognise(crops)
         # Every detected line is kept (a policy looks at low-confidence lines too); ``_Read.rows`` filters.
-        return [
-            OCRLine(t, s, np.asarray(b, dtype=np.float32), lp)
-            for t, s, b, lp in zip(texts, scores, det.boxes, log_probs, strict=True)
-        ]
+        return [OCRLine(t, s, b, lp) for t, s, b, lp in zip(texts, scores, quads, log_probs, strict=True)]
 
     def _recognise(self, crops: list[np.ndarray]) -> tuple[list[str], list[float], list[np.ndarray]]:
         # RapidOCR's TextRecognizer.__call__ decodes and throws the probabilities away; this repeats its
