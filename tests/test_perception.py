@@ -148,3 +148,52 @@ def test_two_pass_perceiver_boxes_come_from_the_detector_at_its_budget(receipt_h
     target._read_uncached = lambda view: calls.append(view.size) or original(view)
     target.generate([TargetRequest([crop], "q")])
     assert calls == []
+
+
+def test_part_windows_cover_a_wide_line_and_v2_features_say_how_legible_a_crop_is():
+    from zoomvlm.policies.perception import Perception, n_region_features, part_regions
+
+    # a 1400 px line on a 2000 px wide page, and a 300 px one
+    wide = Region(Box(0.05, 0.5, 0.75, 0.51), "Advertising expense was 714.3 million in 2015", 0.9, "line", 1, (0,))
+    short = Region(Box(0.1, 0.6, 0.25, 0.61), "Total", 0.9, "line", 1, (1,))
+    parts = part_regions([wide, short], (2000, 2000), part_px=512)
+    assert parts and all(p.kind == "part" and p.members == (0,) for p in parts)
+    assert all(abs(p.box.width * 2000 - 512) < 1e-6 for p in parts)
+    assert parts[0].box.x0 == pytest.approx(wide.box.x0) and parts[-1].box.x1 == pytest.approx(wide.box.x1)
+    # consecutive windows overlap by half: any span up to 256 px lies whole in one of them
+    assert all(b.box.x0 - a.box.x0 <= 256 / 2000 + 1e-9 for a, b in zip(parts, parts[1:], strict=False))
+    assert parts[-1].text.endswith("2015") and parts[0].text.startswith("Advertising")
+    with pytest.raises(ValueError, match="part_px"):
+        part_regions([wide], (2000, 2000), part_px=4)
+    p = Perception((wide, short), (wide, short, *parts), Box.full(), (1024, 1024), image_size=(2000, 2000))
+    f_wide, f_part = region_features(wide, p, 2), region_features(parts[0], p, 2)
+    assert len(f_wide) == n_region_features(2) == n_region_features(1) + 3
+    # the whole line is shrunk ~3.6x at a 384 px target, its 512 px window only 1.3x: the window reads larger
+    assert f_wide[-2] < f_part[-2] and f_wide[-1] < f_part[-1]
+    assert f_part[16 + 4] == 1.0  # the "part" one-hot
+    with pytest.raises(ValueError, match="version"):
+        region_features(wide, p, 3)
+
+
+def test_seed_box_is_narrowed_to_the_answer_inside_a_wide_line_only(tmp_path):
+    import json
+
+    from zoomvlm.cropvlm.proposal_data import refine_seed_boxes
+    from zoomvlm.data.samples import Sample
+
+    rows = [
+        {"id": "a", "seed_box": [0.1, 0.5, 0.8, 0.52], "found": True, "raw": "Advertising expense was 714.3 million"},
+        {"id": "b", "seed_box": [0.1, 0.6, 0.2, 0.62], "found": True, "raw": "TOTAL 9.00"},
+        {"id": "c", "seed_box": [0.0, 0.0, 1.0, 1.0], "found": False, "raw": None},
+    ]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = [Sample(id=i, image="x.png", width=2000, height=2000, question="q", answers=(a,))
+               for i, a in [("a", "714.3"), ("b", "9.00"), ("c", "x")]]  # fmt: skip
+    boxes = refine_seed_boxes(tmp_path, samples, part_px=512)
+    a = boxes["a"]
+    # "714.3" sits at characters 24..29 of 37: x in [0.1 + 0.7 * 22/37, 0.1 + 0.7 * 31/37]
+    assert a.y0 == 0.5 and a.y1 == 0.52 and 0.1 < a.x0 < a.x1 < 0.8
+    assert a.x0 == pytest.approx(0.1 + 0.7 * 22 / 37, abs=0.02)
+    assert a.x1 == pytest.approx(0.1 + 0.7 * 31 / 37, abs=0.02)
+    assert boxes["b"] == Box(0.1, 0.6, 0.2, 0.62)  # 200 px wide: kept whole
+    assert boxes["c"] is None

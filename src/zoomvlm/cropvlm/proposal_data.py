@@ -34,6 +34,7 @@ __all__ = [
     "cached_reads",
     "cached_rows",
     "load_seed_boxes",
+    "refine_seed_boxes",
     "strip_evidence",
 ]
 
@@ -92,15 +93,19 @@ def cached_rows(samples, budget: Budget | int | str, path: str | Path, reader=No
 
 
 def cached_reads(samples, budget: Budget | int | str, path: str | Path, reader=None, progress: bool = True,
-                 max_block: int = 4) -> dict[str, Perception]:  # fmt: skip
+                 max_block: int = 4, part_px: int | None = None) -> dict[str, Perception]:  # fmt: skip
     """One-pass perceptions ``{str(sample.image): Perception}`` from :func:`cached_rows` at ``budget``."""
     rows = cached_rows(samples, budget, path, reader, progress)
-    return {image: perception_from_lines(r["lines"], tuple(r["view_size"]), max_block) for image, r in rows.items()}
+    sizes = {str(s.image): (s.width, s.height) for s in samples}
+    return {
+        image: perception_from_lines(r["lines"], tuple(r["view_size"]), max_block, part_px, sizes[image])
+        for image, r in rows.items()
+    }
 
 
 def cached_passes(samples, view_budget, detect_budget, reads_dir: str | Path, stem: str, legible: float = 0.5,
-                  max_recognise: int = 96, max_block: int = 4,
-                  progress: bool = True) -> dict[str, Perception]:  # fmt: skip
+                  max_recognise: int = 96, max_block: int = 4, progress: bool = True,
+                  part_px: int | None = None) -> dict[str, Perception]:  # fmt: skip
     """Two-pass perceptions (:func:`~zoomvlm.policies.perception.perception_from_passes`) from cached reads.
 
     The text pass is the cached full read at ``view_budget``; the detection pass is the cached full read at
@@ -110,6 +115,7 @@ def cached_passes(samples, view_budget, detect_budget, reads_dir: str | Path, st
     """
     text = cached_rows(samples, view_budget, Path(reads_dir) / f"{stem}_{view_budget}.jsonl", progress=progress)
     det = cached_rows(samples, detect_budget, Path(reads_dir) / f"{stem}_{detect_budget}.jsonl", progress=progress)
+    sizes = {str(s.image): (s.width, s.height) for s in samples}
     out = {}
     for image, low in text.items():
         high = det[image]["lines"]
@@ -119,7 +125,7 @@ def cached_passes(samples, view_budget, detect_budget, reads_dir: str | Path, st
 
         out[image] = perception_from_passes(low["lines"], tuple(low["view_size"]), [ln[0] for ln in high],
                                             tuple(det[image]["view_size"]), recognise, legible, max_recognise,
-                                            max_block)  # fmt: skip
+                                            max_block, part_px, sizes[image])  # fmt: skip
     return out
 
 
@@ -136,6 +142,49 @@ def load_seed_boxes(curation_dir: str | Path) -> dict[str, Box | None]:
     return out
 
 
+def refine_seed_boxes(curation_dir: str | Path, samples, part_px: int) -> dict[str, Box | None]:
+    """Seed boxes narrowed to the answer's span inside a WIDE matched line (wider than ``part_px`` px).
+
+    The reader's seed box is its whole matched line; on a dense page that is 1000+ px wide, and a crop of it
+    is shrunk past legibility by the target. Where ONE line matched (``raw`` holds its text) and the line is
+    wider than ``part_px`` original pixels, the answer is aligned inside the line's text (rapidfuzz
+    ``partial_ratio_alignment``, squashed like the grounder) and the box is narrowed to the same relative x
+    range, padded by two characters' width. Model-made, no human box: the line and its text are the reader's.
+
+    Returns:
+        ``{sample id: box}`` like :func:`load_seed_boxes` (``None`` = not found), refined where possible.
+    """
+    from rapidfuzz import fuzz
+
+    by_id = {s.id: s for s in samples}
+    out = load_seed_boxes(curation_dir)
+    for line in (Path(curation_dir) / "raw.jsonl").read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        s, box = by_id.get(row["id"]), out.get(row["id"])
+        raw = row.get("raw") or ""
+        if s is None or box is None or " | " in raw or box.width * s.width <= part_px:
+            continue
+        text = raw.casefold()
+        best = None
+        for answer in s.answers:
+            a = answer.casefold().strip()
+            if not a or len(a) > len(text):
+                continue
+            al = fuzz.partial_ratio_alignment(a, text)
+            if al is not None and (best is None or al.score > best.score):
+                best = al
+        if best is None or best.score < 80:
+            continue
+        n = max(1, len(text))
+        pad = 2 / n
+        a, b = max(0.0, best.dest_start / n - pad), min(1.0, best.dest_end / n + pad)
+        out[row["id"]] = Box(box.x0 + a * box.width, box.y0, box.x0 + b * box.width, box.y1)
+    return out
+
+
 @dataclass
 class TrainItem:
     """One training question: its sample, perception, scorer inputs and (optional) seed label."""
@@ -149,8 +198,10 @@ class TrainItem:
 
 
 def build_items(samples, perceptions: dict[str, Perception], encoder: QuestionEncoder,
-                seeds: dict[str, Box | None] | None = None, progress: bool = True) -> list[TrainItem]:  # fmt: skip
-    """Featurise every sample (:func:`~zoomvlm.cropvlm.proposals.featurize`); seed labels where a seed exists."""
+                seeds: dict[str, Box | None] | None = None, progress: bool = True,
+                version: int = 1) -> list[TrainItem]:  # fmt: skip
+    """Featurise every sample (:func:`~zoomvlm.cropvlm.proposals.featurize`, feature ``version``); seed labels
+    where a seed exists."""
     from zoomvlm.cropvlm.proposals import featurize, image_features, seed_targets
 
     items = []
@@ -159,8 +210,8 @@ def build_items(samples, perceptions: dict[str, Perception], encoder: QuestionEn
     for s in tqdm(samples, desc="features", unit="q", disable=not progress):
         p = perceptions[str(s.image)]
         if str(s.image) not in static:
-            static[str(s.image)] = image_features(p, encoder)
-        q, x = featurize(p, s.question, encoder, static[str(s.image)])
+            static[str(s.image)] = image_features(p, encoder, version)
+        q, x = featurize(p, s.question, encoder, static[str(s.image)], version)
         seed = (seeds or {}).get(s.id)
         target = seed_targets(p, seed) if seed is not None else None
         items.append(TrainItem(s, p, q, x, target, seed))

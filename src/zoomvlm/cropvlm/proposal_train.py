@@ -40,7 +40,7 @@ made from it. Human evidence boxes in the data are dropped on load and never rea
 def _load(args):
     """(samples, seeds, groups) over all --data/--curation pairs, evidence stripped; ``groups`` maps each data
     file to its samples (one reads cache per file)."""
-    from zoomvlm.cropvlm.proposal_data import load_seed_boxes, strip_evidence
+    from zoomvlm.cropvlm.proposal_data import load_seed_boxes, refine_seed_boxes, strip_evidence
     from zoomvlm.data import load_jsonl
 
     samples, seeds, groups = [], {}, {}
@@ -48,7 +48,8 @@ def _load(args):
         part = strip_evidence(_load_jsonl_without_boxes(data, load_jsonl))
         groups[data] = part
         samples += part
-        seeds.update(load_seed_boxes(cur))
+        part_px = getattr(args, "part_px", None)
+        seeds.update(refine_seed_boxes(cur, part, part_px) if part_px else load_seed_boxes(cur))
     missing = [s.id for s in samples if s.id not in seeds]
     if missing:
         logger.warning("%d samples have no seed box yet (curation unfinished?): they get no seed label", len(missing))
@@ -85,12 +86,13 @@ def _items(args, samples, seeds, groups):
         stem = f"{Path(data).resolve().parent.name}_{Path(data).stem}"  # receipts_train, documents_train
         if args.detect_budget:
             perceptions.update(cached_passes(subset, args.view_budget, args.detect_budget, args.reads, stem,
-                                             legible=args.legible, max_recognise=args.max_recognise))  # fmt: skip
+                                             legible=args.legible, max_recognise=args.max_recognise,
+                                             part_px=args.part_px))  # fmt: skip
         else:
             path = Path(args.reads) / f"{stem}_{args.view_budget}.jsonl"
-            perceptions.update(cached_reads(subset, args.view_budget, path))
+            perceptions.update(cached_reads(subset, args.view_budget, path, part_px=args.part_px))
     encoder = QuestionEncoder()
-    return build_items(samples, perceptions, encoder, seeds), encoder
+    return build_items(samples, perceptions, encoder, seeds, version=args.features), encoder
 
 
 def _config(args, **kw):
@@ -98,7 +100,8 @@ def _config(args, **kw):
     from zoomvlm.cropvlm.proposals import ScorerConfig
 
     return ScorerConfig(view_budget=str(args.view_budget), detect_budget=args.detect_budget or None,
-                        legible=args.legible, max_recognise=args.max_recognise, **kw)  # fmt: skip
+                        legible=args.legible, max_recognise=args.max_recognise, features=args.features,
+                        part_px=args.part_px, **kw)  # fmt: skip
 
 
 def seed_hit_rate(model, items, min_iou: float = 0.3) -> float:
@@ -166,9 +169,12 @@ def cmd_grpo(args) -> int:
     from zoomvlm.cropvlm.rewards import AccuracyReward, AnswerProbabilityReward, LikelihoodReward
     from zoomvlm.targets import load_target
 
+    seed_model = load_scorer(args.init)
+    c = seed_model.config  # the perception the seed was trained with (not the command line's defaults)
+    args.view_budget, args.detect_budget, args.legible = c.view_budget, c.detect_budget, c.legible
+    args.max_recognise, args.features, args.part_px = c.max_recognise, c.features, c.part_px
     samples, seeds, groups = _load(args)
     items, _ = _items(args, samples, seeds, groups)
-    seed_model = load_scorer(args.init)
     target = load_target(args.target, budget=Budget.parse(args.budget))
     if hasattr(target, "cache_size"):
         target.cache_size = 16  # a step's questions come from a few images; keep their global reads
@@ -293,8 +299,22 @@ def add_parser(tsub) -> None:
             help="two-pass: recognise unread lines on pages whose text pass reads fewer than this "
             "share of the detected lines. Default: %(default)s",
         )
-        q.add_argument("--max-recognise", type=int, default=96,
-                       help="two-pass: most lines recognised per page. Default: %(default)s")  # fmt: skip
+        q.add_argument(
+            "--max-recognise",
+            type=int,
+            default=96,
+            help="two-pass: most lines recognised per page. Default: %(default)s",
+        )
+        q.add_argument(
+            "--features",
+            type=int,
+            choices=(1, 2),
+            default=2,
+            help="region feature version (2: part windows + legibility at the target). Default: %(default)s",
+        )
+        q.add_argument("--part-px", type=int, default=None,
+                       help="offer windows of lines wider than this many original pixels (e.g. 512). "
+                       "Default: none")  # fmt: skip
         q.add_argument("--seed", type=int, default=0, help="random seed. Default: %(default)s")
         if stage == "seed":
             q.add_argument("--epochs", type=int, default=60, help="Default: %(default)s")

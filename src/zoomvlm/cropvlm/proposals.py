@@ -38,12 +38,12 @@ from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.policies.base import Proposal
 from zoomvlm.policies.perception import (
     N_NGRAM,
-    N_REGION_FEATURES,
     Perceiver,
     Perception,
     QuestionEncoder,
     Region,
     char_ngrams,
+    n_region_features,
     region_features,
 )
 
@@ -99,6 +99,9 @@ class ScorerConfig:
             line box is a few pixels off at native resolution).
         suppress: a candidate is skipped when its box covers >= this fraction of an already chosen box or
             is covered by one to this extent (so the k boxes look at different places).
+        features: region feature version (:func:`~zoomvlm.policies.perception.region_features`; 1 = the
+            first checkpoints, 2 adds ``part`` windows and the crop's legibility at the target).
+        part_px: offer ``part`` windows of lines wider than this many original pixels (version 2).
     """
 
     hidden: int = 64
@@ -112,6 +115,8 @@ class ScorerConfig:
     margin_y: float = 0.01
     line_pad: float = 0.5
     suppress: float = 0.6
+    features: int = 1
+    part_px: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -122,14 +127,14 @@ class RegionScorer(nn.Module):
     (``e`` = MiniLM embedding), so the question modulates every region multiplicatively.
 
     Shapes: ``forward(q [B, 384], x [B, N, F], mask [B, N] bool) -> logits [B, N]``, ``-inf`` where
-    ``mask`` is False. ``F = N_REGION_FEATURES + N_NGRAM + N_SIM``.
+    ``mask`` is False. ``F = n_region_features(config.features) + N_NGRAM + N_SIM``.
     """
 
     def __init__(self, config: ScorerConfig | None = None):
         super().__init__()
         self.config = config or ScorerConfig()
         h, r = self.config.hidden, self.config.rank
-        n_in = N_REGION_FEATURES + N_NGRAM + N_SIM
+        n_in = n_region_features(self.config.features) + N_NGRAM + N_SIM
         self.region = nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, r))
         self.question = nn.Linear(QuestionEncoder.dim, r)
         self.head = nn.Sequential(nn.Linear(3 * r, h), nn.ReLU(), nn.Linear(h, 1))
@@ -150,8 +155,8 @@ def _trigrams(text: str) -> set[str]:
     return {t[i : i + 3] for i in range(len(t) - 2)}
 
 
-def image_features(perception: Perception, encoder: QuestionEncoder | None = None) -> np.ndarray:
-    """The question-independent part, once per image: ``[N, N_REGION_FEATURES + N_NGRAM]`` float32.
+def image_features(perception: Perception, encoder: QuestionEncoder | None = None, version: int = 1) -> np.ndarray:
+    """The question-independent part, once per image: ``[N, n_region_features(version) + N_NGRAM]`` float32.
 
     :func:`~zoomvlm.policies.perception.region_features` and hashed character n-grams of each region's
     low-resolution text. (``encoder`` is unused: line texts are not embedded, which keeps the policy's own
@@ -160,10 +165,10 @@ def image_features(perception: Perception, encoder: QuestionEncoder | None = Non
     """
     regions = perception.regions
     if not regions:
-        return np.zeros((0, N_REGION_FEATURES + N_NGRAM), np.float32)
+        return np.zeros((0, n_region_features(version) + N_NGRAM), np.float32)
     return np.concatenate(
         [
-            np.stack([region_features(r, perception) for r in regions]),
+            np.stack([region_features(r, perception, version) for r in regions]),
             np.stack([char_ngrams(r.text) for r in regions]),
         ],
         axis=1,
@@ -171,7 +176,11 @@ def image_features(perception: Perception, encoder: QuestionEncoder | None = Non
 
 
 def featurize(
-    perception: Perception, question: str, encoder: QuestionEncoder, static: np.ndarray | None = None
+    perception: Perception,
+    question: str,
+    encoder: QuestionEncoder,
+    static: np.ndarray | None = None,
+    version: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Inputs of the scorer for one (image, question): ``(q [384], x [N, F])`` with N = ``len(regions)``.
 
@@ -183,9 +192,9 @@ def featurize(
     """
     regions = perception.regions
     q = encoder.encode([question])[0]
-    static_x = static if static is not None else image_features(perception)
+    static_x = static if static is not None else image_features(perception, version=version)
     if not regions:
-        return q, np.zeros((0, N_REGION_FEATURES + N_NGRAM + N_SIM), np.float32)
+        return q, np.zeros((0, n_region_features(version) + N_NGRAM + N_SIM), np.float32)
     qwords, qtri = _words(question), _trigrams(question)
     n_q = max(1, len(qwords))
     line_overlap = np.array([len(qwords & _words(ln.text)) / n_q for ln in perception.lines], np.float32)
@@ -376,6 +385,7 @@ class ProposalCropper:
             detect_budget=self.config.detect_budget,
             legible=self.config.legible,
             max_recognise=self.config.max_recognise,
+            part_px=self.config.part_px,
         )
         self.encoder = encoder or QuestionEncoder()
         self.name = name or ("proposals" if path is None else f"proposals:{path}")
@@ -392,8 +402,9 @@ class ProposalCropper:
     def logits(self, perception: Perception, question: str) -> np.ndarray:
         """Scores ``[len(perception.regions)]`` of the candidates for ``question``."""
         if self._static_key is not perception.regions:  # questions about one image share its features
-            self._static, self._static_key = image_features(perception, self.encoder), perception.regions
-        q, x = featurize(perception, question, self.encoder, self._static)
+            v = self.config.features
+            self._static, self._static_key = image_features(perception, self.encoder, v), perception.regions
+        q, x = featurize(perception, question, self.encoder, self._static, self.config.features)
         if x.shape[0] == 0:
             return np.zeros(0, np.float32)
         qt, xt, mask = pad_batch([(q, x)])

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "KINDS",
+    "KINDS_V2",
+    "N_REGION_FEATURES_V2",
     "N_NGRAM",
     "N_REGION_FEATURES",
     "Perceiver",
@@ -55,12 +57,17 @@ __all__ = [
     "ink_outline",
     "perception_from_lines",
     "perception_from_passes",
+    "n_region_features",
+    "part_regions",
     "region_features",
     "text_stats",
 ]
 
 KINDS = ("line", "row", "pair", "block")
-"""Region kinds, in the order of their one-hot feature."""
+"""Region kinds, in the order of their one-hot feature (features version 1)."""
+
+KINDS_V2 = (*KINDS, "part")
+"""Version 2 adds ``part``: a window of a line too wide for the target to read whole (:func:`part_regions`)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class Perception:
         legibility: share of the detected lines that the text pass read with confidence >= 0.5 (two-pass
             perception, :func:`perception_from_passes`; 1.0 for a single pass).
         recognised: lines the policy recognised itself at the detection resolution (0 for a single pass).
+        image_size: ``(width, height)`` of the ORIGINAL image in pixels (None when unknown): how large a crop
+            will be before the target's budget shrinks it (features of version 2).
     """
 
     lines: tuple[Region, ...]
@@ -109,6 +118,7 @@ class Perception:
     shared_seconds: float = 0.0
     legibility: float = 1.0
     recognised: int = 0
+    image_size: tuple[int, int] | None = None
 
 
 def _quad_box(quad, size: tuple[int, int]) -> Box | None:
@@ -174,6 +184,45 @@ def candidate_regions(lines: Sequence[Region], max_block: int = 4, max_gap: floa
     return out
 
 
+def part_regions(lines: Sequence[Region], image_size: tuple[int, int], part_px: int = 512) -> list[Region]:
+    """Windows of the lines wider than ``part_px`` ORIGINAL pixels: ``part`` regions.
+
+    A target shrinks each crop to its budget, so a full-width line of a dense page (1400 px wide at 384 px:
+    text ~5 px high) is cut but not read. Each such line gets windows ``part_px`` wide at a stride of half
+    that (any span up to ``part_px / 2`` lies whole in one window), full line height; a window's text is
+    the slice of the line's text at the same relative position (characters are assumed evenly spread).
+
+    Args:
+        lines: ``kind="line"`` regions (normalised boxes).
+        image_size: ``(width, height)`` of the original image in pixels.
+        part_px: window width in original pixels.
+
+    Returns:
+        ``part`` regions in line order, left to right; ``members`` = the line's own members.
+
+    Raises:
+        ValueError: ``part_px`` < 16.
+    """
+    if part_px < 16:
+        raise ValueError(f"part_px must be >= 16 original pixels, got {part_px}")
+    w_img = image_size[0]
+    out = []
+    for ln in lines:
+        width_px = ln.box.width * w_img
+        if width_px <= part_px:
+            continue
+        n = int(np.ceil((width_px - part_px) / (part_px / 2))) + 1
+        step = (ln.box.width - part_px / w_img) / max(1, n - 1)
+        for i in range(n):
+            x0 = ln.box.x0 + i * step
+            x1 = x0 + part_px / w_img
+            a, b = (x0 - ln.box.x0) / ln.box.width, (x1 - ln.box.x0) / ln.box.width
+            text = ln.text[int(a * len(ln.text)) : int(np.ceil(b * len(ln.text)))].strip()
+            out.append(Region(Box(x0, ln.box.y0, min(x1, ln.box.x1), ln.box.y1), text, ln.confidence, "part", 1,
+                              ln.members))  # fmt: skip
+    return out
+
+
 class Perceiver:
     """Runs the reader on a cheap view of each image and returns its :class:`Perception`.
 
@@ -190,6 +239,7 @@ class Perceiver:
         legible, max_recognise: the two-pass rule for pages the text pass cannot read: when fewer than
             ``legible`` of the detected lines got a confident reading, the policy recognises up to
             ``max_recognise`` of the unread lines itself, at ``detect_budget`` (and pays for it).
+        part_px: also offer windows of lines wider than this many ORIGINAL pixels (:func:`part_regions`).
 
     Call :meth:`bind` with the target before use to share the text pass with an ``ocr`` target.
     """
@@ -203,7 +253,9 @@ class Perceiver:
         detect_budget: Budget | int | str | None = None,
         legible: float = 0.5,
         max_recognise: int = 96,
+        part_px: int | None = None,
     ):
+        self.part_px = part_px
         self.budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
         self.detect_budget = None if detect_budget is None else Budget.parse(detect_budget)
         self.legible = legible
@@ -268,7 +320,7 @@ class Perceiver:
             if self.shared:
                 self.reader.read_shared(view)
             return Perception(p.lines, p.regions, p.ink, p.view_size, legibility=p.legibility,
-                              recognised=p.recognised)  # fmt: skip
+                              recognised=p.recognised, image_size=p.image_size)  # fmt: skip
         start = time.perf_counter()
         if self.shared:
             ocr_lines, shared_seconds = self.reader.read_shared(view)
@@ -276,7 +328,7 @@ class Perceiver:
             ocr_lines, shared_seconds = self.reader.read_all(view), 0.0
         low = [(ln.box, ln.text, ln.score) for ln in ocr_lines]
         if self.detect_budget is None:
-            perception = perception_from_lines(low, view.size, self.max_block)
+            perception = perception_from_lines(low, view.size, self.max_block, self.part_px, image.size)
         else:
             high_view = resize_to_budget(image, self.detect_budget)
             quads, crops = self.detector.detect(high_view)
@@ -285,8 +337,9 @@ class Perceiver:
                 texts, scores, _ = self.detector.recognise_crops([crops[i] for i in idx])
                 return list(zip(texts, scores, strict=True))
 
-            perception = perception_from_passes(low, view.size, quads, high_view.size, recognise,
-                                                self.legible, self.max_recognise, self.max_block)  # fmt: skip
+            perception = perception_from_passes(low, view.size, quads, high_view.size, recognise, self.legible,
+                                                self.max_recognise, self.max_block, self.part_px,
+                                                image.size)  # fmt: skip
         seconds = time.perf_counter() - start
         perception = Perception(
             perception.lines,
@@ -297,6 +350,7 @@ class Perceiver:
             shared_seconds=min(shared_seconds, seconds),
             legibility=perception.legibility,
             recognised=perception.recognised,
+            image_size=image.size,
         )
         self._cache[key] = perception
         while len(self._cache) > self.cache_size:
@@ -304,26 +358,33 @@ class Perceiver:
         return perception
 
 
-def perception_from_lines(lines, view_size: tuple[int, int], max_block: int = 4) -> Perception:
+def perception_from_lines(lines, view_size: tuple[int, int], max_block: int = 4, part_px: int | None = None,
+                          image_size: tuple[int, int] | None = None) -> Perception:  # fmt: skip
     """A :class:`Perception` from raw reader lines ``[(quad [[x, y] x 4] in view pixels, text, score)]``.
 
-    Used by :class:`Perceiver` and to rebuild perceptions from reads cached on disk (training).
+    Used by :class:`Perceiver` and to rebuild perceptions from reads cached on disk (training). ``part_px``:
+    add :func:`part_regions` of the lines (needs ``image_size``, the original's, else the view's is used).
     """
     regions = []
     for quad, text, score in lines:
         box = _quad_box(quad, view_size)
         if box is not None:
             regions.append(Region(box, str(text).strip(), float(score), "line", 1, (len(regions),)))
-    return _perception(regions, view_size, max_block)
+    return _perception(regions, view_size, max_block, part_px, image_size)
 
 
-def _perception(regions: list[Region], view_size, max_block: int, **extra) -> Perception:
+def _perception(regions: list[Region], view_size, max_block: int, part_px: int | None = None,
+                image_size: tuple[int, int] | None = None, **extra) -> Perception:  # fmt: skip
     ink = Box.full()
     if regions:
         ink = regions[0].box
         for r in regions[1:]:
             ink = ink.union(r.box)
-    return Perception(tuple(regions), tuple(candidate_regions(regions, max_block)), ink, tuple(view_size), **extra)
+    candidates = candidate_regions(regions, max_block)
+    if part_px is not None:
+        candidates += part_regions(regions, image_size or tuple(view_size), part_px)
+    size = None if image_size is None else tuple(image_size)
+    return Perception(tuple(regions), tuple(candidates), ink, tuple(view_size), image_size=size, **extra)
 
 
 CONFIDENT = 0.5
@@ -339,6 +400,8 @@ def perception_from_passes(
     legible: float = 0.5,
     max_recognise: int = 96,
     max_block: int = 4,
+    part_px: int | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> Perception:
     """Two-pass perception: line boxes from a detection pass, their text from a (cheaper) text pass.
 
@@ -354,6 +417,7 @@ def perception_from_passes(
             (:data:`CONFIDENT`), the page is illegible at the text pass and the unread lines are recognised.
         max_recognise: at most this many lines are recognised (detection order, i.e. top of the page first).
         max_block: see :func:`candidate_regions`.
+        part_px, image_size: see :func:`perception_from_lines`.
 
     Returns:
         A :class:`Perception` whose lines are the DETECTED lines (``view_size`` = the detection view), each with
@@ -387,7 +451,8 @@ def perception_from_passes(
                 texts[j], confs[j] = str(t).strip(), float(sc)
             recognised = len(todo)
     regions = [Region(b, t, c, "line", 1, (j,)) for j, (b, t, c) in enumerate(zip(boxes, texts, confs, strict=True))]
-    return _perception(regions, detect_size, max_block, legibility=legibility, recognised=recognised)
+    return _perception(regions, detect_size, max_block, part_px, image_size, legibility=legibility,
+                       recognised=recognised)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,16 +498,40 @@ def text_stats(text: str) -> np.ndarray:
 
 
 N_REGION_FEATURES = 16 + len(KINDS) + 8
-"""Length of :func:`region_features`' geometric + text-shape part."""
+"""Length of :func:`region_features`' geometric + text-shape part (version 1)."""
+
+N_REGION_FEATURES_V2 = 16 + len(KINDS_V2) + 8 + 2
+"""Version 2: the ``part`` kind and the crop's legibility at the target (see :func:`region_features`)."""
+
+TARGET_SIDE = 384
+"""The reference target budget (longest side, px) of the version-2 legibility features."""
 
 
-def region_features(region: Region, perception: Perception) -> np.ndarray:
-    """Fixed numeric features of one candidate: ``[N_REGION_FEATURES]`` float32.
+def n_region_features(version: int = 1) -> int:
+    """Length of :func:`region_features` for a feature ``version`` (1 or 2).
+
+    Raises:
+        ValueError: an unknown version.
+    """
+    if version not in (1, 2):
+        raise ValueError(f"unknown region feature version {version} (1 or 2)")
+    return N_REGION_FEATURES if version == 1 else N_REGION_FEATURES_V2
+
+
+def region_features(region: Region, perception: Perception, version: int = 1) -> np.ndarray:
+    """Fixed numeric features of one candidate: ``[n_region_features(version)]`` float32.
 
     Geometry in the image frame (x0, y0, x1, y1, centre, width, height, log area) and in the ink outline's
     frame (centre, rank of the centre among the lines: 0 top .. 1 bottom), confidence, number of lines,
-    the kind one-hot, and :func:`text_stats` of the text.
+    the kind one-hot, and :func:`text_stats` of the text. Version 2 adds the ``part`` kind and how legible
+    the crop will be at a :data:`TARGET_SIDE` px target: ``log`` of the shrink factor
+    ``min(1, TARGET_SIDE / longest side of the region in original pixels)`` and ``log`` of its mean line
+    height in target pixels (uses ``perception.image_size``; the view's size when unknown).
+
+    Raises:
+        ValueError: an unknown version.
     """
+    n_region_features(version)
     b, ink = region.box, perception.ink
     cx, cy = b.center
     iw, ih = max(ink.width, 1e-3), max(ink.height, 1e-3)
@@ -451,8 +540,16 @@ def region_features(region: Region, perception: Perception) -> np.ndarray:
     geo = [b.x0, b.y0, b.x1, b.y1, cx, cy, b.width, b.height, np.log(max(b.area, 1e-6)) / 10,
            (cx - ink.x0) / iw, (cy - ink.y0) / ih, rank, region.confidence, np.log1p(region.n_lines),
            np.log1p(len(perception.lines)) / 5, b.width / max(b.height, 1e-3) / 50]  # fmt: skip
-    kind = [float(region.kind == k) for k in KINDS]
-    return np.concatenate([np.asarray(geo, np.float32), np.asarray(kind, np.float32), text_stats(region.text)])
+    kinds = KINDS if version == 1 else KINDS_V2
+    kind = [float(region.kind == k) for k in kinds]
+    parts = [np.asarray(geo, np.float32), np.asarray(kind, np.float32), text_stats(region.text)]
+    if version == 2:
+        w, h = perception.image_size or perception.view_size
+        side = max(b.width * w, b.height * h, 1.0)
+        scale = min(1.0, TARGET_SIDE / side)
+        line_px = b.height * h / max(1, region.n_lines) * scale
+        parts.append(np.array([np.log(scale), np.log(max(line_px, 1.0)) / 3], np.float32))
+    return np.concatenate(parts)
 
 
 class QuestionEncoder:
