@@ -44,6 +44,7 @@ from zoomvlm.policies.perception import (
     Region,
     char_ngrams,
     n_region_features,
+    printed_rows,
     region_features,
 )
 
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "N_SIM",
+    "N_SIM_V2",
+    "n_sim",
     "ProposalCropper",
     "RegionScorer",
     "ScorerConfig",
@@ -64,7 +67,18 @@ __all__ = [
 ]
 
 N_SIM = 4
-"""Question-region similarity features: MiniLM cosine (region, best line), word overlap (region, best line)."""
+"""Question-region similarity features (version 1): word overlap and trigram overlap (region, best line)."""
+
+N_SIM_V2 = 6
+"""Version 2 adds the question's word overlap with the region's NEIGHBOURS: the other lines of its printed rows
+(a label left of its value) and the lines of the two rows above it that overlap it horizontally (a label or a
+table header above)."""
+
+
+def n_sim(version: int = 1) -> int:
+    """Number of question-region similarity features of a feature ``version``."""
+    return N_SIM if version == 1 else N_SIM_V2
+
 
 _WORD = re.compile(r"[a-z0-9]{3,}")
 _STOP = frozenset(
@@ -127,14 +141,14 @@ class RegionScorer(nn.Module):
     (``e`` = MiniLM embedding), so the question modulates every region multiplicatively.
 
     Shapes: ``forward(q [B, 384], x [B, N, F], mask [B, N] bool) -> logits [B, N]``, ``-inf`` where
-    ``mask`` is False. ``F = n_region_features(config.features) + N_NGRAM + N_SIM``.
+    ``mask`` is False. ``F = n_region_features(v) + N_NGRAM + n_sim(v)``, ``v = config.features``.
     """
 
     def __init__(self, config: ScorerConfig | None = None):
         super().__init__()
         self.config = config or ScorerConfig()
         h, r = self.config.hidden, self.config.rank
-        n_in = n_region_features(self.config.features) + N_NGRAM + N_SIM
+        n_in = n_region_features(self.config.features) + N_NGRAM + n_sim(self.config.features)
         self.region = nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, r))
         self.question = nn.Linear(QuestionEncoder.dim, r)
         self.head = nn.Sequential(nn.Linear(3 * r, h), nn.ReLU(), nn.Linear(h, 1))
@@ -185,21 +199,26 @@ def featurize(
     """Inputs of the scorer for one (image, question): ``(q [384], x [N, F])`` with N = ``len(regions)``.
 
     ``q`` = the question's MiniLM embedding. ``x`` = :func:`image_features` (pass ``static`` to reuse them
-    across questions about one image) and :data:`N_SIM` question-region similarities of the low-resolution
+    across questions about one image) and :func:`n_sim` question-region similarities of the low-resolution
     text: the fraction of the question's content words found in the region's text and in its best line, and
     the character-trigram overlap (share of the region's trigrams found in the question) of the region and of
-    its best line.
+    its best line; version 2 adds the word overlap of its neighbours (:data:`N_SIM_V2`).
     """
     regions = perception.regions
     q = encoder.encode([question])[0]
     static_x = static if static is not None else image_features(perception, version=version)
     if not regions:
-        return q, np.zeros((0, n_region_features(version) + N_NGRAM + N_SIM), np.float32)
+        return q, np.zeros((0, n_region_features(version) + N_NGRAM + n_sim(version)), np.float32)
     qwords, qtri = _words(question), _trigrams(question)
     n_q = max(1, len(qwords))
     line_overlap = np.array([len(qwords & _words(ln.text)) / n_q for ln in perception.lines], np.float32)
     line_tri = np.array([len(qtri & (t := _trigrams(ln.text))) / max(1, len(t)) for ln in perception.lines])
-    sims = np.zeros((len(regions), N_SIM), np.float32)
+    sims = np.zeros((len(regions), n_sim(version)), np.float32)
+    if version == 2:
+        row_of = np.zeros(len(perception.lines), dtype=int)
+        rows = line_rows(perception.lines)
+        for k, row in enumerate(rows):
+            row_of[row] = k
     for i, r in enumerate(regions):
         m = list(r.members)
         tri = _trigrams(r.text)
@@ -207,7 +226,20 @@ def featurize(
         sims[i, 1] = line_overlap[m].max() if m else 0.0
         sims[i, 2] = len(qtri & tri) / max(1, len(tri))
         sims[i, 3] = line_tri[m].max() if m else 0.0
+        if version == 2 and m:
+            own = sorted({int(row_of[j]) for j in m})
+            same = [j for k in own for j in rows[k] if j not in m]
+            above = [j for k in range(max(0, own[0] - 2), own[0]) for j in rows[k]
+                     if perception.lines[j].box.x0 < r.box.x1 and perception.lines[j].box.x1 > r.box.x0]  # fmt: skip
+            sims[i, 4] = line_overlap[same].max() if same else 0.0
+            sims[i, 5] = line_overlap[above].max() if above else 0.0
     return q, np.concatenate([static_x, sims], axis=1)
+
+
+def line_rows(lines: Sequence[Region]) -> list[list[int]]:
+    """Indices of ``lines`` grouped into printed rows, top to bottom (as :func:`candidate_regions` groups them)."""
+    index = {id(ln): j for j, ln in enumerate(lines)}
+    return [[index[id(ln)] for ln in row] for row in printed_rows(lines)]
 
 
 def crop_box(region: Region, config: ScorerConfig) -> Box:

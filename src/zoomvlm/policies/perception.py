@@ -59,6 +59,7 @@ __all__ = [
     "perception_from_passes",
     "n_region_features",
     "part_regions",
+    "printed_rows",
     "region_features",
     "text_stats",
 ]
@@ -140,7 +141,7 @@ def _merge(parts: Sequence[Region], kind: str) -> Region:
     return Region(box, text, conf, kind, sum(p.n_lines for p in parts), members)
 
 
-def _rows(lines: Sequence[Region]) -> list[list[Region]]:
+def printed_rows(lines: Sequence[Region]) -> list[list[Region]]:
     """Lines grouped into printed rows (vertical centre within half the median height), top to bottom."""
     if not lines:
         return []
@@ -170,7 +171,7 @@ def candidate_regions(lines: Sequence[Region], max_block: int = 4, max_gap: floa
         Multi-line kinds let a crop hold an answer and its label, or a wrapped answer, in one box.
     """
     out = list(lines)
-    rows = [_merge(r, "row") if len(r) > 1 else r[0] for r in _rows(lines)]
+    rows = [_merge(r, "row") if len(r) > 1 else r[0] for r in printed_rows(lines)]
     out += [r for r in rows if r.kind == "row"]
     if not lines:
         return out
