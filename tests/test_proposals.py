@@ -168,3 +168,31 @@ def test_shipped_scorer_reads_at_512_and_does_not_share_a_384_pass():
     # the ocr target reads its global view at 384 px: a different view, so the policy pays its own pass
     assert not policy.bind_target(OCRTarget(384))
     assert policy.bind_target(OCRTarget(512))
+
+
+def test_v2_features_see_a_values_label_in_its_row_and_above_it():
+    from zoomvlm.cropvlm.proposals import N_SIM_V2, featurize, n_sim
+    from zoomvlm.policies.perception import n_region_features, perception_from_lines
+
+    def quad(x0, y0, x1, y1):
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+    # "Advertising expense" and its value 714.3 on one printed row; a table header "Operating leases" above 34.7
+    lines = [(quad(10, 100, 300, 120), "Advertising expense", 0.9), (quad(600, 100, 700, 120), "714.3", 0.9),
+             (quad(600, 200, 800, 220), "Operating leases", 0.9), (quad(620, 230, 700, 250), "34.7", 0.9)]  # fmt: skip
+    p = perception_from_lines(lines, (1000, 1000), part_px=512, image_size=(1000, 1000))
+
+    class Enc:
+        def encode(self, texts):
+            return np.zeros((len(texts), 384), np.float32)
+
+    q, x = featurize(p, "What is the advertising expense in FY 2015?", Enc(), version=2)
+    assert x.shape == (len(p.regions), n_region_features(2) + N_NGRAM + n_sim(2)) and n_sim(2) == N_SIM_V2
+    value, leases_value = p.regions[1], p.regions[3]
+    assert value.text == "714.3" and leases_value.text == "34.7"
+    assert x[1, -2] == pytest.approx(2 / 3)  # its row-mate holds 2 of the 3 content words (advertising, expense, 2015)
+    assert x[1, -4] == 0.0  # the value itself shares no word with the question
+    assert x[3, -2] == 0.0 and x[3, -1] == 0.0  # 34.7 sits under "Operating leases": nothing of this question
+    q2, x2 = featurize(p, "What were the operating leases?", Enc(), version=2)
+    assert x2[3, -1] == pytest.approx(1.0)  # ... but it answers the question about its header
+    assert featurize(p, "What were the operating leases?", Enc(), version=1)[1].shape[1] == F
