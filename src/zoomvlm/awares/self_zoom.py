@@ -322,7 +322,7 @@ def continue_with_crops(
         The sample's :class:`SelfZoomResult`; ``rtr`` counts the low view plus these crops.
 
     Raises:
-        KeyError: a key not in :data:`~zoomvlm.awares.protocol.CROP_SET`. ValueError: no key, or the state's cache was
+        ToolCallError: a key not in :data:`~zoomvlm.awares.protocol.CROP_SET`. ValueError: no key, or the state's cache was
         already consumed. NotImplementedError: ``reuse_kv`` for an architecture outside
         :data:`KV_REUSE_ARCHITECTURES`.
     """
