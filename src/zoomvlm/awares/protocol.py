@@ -49,6 +49,7 @@ __all__ = [
     "crop_region",
     "crop_set_area",
     "covering_crops",
+    "crop_set_coverage",
     "crop_set_policy_prompt",
     "crops_for_box",
     "format_get_crops",
@@ -100,21 +101,27 @@ FINE_BANDS: dict[str, Box] = {
     **{f"h{i}": Box(0.0, i / 8, 1.0, (i + 1) / 8) for i in range(8)},
     **{f"h{i}l": Box(0.0, i / 8, 0.5, (i + 1) / 8) for i in range(8)},
     **{f"h{i}r": Box(0.5, i / 8, 1.0, (i + 1) / 8) for i in range(8)},
+    **{f"s{i}": Box(0.0, (2 * i + 1) / 16, 1.0, (2 * i + 3) / 16) for i in range(7)},
+    **{f"s{i}l": Box(0.0, (2 * i + 1) / 16, 0.5, (2 * i + 3) / 16) for i in range(7)},
+    **{f"s{i}r": Box(0.5, (2 * i + 1) / 16, 1.0, (2 * i + 3) / 16) for i in range(7)},
 }
 """The bands the fine crop set adds: ``h0``..``h7`` the eighths of the height at full width (``h0`` at the top),
-``h{i}l`` / ``h{i}r`` their left and right halves (1/8 and 1/16 of the image)."""
+``s0``..``s6`` the same bands shifted down by 1/16 (``s0`` spans 1/16..3/16), and the left / right halves of each
+(``h3l``, ``s3r``): 1/8 and 1/16 of the image."""
 
 FINE_CROP_SET: dict[str, Box] = {**CROP_SET, **FINE_BANDS}
 """The finer crop set for text documents (an OPTION of the external ``crop-set-reader`` policy; AwaRes's
-:data:`CROP_SET` stays the default everywhere): AwaRes's 10 regions plus :data:`FINE_BANDS` (34 regions).
+:data:`CROP_SET` stays the default everywhere): AwaRes's 10 regions plus :data:`FINE_BANDS` (55 regions).
 
 Why these: the evidence of a text question is a line, and with AwaRes's set the smallest region holding a line
 is a quadrant or a half (0.25-0.5 of the high view; the README measured the interface's ceiling at RTR 0.44 on
 receipts). A line is 1-3 % of a page's height, so an eighth-height band (0.125) holds it, and the half of a
 band (0.0625) when the line sits in one column (a receipt's total or date printed right or left of its label);
-a line across a band edge takes the two adjacent bands. AwaRes's regions stay in the set, so a block of text is
-still one request. Regions are named by key only; they are not part of the ``GET_CROPS`` grammar of the VLM
-protocol (:func:`parse_get_crops` reads :data:`CROP_SET` keys only), since the external policy emits no text."""
+the shifted bands put every band edge 1/16 from an edge of the other family, so a line whose padded box is at most
+1/16 of the height high always fits ONE band (without them a padded line straddles an edge about a third of the
+time and costs two). AwaRes's regions stay in the set, so a block of text is still one request. Regions are
+named by key only; they are not part of the ``GET_CROPS`` grammar of the VLM protocol (:func:`parse_get_crops`
+reads :data:`CROP_SET` keys only), since the external policy emits no text."""
 
 CROP_SETS: dict[str, dict[str, Box]] = {"awares": CROP_SET, "fine": FINE_CROP_SET}
 """The crop sets by name (``crop_set`` of a ``crop-set-reader`` checkpoint): ``awares`` (default) or ``fine``."""
@@ -188,7 +195,7 @@ def crop_set_area(keys: Sequence[str]) -> float:
     Overlaps count once (``['0', '5']`` covers 0.5, not 0.75), so the cost term of the AwaRes reward
     measures how much high-resolution evidence was requested. Keys of either crop set (:data:`CROP_SETS`) are
     accepted. Exact for any rectangles: the union is summed over the cells of the grid the regions' own edges
-    make (coordinate compression); every edge of both sets is a multiple of 1/8, so the sums are exact in floating
+    make (coordinate compression); every edge of both sets is a multiple of 1/16, so the sums are exact in floating
     point too.
 
     >>> crop_set_area(['0']), crop_set_area(['0', '5']), crop_set_area(['4', 'all'])
@@ -257,6 +264,20 @@ def _union_area(boxes: Sequence[Box], within: Box | None = None) -> float:
     return area
 
 
+def crop_set_coverage(keys: Sequence[str], box: Box) -> float:
+    """Fraction of ``box``'s area inside the union of the crop regions ``keys`` (either set), exact; 0 for no key.
+
+    >>> crop_set_coverage(['0'], Box(0.25, 0.25, 0.75, 0.5)), crop_set_coverage(['0', '1'], Box(0.25, 0.25, 0.75, 0.5))
+    (0.5, 1.0)
+
+    Raises:
+        ToolCallError: an unknown key.
+    """
+    if box.area <= 0 or not keys:
+        return 0.0
+    return _union_area([crop_region(k) for k in keys], within=box) / box.area
+
+
 def covering_crops(box: Box, crop_set: str = "awares", cover: float = 0.99, max_crops: int = 3) -> list[str]:
     """The smallest crop subset of ``crop_set`` (a :data:`CROP_SETS` name) whose union covers ``box``.
 
@@ -270,7 +291,7 @@ def covering_crops(box: Box, crop_set: str = "awares", cover: float = 0.99, max_
     >>> covering_crops(Box(0.6, 0.6, 0.9, 0.9)), covering_crops(Box(0.1, 0.2, 0.9, 0.23))
     (['3'], ['5'])
     >>> covering_crops(Box(0.55, 0.3, 0.9, 0.33), "fine"), covering_crops(Box(0.1, 0.36, 0.9, 0.39), "fine")
-    (['h2r'], ['h2', 'h3'])
+    (['h2r'], ['s2'])
 
     Raises:
         KeyError: an unknown crop set. ValueError: ``cover`` outside ``(0, 1]`` or ``max_crops < 1``.
@@ -291,13 +312,14 @@ def _covering_cached(box: tuple[float, ...], crop_set: str, cover: float, max_cr
         holding = [k for k, b in regions.items() if b.x0 <= cx <= b.x1 and b.y0 <= cy <= b.y1]
         return (min(holding, key=lambda k: regions[k].area),)
     touching = [k for k, b in regions.items() if b.intersection(target) > 0]
-    best: tuple[float, int, tuple[int, ...]] | None = None
     order = {k: i for i, k in enumerate(regions)}
+    best: tuple[float, int, tuple[int, ...]] | None = None
     for n in range(1, max_crops + 1):
-        for subset in itertools.combinations(touching, n):
+        # a union is at least as large as its largest region: with a best subset found, only regions smaller than
+        # it can make a better one (ties go to fewer regions, which the best already has)
+        pool = touching if best is None else [k for k in touching if regions[k].area < best[0] - 1e-12]
+        for subset in itertools.combinations(pool, n):
             boxes = [regions[k] for k in subset]
-            if best is not None and max(b.area for b in boxes) > best[0] + 1e-12:
-                continue  # the union is at least its largest region: cannot beat the best
             if _union_area(boxes, within=target) < cover * target.area - 1e-12:
                 continue
             rank = (_union_area(boxes), n, tuple(sorted(order[k] for k in subset)))
