@@ -338,8 +338,8 @@ class ActionHead(nn.Module):
 
 HAND_SET = {
     # NO_CROPS block: trust the low view when the best region was read confidently and looks like an answer
-    "is_no": -10.5,
-    "no.conf": 10.0,
+    "is_no": -11.5,
+    "no.conf": 12.0,
     "no.looks": 2.0,
     # GET_CROPS block: the scorer's best region first, a subset holding more of its mass, a smaller area
     "crop.logp": 2.0,
@@ -347,8 +347,10 @@ HAND_SET = {
     "crop.rank": -1.0,
     "crop.area": -1.0,
 }
-"""The initial policy's weights: NO_CROPS logit ``10 conf + 2 looks - 10.5`` (beats the best crop when the best region
-was read at confidence >~ 0.9 and looks like an answer), GET_CROPS logit ``2 logp + 2 mass - rank - area``."""
+"""The initial policy's weights: NO_CROPS logit ``12 conf + 2 looks - 11.5``, GET_CROPS logit
+``2 logp + 2 mass - rank - area`` (``logp`` in [-1, 0]). So NO_CROPS wins when the best region was read at confidence
+above ~0.93 and looks like an answer (with a sure scorer, mass ~1, a quadrant's logit is ~1.7); a region that does
+not look like an answer is always fetched."""
 
 
 def hand_set_head(config: ReaderConfig | None = None) -> ActionHead:
