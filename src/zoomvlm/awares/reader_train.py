@@ -79,6 +79,7 @@ def cmd_train(args) -> int:
         build_reader_items,
         hand_set_head,
         load_awares_labels,
+        load_reader,
         perception_settings,
         save_reader,
     )
@@ -118,6 +119,10 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     reward = ActionReward(items, target, high, cost, RewardCache(out / "answers.jsonl"), labels)
     init = hand_set_head(config)
+    if (out / "init" / "head.pt").exists():  # a rerun: the KL reference is the initial policy the run started from
+        init = load_reader(out / "init")
+        if init.config != config:
+            raise ValueError(f"{out} was started with other settings ({out / 'init/config.json'}): use a new --out")
     recipe = {
         "stage": "grpo",
         "data": args.data,
@@ -134,7 +139,8 @@ def cmd_train(args) -> int:
         "init": "hand-set (zoomvlm.awares.reader_policy.HAND_SET)",
         "labels": "no human box (evidence stripped on load)",
     }
-    save_reader(init, out / "init", {**recipe, "stage": "init"})
+    if not (out / "init" / "head.pt").exists():
+        save_reader(init, out / "init", {**recipe, "stage": "init"})
     gcfg = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts, group=args.group, beta=args.beta, lr=args.lr,
                       temperature=args.temperature, seed=args.seed, save_every=args.save_every)  # fmt: skip
     model = train_grpo(init, items, reward, gcfg, out, recipe=recipe, grouped=True, save=save_reader)
