@@ -197,7 +197,10 @@ def test_checkpoint_round_trip_and_registry(tmp_path):
     assert str(policy.perceiver.budget) == "side:384"
     default = load_policy("crop-set-reader")
     assert default.config.crop_set == "awares" and default.high == HIGH and default.name == "crop-set-reader"
-    assert default.settings["view_budget"] == "512"  # the shipped proposals checkpoint's perception
+    # text from the AwaRes low view (shared with the target), line boxes at the shipped scorer's 512 px
+    assert default.settings["view_budget"] == "384" and default.settings["detect_budget"] == "512"
+    scorer_own = ReaderCropSetPolicy(config=ReaderConfig(text_view="scorer"), encoder=default.cropper.encoder)
+    assert scorer_own.settings["view_budget"] == "512" and scorer_own.settings["detect_budget"] is None
     assert "crop-set-reader[:CKPT][@HIGH]" in POLICY_SPECS
     with pytest.raises(FileNotFoundError, match="not a crop-set-reader checkpoint"):
         load_reader(tmp_path)

@@ -1,8 +1,9 @@
 """``zoomvlm train crop-set-reader``: GRPO for the AwaRes reader crop-set policy (:mod:`zoomvlm.awares.reader_policy`).
 
 1. Perception of every training image from the reader-pass cache (``--reads``, shared with ``zoomvlm train
-   proposals``: the same files, read once, resumable), with the proposals checkpoint's perception settings (or the
-   ``--view-budget`` / ``--detect-budget`` overrides).
+   proposals``: the same files, read once, resumable), with the settings of
+   :func:`~zoomvlm.awares.reader_policy.perception_settings` (``--text-view low``, default: text from the AwaRes low
+   view, line boxes from the detector at the scorer's budget; or ``--view-budget`` / ``--detect-budget``).
 2. The frozen proposals scorer ranks the candidates; each question gets its action space (NO_CROPS + ``--m``
    distinct crop subsets of ``--crop-set``, :func:`~zoomvlm.awares.reader_policy.action_space`).
 3. GRPO from the hand-set initial head (:func:`~zoomvlm.awares.reader_policy.hand_set_head`, also the KL reference)
@@ -70,6 +71,8 @@ def _perceptions(groups, settings: dict, reads: str) -> dict:
 
 
 def cmd_train(args) -> int:
+    from dataclasses import asdict
+
     import numpy as np
     import torch
 
@@ -104,9 +107,10 @@ def cmd_train(args) -> int:
     overrides = {k: v for k, v in given.items() if v is not None}
     if overrides.get("detect_budget") in ("none", "", "0"):
         overrides["detect_budget"] = None
-    settings = perception_settings(scorer.config, overrides)
     config = ReaderConfig(crop_set=args.crop_set, m=args.m, hidden=args.hidden, high=str(high), scorer=args.scorer,
-                          perception=settings)  # fmt: skip
+                          text_view=args.text_view, perception=overrides)  # fmt: skip
+    settings = perception_settings(scorer.config, config)
+    config = ReaderConfig(**{**asdict(config), "perception": settings})  # resolved: perceives as trained
 
     samples, groups = _load_samples(args.data, args.limit)
     perceptions = _perceptions(groups, settings, args.reads)
@@ -188,9 +192,13 @@ def add_parser(tsub) -> None:
                    "Default: %(default)s")  # fmt: skip
     p.add_argument("--scorer", default=None, help="proposals checkpoint (frozen). Default: the shipped one")
     p.add_argument("--reads", default="runs/reads", help="cache of reader passes. Default: %(default)s")
-    p.add_argument("--view-budget", default=None, help="perception text view budget. Default: the scorer's")
+    p.add_argument("--text-view", choices=("low", "scorer"), default="low",
+                   help="low: the text pass reads the AwaRes low view (the target's first turn; boxes from the "
+                   "detector at the scorer's budget); scorer: the scorer's perception as is. "
+                   "Default: %(default)s")  # fmt: skip
+    p.add_argument("--view-budget", default=None, help="perception text view budget. Default: by --text-view")
     p.add_argument("--detect-budget", default=None,
-                   help="two-pass perception detection budget (none = one pass). Default: the scorer's")  # fmt: skip
+                   help="two-pass perception detection budget (none = one pass). Default: by --text-view")  # fmt: skip
     p.add_argument("--legible", type=float, default=None, help="two-pass legibility rule. Default: the scorer's")
     p.add_argument("--max-recognise", type=int, default=None, help="two-pass recognition cap. Default: the scorer's")
     p.add_argument("--m", type=int, default=3, help="GET_CROPS actions per question. Default: %(default)s")
