@@ -8,12 +8,14 @@ Table 1": it learned one crop per question type). This policy looks, with the re
 1. **Perception** (:class:`~zoomvlm.policies.perception.Perceiver`): the reader's pass over a cheap view, built
    as :class:`~zoomvlm.cropvlm.proposals.ProposalCropper` builds it from the proposals checkpoint's
    :class:`~zoomvlm.cropvlm.proposals.ScorerConfig` (``view_budget``, ``detect_budget``, ``legible``,
-   ``max_recognise``; :attr:`ReaderConfig.perception` may override them). :meth:`ReaderCropSetPolicy.bind_target`
-   binds it to the target exactly as ``proposals`` does: with the ``ocr`` target at the perceiver's budget, and an
-   image whose AwaRes low view has that size (every receipt at ``high`` 768 px and a 384 px perceiver), the pass
-   IS the target's first turn: read once, and charged to the target (``Proposal.shared_seconds``; AwaRes's point
-   that the first turn is already paid for). Images whose low view differs are read by a second, unbound
-   perceiver that the policy pays for, so no read is ever charged to a target that does not consume it.
+   ``max_recognise``), except that by default its TEXT pass reads the AwaRes low view (``high`` halved; line boxes
+   from the detector at the scorer's own budget): :func:`perception_settings` says why (measured) and how
+   :class:`ReaderConfig` changes it. :meth:`ReaderCropSetPolicy.bind_target` binds it to the target exactly as
+   ``proposals`` does: with the ``ocr`` target at the text pass's budget, and an image whose AwaRes low view has
+   that size (every receipt at ``high`` 768 px: 384 px), the pass IS the target's first turn: read once, and
+   charged to the target (``Proposal.shared_seconds``; AwaRes's point that the first turn is already paid for).
+   Images whose low view differs are read by a second, unbound perceiver that the policy pays for, so no read is
+   ever charged to a target that does not consume it.
 2. **Where**: the frozen proposals :class:`~zoomvlm.cropvlm.proposals.RegionScorer` (by default the shipped
    checkpoint, :func:`~zoomvlm.cropvlm.proposals.default_proposals_path`) scores the candidate regions against the
    question.
