@@ -5,18 +5,31 @@ RTR is counted against that 768 px view (``rtr_reference``): the low view alone 
 Rows, all measured in one run with a fresh target each: low-res only, high-res only, always-all-crops
 (low view + the whole image at high resolution), oracle subset (the crops whose IoU with the HUMAN evidence
 box passes the threshold; evaluation only, the upper bound of the crop-set interface), the SFT crop-set
-policy, and SFT + GRPO at three values of lambda (the area cost). Columns: accuracy (``contains``), RTR,
+policy, and SFT + GRPO at three values of lambda (the area cost); then the reader-perception policy
+``crop-set-reader`` (:mod:`zoomvlm.awares.reader_policy`: the reader's pass + the proposals scorer find the answer's
+region, a small head picks NO_CROPS or the crops covering it): its hand-set initial head and its GRPO checkpoints
+(``--reader``, ``--reader-fine``), with AwaRes's crop set and the fine one (eighth-height bands), and the fine set's
+oracle (the smallest fine subset covering the human box; evaluation only). Columns: accuracy (``contains``), RTR,
 fraction of no-crop decisions, mean crops per request, format failures, policy and target ms/question.
 A last row, "oracle decision + subset (derived)", is computed per question from the low-res and oracle rows
-(low view when it was right, else the oracle subset): the ceiling of the crop-set interface on this testbed.
-Learned rows whose checkpoint is missing are skipped with a message. Results in ``--out/<row>/`` (resumable);
-``--out/report`` gets the accuracy-vs-RTR plot with its Pareto front (``zoomvlm report``).
+(low view when it was right, else the oracle subset): the ceiling of the crop-set interface on this testbed; the
+same with the fine oracle gives the fine interface's ceiling. Learned rows whose checkpoint is missing are skipped
+with a message. The reader rows' ``ocr`` target has the low view's budget (``--high`` halved) as its own: a
+crop-set proposal gives every view its budget, so answers are the same, and a perceiver that reads the low view
+(a checkpoint with ``view_budget`` 384 at ``--high side:768``) shares the target's first pass as
+``Perceiver.bind`` allows; the shipped proposals scorer reads at 512 px, so its pass is the policy's own cost.
+Results in ``--out/<row>/`` (resumable); ``--out/report`` gets the accuracy-vs-RTR plot with its Pareto front
+(``zoomvlm report``).
 
     zoomvlm curate awares --data ../shared/data/receipts/train.jsonl --seeds runs/curate_train \\
         --out runs/curate_awares_train
     zoomvlm train sft  --config tiny_cpu_crop_set_sft
     zoomvlm train grpo --config tiny_cpu_crop_set_grpo --set awares.lam=0.1 \
         --set trainer.output_dir=runs/tiny_crop_set_grpo_lam0.1       (same for lam 0.3 and 1.0)
+    zoomvlm train crop-set-reader --data ../shared/data/receipts/train.jsonl --lam 0.3 --crop-set awares \
+        --out runs/crop_set_reader_lam0.3
+    zoomvlm train crop-set-reader --data ../shared/data/receipts/train.jsonl --lam 0.3 --crop-set fine \
+        --out runs/crop_set_reader_fine_lam0.3
     python benchmarks/receipts_awares.py --out runs/awares_table
 """
 
@@ -27,7 +40,8 @@ import json
 from pathlib import Path
 
 from zoomvlm.awares.policies import CropSetPolicy, FixedCropSet, OracleCropSet
-from zoomvlm.core.geometry import Budget
+from zoomvlm.awares.protocol import covering_crops, crop_set_proposal
+from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.data.samples import load_jsonl
 from zoomvlm.evaluation.run import read_run, run_eval
 from zoomvlm.policies.baselines import NoZoom
@@ -36,16 +50,60 @@ from zoomvlm.targets.ocr import OCRTarget
 LAMBDAS = ("0.1", "0.3", "1.0")
 
 
-def rows(high: Budget) -> list[tuple[str, object]]:
-    """(row name, policy or a checkpoint folder for a learned crop-set policy)."""
+class OracleCover:
+    """EVALUATION ONLY: the smallest subset of ``crop_set`` covering each human evidence box
+    (:func:`~zoomvlm.awares.protocol.covering_crops`), merged: the upper bound of a crop set's interface."""
+
+    def __init__(self, high: Budget, crop_set: str = "fine"):
+        self.high, self.crop_set = high, crop_set
+        self.name = f"crop-set-oracle-cover:{crop_set}"
+
+    def propose(self, images, questions, evidence: list[list[Box]] | None = None):
+        if evidence is None:
+            raise ValueError("the oracle needs human evidence boxes (evaluation only)")
+        out = []
+        for img, boxes in zip(images, evidence, strict=True):
+            keys: list[str] = []
+            for box in boxes:
+                keys += [k for k in covering_crops(box, self.crop_set) if k not in keys]
+            out.append(crop_set_proposal(img, keys, self.high))
+        return out
+
+
+def rows(high: Budget, reader: str, reader_fine: str) -> list[tuple[str, object]]:
+    """(row name, policy, or ``(kind, checkpoint folder)`` for a learned ``crop-set`` / ``crop-set-reader`` policy).
+
+    The reader rows' policies are built when their row runs (:func:`_reader_policy`), so ``--rows`` without them
+    loads nothing of theirs.
+    """
     return [
         ("low-res only", FixedCropSet([], high, name="low-res only")),
         ("high-res only", NoZoom()),  # the target's own budget is the high view
         ("always-all-crops", FixedCropSet(["all"], high, name="always-all-crops")),
         ("oracle subset", OracleCropSet(high)),
-        ("SFT", "runs/tiny_crop_set_sft/final"),
-        *[(f"SFT+GRPO lambda={lam}", f"runs/tiny_crop_set_grpo_lam{lam}/final") for lam in LAMBDAS],
+        ("SFT", ("crop-set", "runs/tiny_crop_set_sft/final")),
+        *[(f"SFT+GRPO lambda={lam}", ("crop-set", f"runs/tiny_crop_set_grpo_lam{lam}/final")) for lam in LAMBDAS],
+        ("oracle cover fine", OracleCover(high, "fine")),
+        ("reader hand-set", ("crop-set-reader", "awares")),
+        ("reader hand-set fine", ("crop-set-reader", "fine")),
+        ("reader GRPO", ("crop-set-reader", reader)),
+        ("reader GRPO fine", ("crop-set-reader", reader_fine)),
     ]
+
+
+def _reader_policy(arg: str, high: Budget, name: str, encoder):
+    """A ``crop-set-reader`` policy: the hand-set initial head for ``arg`` ``awares`` / ``fine``, else a checkpoint."""
+    from zoomvlm.awares.reader_policy import ReaderConfig, ReaderCropSetPolicy
+
+    if arg in ("awares", "fine"):
+        return ReaderCropSetPolicy(config=ReaderConfig(crop_set=arg, high=str(high)), high=high, name=name,
+                                   encoder=encoder)  # fmt: skip
+    return ReaderCropSetPolicy(arg, high=high, name=name, encoder=encoder)
+
+
+def _low_budget(high: Budget) -> Budget:
+    """The AwaRes low view's budget for images at least ``high`` in size (``high`` halved per side)."""
+    return Budget(max_side=max(1, high.max_side // 2)) if high.max_side and not high.max_pixels else high
 
 
 def _fmt(v, spec, scale=1.0):
@@ -89,21 +147,36 @@ def main() -> None:
     parser.add_argument("--out", default="runs/awares_table")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--reader", default="runs/crop_set_reader_lam0.3/final",
+                        help="crop-set-reader checkpoint, AwaRes's crop set (row 'reader GRPO')")  # fmt: skip
+    parser.add_argument("--reader-fine", default="runs/crop_set_reader_fine_lam0.3/final",
+                        help="crop-set-reader checkpoint, fine crop set (row 'reader GRPO fine')")  # fmt: skip
     args = parser.parse_args()
 
     high = Budget.parse(args.high)
     samples = load_jsonl(args.data)[: args.limit]
     wanted = args.rows.split(",") if args.rows else None
     results, outs = {}, []
-    for name, policy in rows(high):
+    encoder = None  # one MiniLM for every reader row
+    for name, policy in rows(high, args.reader, args.reader_fine):
         if wanted and name not in wanted:
             continue
-        if isinstance(policy, str):
-            if not Path(policy).is_dir():
-                print(f"skipping {name}: {policy} not found (train it first, see the docstring)")
-                continue
-            policy = CropSetPolicy(policy, high=high, name=name)
         target = OCRTarget(high)
+        if isinstance(policy, tuple):
+            kind, path = policy
+            hand_set = kind == "crop-set-reader" and path in ("awares", "fine")  # no checkpoint needed
+            if not hand_set and not Path(path).is_dir():
+                print(f"skipping {name}: {path} not found (train it first, see the docstring)")
+                continue
+            if kind == "crop-set":
+                policy = CropSetPolicy(path, high=high, name=name)
+            else:
+                if encoder is None:
+                    from zoomvlm.policies.perception import QuestionEncoder
+
+                    encoder = QuestionEncoder()
+                policy = _reader_policy(path, high, name, encoder)
+                target = OCRTarget(_low_budget(high))  # same answers; lets a low-view perceiver share the pass
         out = Path(args.out) / name.replace(" ", "_").replace("=", "")
         config = {"data": str(Path(args.data).resolve()), "target": target.name, "policy": policy.name,
                   "metric": "contains", "limit": args.limit, "rtr_reference": str(high)}  # fmt: skip
@@ -124,12 +197,14 @@ def main() -> None:
               f"{_fmt(per_request, '.2f')} | {_fmt(s['format_failure_rate'], '.1%')} | "
               f"{_fmt(s['policy_s'], '.0f', 1000)} | {_fmt(s['target_s'], '.0f', 1000)} |")  # fmt: skip
     by_name = dict(zip(results, outs, strict=True))
-    if "low-res only" in by_name and "oracle subset" in by_name:
-        d = oracle_decision(by_name["low-res only"], by_name["oracle subset"])
-        if d is not None:
-            results["oracle decision + subset (derived)"] = d
-            print(f"| oracle decision + subset (derived, {d['n']} q) | {d['accuracy']:.1%} | {d['rtr']:.3f} | "
-                  f"{d['no_crop']:.1%} | - | - | - | - |")  # fmt: skip
+    for oracle, label in (("oracle subset", "oracle decision + subset"), ("oracle cover fine", "oracle decision + "
+                                                                           "fine cover")):  # fmt: skip
+        if "low-res only" in by_name and oracle in by_name:
+            d = oracle_decision(by_name["low-res only"], by_name[oracle])
+            if d is not None:
+                results[f"{label} (derived)"] = d
+                print(f"| {label} (derived, {d['n']} q) | {d['accuracy']:.1%} | {d['rtr']:.3f} | "
+                      f"{d['no_crop']:.1%} | - | - | - | - |")  # fmt: skip
     if outs:
         from zoomvlm.evaluation.report import write_report
 

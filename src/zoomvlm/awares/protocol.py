@@ -20,6 +20,8 @@ and :func:`trajectory_messages` / :func:`trajectory_images` turn it into the con
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,12 +38,18 @@ __all__ = [
     "SelfZoomProtocol",
     "AWARES_SYSTEM_PROMPT",
     "CROP_SET",
+    "CROP_SETS",
     "CROP_SET_NAMES",
+    "FINE_BANDS",
+    "FINE_CROP_SET",
     "CROP_SET_POLICY_TEMPLATE",
     "NO_CROPS",
     "ToolCallError",
     "awares_action",
+    "crop_region",
     "crop_set_area",
+    "covering_crops",
+    "crop_set_coverage",
     "crop_set_policy_prompt",
     "crops_for_box",
     "format_get_crops",
@@ -87,6 +95,36 @@ CROP_SET_NAMES: dict[str, str] = {
 _CROP_ALIASES = {v.replace("-", " "): k for k, v in CROP_SET_NAMES.items()} | {
     "centre": "4", "middle": "4", "full": "all", "whole": "all",
 }  # fmt: skip
+
+
+FINE_BANDS: dict[str, Box] = {
+    **{f"h{i}": Box(0.0, i / 8, 1.0, (i + 1) / 8) for i in range(8)},
+    **{f"h{i}l": Box(0.0, i / 8, 0.5, (i + 1) / 8) for i in range(8)},
+    **{f"h{i}r": Box(0.5, i / 8, 1.0, (i + 1) / 8) for i in range(8)},
+    **{f"s{i}": Box(0.0, (2 * i + 1) / 16, 1.0, (2 * i + 3) / 16) for i in range(7)},
+    **{f"s{i}l": Box(0.0, (2 * i + 1) / 16, 0.5, (2 * i + 3) / 16) for i in range(7)},
+    **{f"s{i}r": Box(0.5, (2 * i + 1) / 16, 1.0, (2 * i + 3) / 16) for i in range(7)},
+}
+"""The bands the fine crop set adds: ``h0``..``h7`` the eighths of the height at full width (``h0`` at the top),
+``s0``..``s6`` the same bands shifted down by 1/16 (``s0`` spans 1/16..3/16), and the left / right halves of each
+(``h3l``, ``s3r``): 1/8 and 1/16 of the image."""
+
+FINE_CROP_SET: dict[str, Box] = {**CROP_SET, **FINE_BANDS}
+"""The finer crop set for text documents (an OPTION of the external ``crop-set-reader`` policy; AwaRes's
+:data:`CROP_SET` stays the default everywhere): AwaRes's 10 regions plus :data:`FINE_BANDS` (55 regions).
+
+Why these: the evidence of a text question is a line, and with AwaRes's set the smallest region holding a line
+is a quadrant or a half (0.25-0.5 of the high view; the README measured the interface's ceiling at RTR 0.44 on
+receipts). A line is 1-3 % of a page's height, so an eighth-height band (0.125) holds it, and the half of a
+band (0.0625) when the line sits in one column (a receipt's total or date printed right or left of its label);
+the shifted bands put every band edge 1/16 from an edge of the other family, so a line whose padded box is at most
+1/16 of the height high always fits ONE band (without them a padded line straddles an edge about a third of the
+time and costs two). AwaRes's regions stay in the set, so a block of text is still one request. Regions are
+named by key only; they are not part of the ``GET_CROPS`` grammar of the VLM protocol (:func:`parse_get_crops`
+reads :data:`CROP_SET` keys only), since the external policy emits no text."""
+
+CROP_SETS: dict[str, dict[str, Box]] = {"awares": CROP_SET, "fine": FINE_CROP_SET}
+"""The crop sets by name (``crop_set`` of a ``crop-set-reader`` checkpoint): ``awares`` (default) or ``fine``."""
 
 
 def parse_get_crops(text: str) -> list[str] | None:
@@ -138,29 +176,37 @@ def format_get_crops(keys: Sequence[str]) -> str:
     return "GET_CROPS: [" + ", ".join(f"'{k}'" for k in keys) + "]"
 
 
+def crop_region(key: str) -> Box:
+    """The normalised region of a crop key of either crop set (:data:`CROP_SETS`): AwaRes's ``"0"``..``"8"``,
+    ``"all"``, or a band of the fine set (``"h3"``, ``"h3l"``, ``"h3r"``).
+
+    Raises:
+        ToolCallError: a key of neither set.
+    """
+    box = FINE_CROP_SET.get(key)
+    if box is None:
+        raise ToolCallError(f"unknown crop {key!r}; valid: {', '.join(FINE_CROP_SET)}")
+    return box
+
+
 def crop_set_area(keys: Sequence[str]) -> float:
-    """Fraction of the image covered by the UNION of the crop-set regions ``keys`` (AwaRes's area(A)).
+    """Fraction of the image covered by the UNION of the crop regions ``keys`` (AwaRes's area(A)).
 
     Overlaps count once (``['0', '5']`` covers 0.5, not 0.75), so the cost term of the AwaRes reward
-    measures how much high-resolution evidence was requested. Exact: the crop-set corners lie on a
-    0.25 grid, so the union is summed over the 16 grid cells.
+    measures how much high-resolution evidence was requested. Keys of either crop set (:data:`CROP_SETS`) are
+    accepted. Exact for any rectangles: the union is summed over the cells of the grid the regions' own edges
+    make (coordinate compression); every edge of both sets is a multiple of 1/16, so the sums are exact in floating
+    point too.
 
     >>> crop_set_area(['0']), crop_set_area(['0', '5']), crop_set_area(['4', 'all'])
     (0.25, 0.5, 1.0)
+    >>> crop_set_area(['h0']), crop_set_area(['h0l', 'h0r', 'h1']), crop_set_area(['0', 'h0', 'h3r'])
+    (0.125, 0.25, 0.375)
 
     Raises:
         ToolCallError: an unknown key.
     """
-    bad = [k for k in keys if k not in CROP_SET]
-    if bad:
-        raise ToolCallError(f"unknown crop(s) {bad}; valid: {', '.join(CROP_SET)}")
-    covered = 0
-    for i in range(4):
-        for j in range(4):
-            cx, cy = (i + 0.5) / 4, (j + 0.5) / 4
-            if any(CROP_SET[k].x0 <= cx <= CROP_SET[k].x1 and CROP_SET[k].y0 <= cy <= CROP_SET[k].y1 for k in keys):
-                covered += 1
-    return covered / 16
+    return _union_area([crop_region(k) for k in keys])
 
 
 def crops_for_box(box: Box, iou_threshold: float) -> list[str]:
@@ -197,6 +243,96 @@ def crops_for_box(box: Box, iou_threshold: float) -> list[str]:
     if containing:
         return [min(containing, key=lambda k: crops[k].area)]
     return [max(ious, key=lambda k: (ious[k], covered[k]))]
+
+
+def _union_area(boxes: Sequence[Box], within: Box | None = None) -> float:
+    """Exact area of the union of ``boxes`` (clipped to ``within`` when given), by coordinate compression."""
+    if within is not None:
+        boxes = [
+            Box(max(b.x0, within.x0), max(b.y0, within.y0), min(b.x1, within.x1), min(b.y1, within.y1))
+            for b in boxes
+            if b.intersection(within) > 0
+        ]
+    xs = sorted({v for b in boxes for v in (b.x0, b.x1)})
+    ys = sorted({v for b in boxes for v in (b.y0, b.y1)})
+    area = 0.0
+    for x0, x1 in zip(xs, xs[1:], strict=False):
+        for y0, y1 in zip(ys, ys[1:], strict=False):
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            if any(b.x0 <= cx <= b.x1 and b.y0 <= cy <= b.y1 for b in boxes):
+                area += (x1 - x0) * (y1 - y0)
+    return area
+
+
+def crop_set_coverage(keys: Sequence[str], box: Box) -> float:
+    """Fraction of ``box``'s area inside the union of the crop regions ``keys`` (either set), exact; 0 for no key.
+
+    >>> crop_set_coverage(['0'], Box(0.25, 0.25, 0.75, 0.5)), crop_set_coverage(['0', '1'], Box(0.25, 0.25, 0.75, 0.5))
+    (0.5, 1.0)
+
+    Raises:
+        ToolCallError: an unknown key.
+    """
+    if box.area <= 0 or not keys:
+        return 0.0
+    return _union_area([crop_region(k) for k in keys], within=box) / box.area
+
+
+def covering_crops(box: Box, crop_set: str = "awares", cover: float = 0.99, max_crops: int = 3) -> list[str]:
+    """The smallest crop subset of ``crop_set`` (a :data:`CROP_SETS` name) whose union covers ``box``.
+
+    Among the subsets of at most ``max_crops`` regions that cover at least ``cover`` of ``box``'s area, the one of
+    least union area (:func:`crop_set_area`), then fewest regions, then earliest keys in the set's order (so ``all``
+    rather than two halves that make the whole image). Unlike :func:`crops_for_box` (AwaRes's curation rule,
+    IoU against a threshold, which can leave part of a line out), this never cuts the box: a crop edge through a
+    text line loses the line. The external ``crop-set-reader`` policy uses it to turn a chosen reader region (padded)
+    into its request.
+
+    >>> covering_crops(Box(0.6, 0.6, 0.9, 0.9)), covering_crops(Box(0.1, 0.2, 0.9, 0.23))
+    (['3'], ['5'])
+    >>> covering_crops(Box(0.55, 0.3, 0.9, 0.33), "fine"), covering_crops(Box(0.1, 0.36, 0.9, 0.39), "fine")
+    (['h2r'], ['s2'])
+
+    Raises:
+        KeyError: an unknown crop set. ValueError: ``cover`` outside ``(0, 1]`` or ``max_crops < 1``.
+    """
+    if crop_set not in CROP_SETS:
+        raise KeyError(f"unknown crop set {crop_set!r}; use one of {sorted(CROP_SETS)}")
+    if not 0.0 < cover <= 1.0 or max_crops < 1:
+        raise ValueError(f"cover must be in (0, 1] and max_crops >= 1, got {cover}, {max_crops}")
+    return list(_covering(box.as_list(6), crop_set, cover, max_crops))
+
+
+@functools.lru_cache(maxsize=65536)
+def _covering_cached(box: tuple[float, ...], crop_set: str, cover: float, max_crops: int) -> tuple[str, ...]:
+    target = Box(*box)
+    regions = CROP_SETS[crop_set]
+    if target.area <= 0:  # a degenerate box: the smallest region holding its centre
+        cx, cy = target.center
+        holding = [k for k, b in regions.items() if b.x0 <= cx <= b.x1 and b.y0 <= cy <= b.y1]
+        return (min(holding, key=lambda k: regions[k].area),)
+    touching = [k for k, b in regions.items() if b.intersection(target) > 0]
+    order = {k: i for i, k in enumerate(regions)}
+    best: tuple[float, int, tuple[int, ...]] | None = None
+    for n in range(1, max_crops + 1):
+        # a union is at least as large as its largest region: with a best subset found, only regions smaller than
+        # it can make a better one (ties go to fewer regions, which the best already has)
+        pool = touching if best is None else [k for k in touching if regions[k].area < best[0] - 1e-12]
+        for subset in itertools.combinations(pool, n):
+            boxes = [regions[k] for k in subset]
+            if _union_area(boxes, within=target) < cover * target.area - 1e-12:
+                continue
+            rank = (_union_area(boxes), n, tuple(sorted(order[k] for k in subset)))
+            if best is None or rank < best:
+                best = rank
+    if best is None:
+        return ("all",)
+    keys = list(regions)
+    return tuple(keys[i] for i in best[2])
+
+
+def _covering(box: Sequence[float], crop_set: str, cover: float, max_crops: int) -> tuple[str, ...]:
+    return _covering_cached(tuple(float(v) for v in box), crop_set, cover, max_crops)
 
 
 def _crop_set_listing() -> str:
@@ -316,19 +452,19 @@ def low_res_view(image: Image.Image, high: Budget) -> Image.Image:
 
 def crop_budgets(image: Image.Image, keys: Sequence[str], high: Budget) -> list[Budget]:
     """Per-crop budgets that keep each crop at the ``high`` view's scale (see ``same_scale_budget``)."""
-    return [same_scale_budget(CROP_SET[k], *image.size, high) for k in keys]
+    return [same_scale_budget(crop_region(k), *image.size, high) for k in keys]
 
 
 def high_res_crops(image: Image.Image, keys: Sequence[str], high: Budget) -> list[Image.Image]:
     """The requested crop-set regions cut from the ORIGINAL ``image`` at the ``high`` view's scale (RGB).
 
     Raises:
-        KeyError: a key not in :data:`~zoomvlm.awares.protocol.CROP_SET` (parse tool calls with
+        ToolCallError: a key of neither crop set (:func:`crop_region`; parse tool calls with
             :func:`~zoomvlm.awares.protocol.parse_get_crops` first).
     """
     rgb = image.convert("RGB")
     return [
-        resize_to_budget(crop_image(rgb, CROP_SET[k]), b)
+        resize_to_budget(crop_image(rgb, crop_region(k)), b)
         for k, b in zip(keys, crop_budgets(image, keys, high), strict=True)
     ]
 
@@ -386,7 +522,7 @@ def crop_set_proposal(
     from zoomvlm.policies.base import Proposal
 
     return Proposal(
-        boxes=tuple(CROP_SET[k] for k in keys),
+        boxes=tuple(crop_region(k) for k in keys),
         global_budget=low_res_budget(image, high),
         crop_budgets=tuple(crop_budgets(image, keys, high)),
         raw=raw,

@@ -322,8 +322,8 @@ def continue_with_crops(
         The sample's :class:`SelfZoomResult`; ``rtr`` counts the low view plus these crops.
 
     Raises:
-        KeyError: a key not in :data:`~zoomvlm.awares.protocol.CROP_SET`. ValueError: no key, or the state's cache was
-        already consumed. NotImplementedError: ``reuse_kv`` for an architecture outside
+        ToolCallError: a key not in :data:`~zoomvlm.awares.protocol.CROP_SET`. ValueError: no key, or the state's
+        cache was already consumed. NotImplementedError: ``reuse_kv`` for an architecture outside
         :data:`KV_REUSE_ARCHITECTURES`.
     """
     if not keys:

@@ -174,6 +174,8 @@ def add_commands(sub) -> None:
     p.add_argument("--message", default=None, help="commit message (default: names the recipe)")
     p.set_defaults(func=cmd_push)
 
+    from zoomvlm.awares.reader_train import add_parser as add_crop_set_reader
     from zoomvlm.cropvlm.proposal_train import add_parser as add_proposals
 
     add_proposals(tsub)
+    add_crop_set_reader(tsub)

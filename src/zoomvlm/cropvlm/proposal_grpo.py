@@ -252,11 +252,15 @@ def train_grpo(
     recipe: dict | None = None,
     progress: bool = True,
     grouped: bool = False,
+    save: Callable | None = None,
 ) -> RegionScorer:
     """GRPO from ``seed_model`` (also the KL reference), resumable, checkpointing into ``out_dir``.
 
     Writes ``checkpoint.pt`` every ``save_every`` steps (model, optimiser, step, RNG), ``log.jsonl`` (one line
-    per step) and, at the end, the scorer in ``out_dir/final`` (:func:`~zoomvlm.cropvlm.proposals.save_scorer`).
+    per step) and, at the end, the scorer in ``out_dir/final`` (:func:`~zoomvlm.cropvlm.proposals.save_scorer`, or
+    ``save(model, folder, recipe)`` when given: another categorical policy over per-question candidates, such as
+    the AwaRes reader head of :mod:`zoomvlm.awares.reader_policy`, whose ``forward(q, x, mask)`` has the scorer's
+    shapes).
     Rerun the same call after a crash to continue from the last checkpoint. ``grouped``: a step's questions
     are all the questions of a few images drawn at random (a reader target then reads each global view once
     per step from its memo), else questions drawn independently.
@@ -342,7 +346,7 @@ def train_grpo(
         log.close()
     model.eval()
     if main:
-        save_scorer(model, out / "final", {**(recipe or {}), "grpo": asdict(config)})
+        (save or save_scorer)(model, out / "final", {**(recipe or {}), "grpo": asdict(config)})
     _barrier(world)
     if started:
         dist.destroy_process_group()

@@ -21,6 +21,10 @@ POLICY_SPECS = {
     "ink outline; no CKPT: the shipped one",
     "crop-set[:CKPT][@HIGH]": "AwaRes crop-set policy: low-res view + the high-res crops a small VLM requests "
     "(no CKPT: the shipped tiny one; HIGH: the high-resolution budget, default the trained one)",
+    "crop-set-reader[:CKPT][@HIGH]": "AwaRes crop-set policy that looks: the reader's pass over a cheap view (shared "
+    "with an ocr target reading the same low view) + the proposals scorer find the answer's region; a small head "
+    "trained by GRPO on R_ans - C_tool picks NO_CROPS or the crops covering it (AwaRes's set, or the finer text "
+    "set if the checkpoint says so); no CKPT: the hand-set initial head",
     "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3)",
     "crop-set-oracle[:T][@HIGH]": "low-res view + the crops whose IoU with the human box is >= T (EVALUATION ONLY)",
     "self-zoom[:PROTOCOL][@HIGH]": "hf: targets: the target itself decides (AwaRes): low view, optional GET_CROPS, "
@@ -125,6 +129,10 @@ def _crop_set_policy(kind: str, arg: str, **kwargs) -> ZoomPolicy:
     else:
         arg, _, high = arg.partition("@")
     high = high or None
+    if kind == "crop-set-reader":
+        from zoomvlm.awares.reader_policy import ReaderCropSetPolicy
+
+        return ReaderCropSetPolicy(arg or None, high=high, **kwargs)
     if kind == "crop-set":
         if not arg:
             return CropSetPolicy(default_crop_set_path(), high=high, name="crop-set", **kwargs)
