@@ -90,7 +90,7 @@ __all__ = [
     "save_reader",
 ]
 
-PERCEPTION_KEYS = ("view_budget", "detect_budget", "legible", "max_recognise")
+PERCEPTION_KEYS = ("view_budget", "detect_budget", "legible", "max_recognise", "part_px")
 """The perception settings a reader checkpoint may override (:class:`~zoomvlm.cropvlm.proposals.ScorerConfig`'s)."""
 
 ACTION_FEATURES = (
@@ -240,6 +240,7 @@ def make_perceiver(settings: dict) -> Perceiver:
         detect_budget=settings["detect_budget"],
         legible=settings["legible"],
         max_recognise=settings["max_recognise"],
+        part_px=settings.get("part_px"),
     )
 
 

@@ -64,9 +64,11 @@ def _perceptions(groups, settings: dict, reads: str) -> dict:
         view, detect = str(settings["view_budget"]), settings["detect_budget"]
         if detect:
             out.update(cached_passes(subset, view, str(detect), reads, stem, legible=settings["legible"],
-                                     max_recognise=settings["max_recognise"]))  # fmt: skip
+                                     max_recognise=settings["max_recognise"],
+                                     part_px=settings.get("part_px")))  # fmt: skip
         else:
-            out.update(cached_reads(subset, view, Path(reads) / f"{stem}_{view}.jsonl"))
+            out.update(cached_reads(subset, view, Path(reads) / f"{stem}_{view}.jsonl",
+                                    part_px=settings.get("part_px")))  # fmt: skip
     return out
 
 
