@@ -122,6 +122,24 @@ def seed_hit_rate(model, items, min_iou: float = 0.3) -> float:
     return hits / len(labelled)
 
 
+def seed_cover_rate(model, items, config, k: int, min_cover: float = 0.9) -> float:
+    """Share of items with a seed box where one of the policy's ``k`` crops covers >= ``min_cover`` of it."""
+    import torch
+
+    from zoomvlm.cropvlm.proposals import crop_box, pad_batch, select_boxes
+
+    labelled = [it for it in items if it.seed_box is not None]
+    if not labelled:
+        return float("nan")
+    hits = 0
+    with torch.no_grad():
+        for it in labelled:
+            q, x, mask = pad_batch([(it.q, it.x)])
+            idx = select_boxes(it.perception.regions, model(q, x, mask)[0].numpy(), config, k)
+            hits += any(crop_box(it.perception.regions[i], config).coverage(it.seed_box) >= min_cover for i in idx)
+    return hits / len(labelled)
+
+
 def cmd_seed(args) -> int:
     from zoomvlm.cropvlm.proposal_data import split_train
     from zoomvlm.cropvlm.proposals import save_scorer, train_seed
@@ -138,6 +156,11 @@ def cmd_seed(args) -> int:
     model = train_seed(data, config, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
     held_rate, fit_rate = seed_hit_rate(model, held), seed_hit_rate(model, fit)
     print(f"seed top-1 vs model-made box (IoU >= 0.3): fit {fit_rate:.1%}, held-out train {held_rate:.1%}")
+    for data, subset in groups.items():
+        ids = {s.id for s in subset}
+        part = [it for it in held if it.sample.id in ids]
+        cover = ", ".join(f"k={k} {seed_cover_rate(model, part, config, k):.1%}" for k in (1, 2, 3, 4))
+        print(f"held-out {data}: a crop covers >= 90 % of the model-made box: {cover}")
     # the shipped model is refit on all training questions with the same settings
     full = [(it.q, it.x, it.target) for it in items if it.target is not None]
     model = train_seed(full, config, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)

@@ -181,8 +181,9 @@ class OCRTarget:
         """The DETECTOR alone on ``view`` (as is; not memoised): ``(quads, crops)``.
 
         ``quads``: ``[4, 2]`` float32 line quadrilaterals in ``view`` pixels, detection order; ``crops``: the
-        rectified line images the recogniser would read (pass a subset to :meth:`recognise_crops`). Detection
-        is a small part of a read's cost (recognition runs once per line).
+        rectified line images, NOT yet turned upright by the angle classifier (pass a subset to
+        :meth:`recognise_crops`, which does). Detection is a small part of a read's cost: the classifier and
+        the recogniser run once per line.
         """
         from rapidocr.main import RapidOCRError
 
@@ -191,23 +192,24 @@ class OCRTarget:
         img, op_record = engine.preprocess_img(img)
         try:
             crops, det = engine.detect_and_crop(img, op_record)
-            if engine.use_cls:
-                crops, _ = engine.cls_and_rotate(crops)
         except RapidOCRError:  # nothing detected
             return [], []
         return [np.asarray(b, dtype=np.float32) for b in det.boxes], list(crops)
 
     def recognise_crops(self, crops: list[np.ndarray]) -> tuple[list[str], list[float], list[np.ndarray]]:
-        """The recogniser on line crops from :meth:`detect`: ``(texts, mean confidences, [T, C] log-probs)``."""
+        """Angle classifier (when the engine uses one) + recogniser on line crops from :meth:`detect`:
+        ``(texts, mean confidences, [T, C] log-probs)``, one per crop."""
         if not crops:
             return [], [], []
+        if self.engine.use_cls:
+            crops, _ = self.engine.cls_and_rotate(list(crops))
         return self._recognise(crops)
 
     def _read_uncached(self, view: Image.Image) -> list[OCRLine]:
         quads, crops = self.detect(view)
         if not quads:
             return []
-        texts, scores, log_probs = self._recognise(crops)
+        texts, scores, log_probs = self.recognise_crops(crops)
         # Every detected line is kept (a policy looks at low-confidence lines too); ``_Read.rows`` filters.
         return [OCRLine(t, s, b, lp) for t, s, b, lp in zip(texts, scores, quads, log_probs, strict=True)]
 
