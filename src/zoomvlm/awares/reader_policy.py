@@ -546,7 +546,7 @@ def build_reader_items(samples, perceptions: dict[str, Perception], scorer, enco
 
     out = []
     with torch.no_grad():
-        for it in build_items(samples, perceptions, encoder, None, progress=progress):
+        for it in build_items(samples, perceptions, encoder, None, progress=progress, version=scorer.config.features):
             if it.x.shape[0]:
                 q, x, mask = pad_batch([(it.q, it.x)])
                 logits = scorer(q, x, mask)[0].numpy()
