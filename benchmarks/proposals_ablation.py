@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from receipts_cropper_ceiling import y_centre_correlation  # the same diagnostic, one definition
+from receipts_cropper_ceiling import y_centre_correlation, y_centre_correlations  # one definition
 
 from zoomvlm.core.geometry import Budget
 from zoomvlm.data import load_jsonl
@@ -88,6 +88,10 @@ def main() -> None:
             for row, s in results.items():
                 by = s.get("by_field", {})
                 print(f"- {row}: " + " / ".join(f"{100 * by[f]:.1f}" if f in by else "-" for f in fields))
+            print("\ny-centre corr by field: " + ", ".join(fields))
+            for row in results:
+                by = y_centre_correlations(dirs[row], samples)
+                print(f"- {row}: " + " / ".join(f"{by[f][0]:.2f}" if f in by else "-" for f in fields))
 
 
 if __name__ == "__main__":

@@ -91,11 +91,9 @@ class QuestionPrior:
         return out
 
 
-def y_centre_correlation(out_dir: Path, samples) -> float | None:
-    """Is the policy looking at the image? Pearson correlation between the y-centre of its (first) box and the
-    y-centre of the smallest human evidence box, computed within each field (company/date/total) and averaged
-    weighted by questions. A question-type prior scores about 0, the oracle about 1; ``None`` without boxes.
-    """
+def y_centre_correlations(out_dir: Path, samples) -> dict[str, tuple[float, int]]:
+    """Per field: ``(Pearson correlation, questions)`` between the y-centre of the policy's (first) box and the
+    y-centre of the smallest human evidence box (0.0 when either side is constant). Empty without boxes."""
     evidence = {s.id: min(s.evidence_boxes, key=lambda b: b.area) for s in samples if s.evidence_boxes}
     pairs: dict[str, list[tuple[float, float]]] = {}
     with open(out_dir / "results.jsonl", encoding="utf-8") as fh:
@@ -105,15 +103,23 @@ def y_centre_correlation(out_dir: Path, samples) -> float | None:
                 e = evidence[r["id"]]
                 pairs.setdefault(r.get("field") or "", []).append(((r["boxes"][0][1] + r["boxes"][0][3]) / 2,
                                                                    (e.y0 + e.y1) / 2))  # fmt: skip
-    if not pairs:
-        return None
-    total, weighted = 0, 0.0
-    for field_pairs in pairs.values():
+    out = {}
+    for name, field_pairs in pairs.items():
         pred, true = zip(*field_pairs, strict=True)
         corr = statistics.correlation(pred, true) if len(set(pred)) > 1 and len(set(true)) > 1 else 0.0
-        weighted += (0.0 if math.isnan(corr) else corr) * len(field_pairs)
-        total += len(field_pairs)
-    return weighted / total
+        out[name] = (0.0 if math.isnan(corr) else corr, len(field_pairs))
+    return out
+
+
+def y_centre_correlation(out_dir: Path, samples) -> float | None:
+    """Is the policy looking at the image? Pearson correlation between the y-centre of its (first) box and the
+    y-centre of the smallest human evidence box, computed within each field (company/date/total) and averaged
+    weighted by questions. A question-type prior scores about 0, the oracle about 1; ``None`` without boxes.
+    """
+    per_field = y_centre_correlations(out_dir, samples)
+    if not per_field:
+        return None
+    return sum(c * n for c, n in per_field.values()) / sum(n for _, n in per_field.values())
 
 
 def main() -> None:

@@ -140,6 +140,14 @@ def seed_cover_rate(model, items, config, k: int, min_cover: float = 0.9) -> flo
     return hits / len(labelled)
 
 
+def _repeats(args, groups) -> dict[str, int]:
+    """``{sample id: times its question enters the seed loss}`` from ``--repeat`` (one per ``--data``)."""
+    reps = args.repeat or [1] * len(args.data)
+    if len(reps) != len(args.data) or min(reps) < 1:
+        raise ValueError(f"--repeat needs one integer >= 1 per --data ({len(args.data)}), got {reps}")
+    return {s.id: r for (data, subset), r in zip(groups.items(), reps, strict=True) for s in subset}
+
+
 def cmd_seed(args) -> int:
     from zoomvlm.cropvlm.proposal_data import split_train
     from zoomvlm.cropvlm.proposals import save_scorer, train_seed
@@ -148,7 +156,8 @@ def cmd_seed(args) -> int:
     items, _ = _items(args, samples, seeds, groups)
     config = _config(args, k=args.k)
     fit, held = split_train(items, holdout=0.2, seed=0)
-    data = [(it.q, it.x, it.target) for it in fit if it.target is not None]
+    repeat = _repeats(args, groups)
+    data = [(it.q, it.x, it.target) for it in fit for _ in range(repeat[it.sample.id]) if it.target is not None]
     n_lab = sum(it.target is not None for it in items)
     print(f"{len(items)} questions, {n_lab} with a seed label the low-resolution pass can match "
           f"({n_lab / max(1, len(items)):.1%}); fit {len(data)}, held-out train images {len(held)} questions",
@@ -162,7 +171,7 @@ def cmd_seed(args) -> int:
         cover = ", ".join(f"k={k} {seed_cover_rate(model, part, config, k):.1%}" for k in (1, 2, 3, 4))
         print(f"held-out {data}: a crop covers >= 90 % of the model-made box: {cover}")
     # the shipped model is refit on all training questions with the same settings
-    full = [(it.q, it.x, it.target) for it in items if it.target is not None]
+    full = [(it.q, it.x, it.target) for it in items for _ in range(repeat[it.sample.id]) if it.target is not None]
     model = train_seed(full, config, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
     recipe = {
         "stage": "seed",
@@ -178,7 +187,8 @@ def cmd_seed(args) -> int:
         "weight_decay": args.weight_decay,
         "seed": args.seed,
         "n_questions": len(items),
-        "n_seed_labels": len(full),
+        "n_seed_labels": sum(it.target is not None for it in items),
+        "repeat": args.repeat,
         "heldout_train_seed_hit": held_rate,
         "labels": "zoomvlm curate boxes --grounder ocr (model-made); no human box",
         "licence": "trained on documents/ (MMLongBench-Doc, CC BY-NC 4.0): non-commercial research use",
@@ -347,6 +357,10 @@ def add_parser(tsub) -> None:
             q.add_argument("--lr", type=float, default=3e-3, help="Default: %(default)s")
             q.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay. Default: %(default)s")
             q.add_argument("--k", type=int, default=2, help="boxes per question at inference. Default: %(default)s")
+            q.add_argument("--repeat", type=int, action="append", default=None,
+                           help="times each question of the matching --data enters the loss (repeatable, one per "
+                           "--data; e.g. to keep 77 document questions from drowning in 763 receipts). "
+                           "Default: 1 each")  # fmt: skip
         if stage == "grpo":
             q.add_argument("--init", required=True, help="seed checkpoint folder")
             q.add_argument("--reward", choices=("likelihood", "accuracy", "answer_probability"), default="likelihood")
