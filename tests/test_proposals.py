@@ -151,7 +151,7 @@ def test_multi_box_proposals_reach_the_target_as_several_crops(demo_samples, ocr
     assert again.boxes == record.boxes
 
 
-def test_shipped_scorer_reads_at_512_and_does_not_share_a_384_pass():
+def test_shipped_scorer_shares_the_384_pass_and_detects_at_1024():
     import json
     from pathlib import Path
 
@@ -160,14 +160,17 @@ def test_shipped_scorer_reads_at_512_and_does_not_share_a_384_pass():
 
     path = default_proposals_path()
     model = load_scorer(path)
-    assert model.config.view_budget == "512"
+    c = model.config
+    assert (c.view_budget, c.detect_budget, c.features, c.part_px, c.k) == ("384", "1024", 2, 512, 3)
     recipe = json.loads((Path(path) / "zoomvlm_recipe.json").read_text())
-    assert recipe["view_budget"] == "512" and "no human box" in recipe["labels"]
+    assert recipe["detect_budget"] == "1024" and "no human box" in recipe["labels"]
+    assert "non-commercial" in recipe["licence"]  # trained on documents/ too
     policy = ProposalCropper(model=model)
-    assert str(policy.perceiver.budget) == str(Budget.parse("512"))
-    # the ocr target reads its global view at 384 px: a different view, so the policy pays its own pass
-    assert not policy.bind_target(OCRTarget(384))
-    assert policy.bind_target(OCRTarget(512))
+    assert str(policy.perceiver.budget) == str(Budget.parse("384"))
+    assert str(policy.perceiver.detect_budget) == str(Budget.parse("1024")) and policy.perceiver.part_px == 512
+    # the ocr target's own global view at 384 px is the text pass: shared; another budget is not
+    assert policy.bind_target(OCRTarget(384))
+    assert not policy.bind_target(OCRTarget(512))
 
 
 def test_v2_features_see_a_values_label_in_its_row_and_above_it():
