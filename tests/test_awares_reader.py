@@ -197,10 +197,14 @@ def test_checkpoint_round_trip_and_registry(tmp_path):
     assert str(policy.perceiver.budget) == "side:384"
     default = load_policy("crop-set-reader")
     assert default.config.crop_set == "awares" and default.high == HIGH and default.name == "crop-set-reader"
-    # text from the AwaRes low view (shared with the target), line boxes at the shipped scorer's 512 px
-    assert default.settings["view_budget"] == "384" and default.settings["detect_budget"] == "512"
-    scorer_own = ReaderCropSetPolicy(config=ReaderConfig(text_view="scorer"), encoder=default.cropper.encoder)
-    assert scorer_own.settings["view_budget"] == "512" and scorer_own.settings["detect_budget"] is None
+    # text from the AwaRes low view (shared with the target; the shipped scorer's own text view is 384 px too),
+    # line boxes from the shipped scorer's detector at 1024 px
+    assert default.settings["view_budget"] == "384" and default.settings["detect_budget"] == "1024"
+    at_1024 = load_policy("crop-set-reader@side:1024")  # low view 512 px: the text pass moves there
+    assert at_1024.settings["view_budget"] == "512" and at_1024.settings["detect_budget"] == "1024"
+    scorer_own = ReaderCropSetPolicy(config=ReaderConfig(text_view="scorer"), high=Budget(max_side=1024),
+                                     encoder=default.cropper.encoder)  # fmt: skip
+    assert scorer_own.settings["view_budget"] == "384" and scorer_own.settings["detect_budget"] == "1024"
     assert "crop-set-reader[:CKPT][@HIGH]" in POLICY_SPECS
     with pytest.raises(FileNotFoundError, match="not a crop-set-reader checkpoint"):
         load_reader(tmp_path)

@@ -47,7 +47,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -407,13 +407,9 @@ def hand_set_head(config: ReaderConfig | None = None) -> ActionHead:
 
 def save_reader(model: ActionHead, out_dir: str | Path, recipe: dict | None = None) -> Path:
     """Write ``head.pt``, ``config.json`` (:class:`ReaderConfig`) and ``zoomvlm_recipe.json`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "head.pt")
-    (out / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-    if recipe is not None:
-        (out / "zoomvlm_recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
-    return out
+    from zoomvlm.cropvlm.proposals import save_checkpoint
+
+    return save_checkpoint(model, out_dir, "head.pt", recipe)
 
 
 def load_reader(path: str | Path) -> ActionHead:

@@ -104,40 +104,42 @@ def _config(args, **kw):
                         part_px=args.part_px, **kw)  # fmt: skip
 
 
-def seed_hit_rate(model, items, min_iou: float = 0.3) -> float:
-    """Share of items (with a seed label) whose top candidate overlaps the model-made seed box (IoU >= min_iou)."""
+def _scored(model, items, labelled) -> list[tuple[object, np.ndarray]]:
+    """``[(item, logits [N])]`` for the items ``labelled(item)`` keeps, scored by ``model`` without gradients."""
     import torch
 
     from zoomvlm.cropvlm.proposals import pad_batch
 
-    labelled = [it for it in items if it.target is not None]
-    if not labelled:
-        return float("nan")
-    hits = 0
+    out = []
     with torch.no_grad():
-        for it in labelled:
-            q, x, mask = pad_batch([(it.q, it.x)])
-            top = int(model(q, x, mask)[0].argmax())
-            hits += it.perception.regions[top].box.iou(it.seed_box) >= min_iou
-    return hits / len(labelled)
+        for it in items:
+            if labelled(it):
+                q, x, mask = pad_batch([(it.q, it.x)])
+                out.append((it, model(q, x, mask)[0].numpy()))
+    return out
+
+
+def seed_hit_rate(model, items, min_iou: float = 0.3) -> float:
+    """Share of items (with a seed label) whose top candidate overlaps the model-made seed box (IoU >= min_iou)."""
+    scored = _scored(model, items, lambda it: it.target is not None)
+    if not scored:
+        return float("nan")
+    hits = sum(it.perception.regions[int(lg.argmax())].box.iou(it.seed_box) >= min_iou for it, lg in scored)
+    return hits / len(scored)
 
 
 def seed_cover_rate(model, items, config, k: int, min_cover: float = 0.9) -> float:
     """Share of items with a seed box where one of the policy's ``k`` crops covers >= ``min_cover`` of it."""
-    import torch
+    from zoomvlm.cropvlm.proposals import crop_box, select_boxes
 
-    from zoomvlm.cropvlm.proposals import crop_box, pad_batch, select_boxes
-
-    labelled = [it for it in items if it.seed_box is not None]
-    if not labelled:
+    scored = _scored(model, items, lambda it: it.seed_box is not None)
+    if not scored:
         return float("nan")
     hits = 0
-    with torch.no_grad():
-        for it in labelled:
-            q, x, mask = pad_batch([(it.q, it.x)])
-            idx = select_boxes(it.perception.regions, model(q, x, mask)[0].numpy(), config, k)
-            hits += any(crop_box(it.perception.regions[i], config).coverage(it.seed_box) >= min_cover for i in idx)
-    return hits / len(labelled)
+    for it, lg in scored:
+        idx = select_boxes(it.perception.regions, lg, config, k)
+        hits += any(crop_box(it.perception.regions[i], config).coverage(it.seed_box) >= min_cover for i in idx)
+    return hits / len(scored)
 
 
 def _repeats(args, groups) -> dict[str, int]:

@@ -353,15 +353,21 @@ def train_seed(
     return model.eval()
 
 
-def save_scorer(model: RegionScorer, out_dir: str | Path, recipe: dict | None = None) -> Path:
-    """Write ``scorer.pt``, ``config.json`` and ``zoomvlm_recipe.json`` (``recipe``) into ``out_dir``."""
+def save_checkpoint(model: nn.Module, out_dir: str | Path, weights: str, recipe: dict | None = None) -> Path:
+    """Write ``weights`` (the state dict), ``config.json`` (``asdict(model.config)``) and ``zoomvlm_recipe.json``
+    (``recipe``) into ``out_dir``: the folder layout of the small torch policies (scorer, crop-set reader head)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "scorer.pt")
+    torch.save(model.state_dict(), out / weights)
     (out / "config.json").write_text(json.dumps(asdict(model.config), indent=2) + "\n")
     if recipe is not None:
-        (out / "zoomvlm_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        (out / "zoomvlm_recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     return out
+
+
+def save_scorer(model: RegionScorer, out_dir: str | Path, recipe: dict | None = None) -> Path:
+    """Write ``scorer.pt``, ``config.json`` and ``zoomvlm_recipe.json`` (``recipe``) into ``out_dir``."""
+    return save_checkpoint(model, out_dir, "scorer.pt", recipe)
 
 
 def load_scorer(path: str | Path) -> RegionScorer:
