@@ -199,3 +199,20 @@ def test_v2_features_see_a_values_label_in_its_row_and_above_it():
     q2, x2 = featurize(p, "What were the operating leases?", Enc(), version=2)
     assert x2[3, -1] == pytest.approx(1.0)  # ... but it answers the question about its header
     assert featurize(p, "What were the operating leases?", Enc(), version=1)[1].shape[1] == F
+
+
+def test_lexical_path_adds_the_question_overlaps_to_the_score():
+    from zoomvlm.cropvlm.proposals import n_sim
+    from zoomvlm.policies.perception import n_region_features
+
+    torch.manual_seed(0)
+    model = RegionScorer(ScorerConfig(features=2, lexical=True)).eval()
+    with torch.no_grad():  # silence the learned path so the direct one shows alone
+        for p in model.region.parameters():
+            p.zero_()
+    f = n_region_features(2) + N_NGRAM + n_sim(2)
+    x = torch.zeros(1, 2, f)
+    x[0, 1, -n_sim(2)] = 1.0  # candidate 1 holds every content word of the question
+    logits = model(torch.zeros(1, 384), x, torch.ones(1, 2, dtype=torch.bool))[0]
+    assert float(logits[1] - logits[0]) == pytest.approx(2.0)
+    assert not hasattr(RegionScorer(ScorerConfig(features=2)), "lexical")  # off by default (old checkpoints load)

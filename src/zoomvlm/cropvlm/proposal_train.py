@@ -101,7 +101,7 @@ def _config(args, **kw):
 
     return ScorerConfig(view_budget=str(args.view_budget), detect_budget=args.detect_budget or None,
                         legible=args.legible, max_recognise=args.max_recognise, features=args.features,
-                        part_px=args.part_px, **kw)  # fmt: skip
+                        part_px=args.part_px, lexical=getattr(args, "lexical", False), **kw)  # fmt: skip
 
 
 def _scored(model, items, labelled) -> list[tuple[object, np.ndarray]]:
@@ -183,6 +183,7 @@ def cmd_seed(args) -> int:
         "detect_budget": args.detect_budget,
         "part_px": args.part_px,
         "features": args.features,
+        "lexical": args.lexical,
         "k": args.k,
         "epochs": args.epochs,
         "lr": args.lr,
@@ -359,6 +360,11 @@ def add_parser(tsub) -> None:
             q.add_argument("--lr", type=float, default=3e-3, help="Default: %(default)s")
             q.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay. Default: %(default)s")
             q.add_argument("--k", type=int, default=2, help="boxes per question at inference. Default: %(default)s")
+            q.add_argument(
+                "--lexical",
+                action="store_true",
+                help="a direct path from the question-text overlaps to the score (ScorerConfig.lexical)",
+            )
             q.add_argument("--repeat", type=int, action="append", default=None,
                            help="times each question of the matching --data enters the loss (repeatable, one per "
                            "--data; e.g. to keep 77 document questions from drowning in 763 receipts). "

@@ -116,6 +116,9 @@ class ScorerConfig:
         features: region feature version (:func:`~zoomvlm.policies.perception.region_features`; 1 = the
             first checkpoints, 2 adds ``part`` windows and the crop's legibility at the target).
         part_px: offer ``part`` windows of lines wider than this many original pixels (version 2).
+        lexical: add a direct path from the question-text overlaps to the logit (``w . sims``, ``w`` initialised
+            to 2 per overlap): an inductive bias towards the text the question names, which a scorer fitted
+            mostly on one page kind otherwise drops for that kind's layout prior.
     """
 
     hidden: int = 64
@@ -131,6 +134,7 @@ class ScorerConfig:
     suppress: float = 0.6
     features: int = 1
     part_px: int | None = None
+    lexical: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -152,11 +156,17 @@ class RegionScorer(nn.Module):
         self.region = nn.Sequential(nn.Linear(n_in, h), nn.ReLU(), nn.Linear(h, r))
         self.question = nn.Linear(QuestionEncoder.dim, r)
         self.head = nn.Sequential(nn.Linear(3 * r, h), nn.ReLU(), nn.Linear(h, 1))
+        self.n_sim = n_sim(self.config.features)
+        if self.config.lexical:
+            self.lexical = nn.Linear(self.n_sim, 1, bias=False)
+            nn.init.constant_(self.lexical.weight, 2.0)
 
     def forward(self, q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = self.region(x)  # [B, N, r]
         qq = self.question(q)[:, None, :].expand_as(c)  # [B, N, r]
         logits = self.head(torch.cat([c, qq, c * qq], dim=-1)).squeeze(-1)  # [B, N]
+        if self.config.lexical:  # the question-region overlaps are the last n_sim features
+            logits = logits + self.lexical(x[..., -self.n_sim :]).squeeze(-1)
         return logits.masked_fill(~mask, float("-inf"))
 
 
