@@ -197,3 +197,19 @@ def test_seed_box_is_narrowed_to_the_answer_inside_a_wide_line_only(tmp_path):
     assert a.x1 == pytest.approx(0.1 + 0.7 * 31 / 37, abs=0.02)
     assert boxes["b"] == Box(0.1, 0.6, 0.2, 0.62)  # 200 px wide: kept whole
     assert boxes["c"] is None
+
+
+def test_preloaded_reads_are_served_without_reading_and_outlive_the_lru(receipt_half):
+    from zoomvlm.targets.ocr import OCRTarget
+
+    crop, _ = receipt_half
+    view = resize_to_budget(crop, Budget(max_side=384))
+    fresh = OCRTarget(384).read_all(view)
+    target = OCRTarget(384, cache_size=1)
+    target.preload(view, fresh)
+    calls = []
+    target._read_uncached = lambda v: calls.append(v.size) or []
+    other = resize_to_budget(crop.rotate(90, expand=True), Budget(max_side=384))
+    target.read_all(other)  # a different view fills the one-read LRU
+    assert [ln.text for ln in target.read_all(view)] == [ln.text for ln in fresh]
+    assert calls == [other.size]  # only the new view was read; the preloaded one stayed

@@ -253,29 +253,25 @@ def _replay_global_reads(target, items, args, groups) -> None:
     only the per-frame log-probabilities are missing, which the accuracy reward does not use. Saves one
     full-page read per image and step on a busy CPU.
     """
-    import hashlib
-
     from zoomvlm.core.geometry import resize_to_budget
     from zoomvlm.cropvlm.proposal_data import cached_rows
-    from zoomvlm.targets.ocr import OCRLine, _Read
+    from zoomvlm.targets.ocr import OCRLine
 
     rows = {}
     for data, subset in groups.items():
         stem = f"{Path(data).resolve().parent.name}_{Path(data).stem}"
         rows.update(cached_rows(subset, args.view_budget, Path(args.reads) / f"{stem}_{args.view_budget}.jsonl"))
-    target.cache_size = max(target.cache_size, len(items) + 64)
     seen = set()
     for it in items:
         if str(it.sample.image) in seen:
             continue
         seen.add(str(it.sample.image))
         view = resize_to_budget(it.sample.load_image().convert("RGB"), target.budget)
-        key = hashlib.blake2b(view.tobytes(), digest_size=16, person=str(view.size).encode()[:16]).digest()
-        lines = tuple(
+        lines = [
             OCRLine(text, score, np.asarray(quad, np.float32), np.zeros((0, 0), np.float32))
             for quad, text, score in rows[str(it.sample.image)]["lines"]
-        )
-        target._reads[key] = _Read(lines, 0.0)
+        ]
+        target.preload(view, lines)
 
 
 def cmd_prior(args) -> int:

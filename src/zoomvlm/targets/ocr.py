@@ -96,6 +96,8 @@ class OCRTarget:
         # Reads made by a policy on the target's behalf (``read_shared``), not yet consumed by the target:
         # kept apart from the LRU so a batch of prefetched global views cannot evict each other.
         self._pending: OrderedDict[bytes, _Read] = OrderedDict()
+        # Reads handed in from a cache on disk (:meth:`preload`): never evicted, never charged.
+        self._preloaded: dict[bytes, _Read] = {}
 
     # ---- engine -------------------------------------------------------------------------------
     @property
@@ -141,10 +143,25 @@ class OCRTarget:
         entry, fresh = self._lookup(view, shared=True)
         return list(entry.lines), (entry.seconds if fresh else 0.0)
 
+    @staticmethod
+    def _key(view: Image.Image) -> bytes:
+        return hashlib.blake2b(view.tobytes(), digest_size=16, person=str(view.size).encode()[:16]).digest()
+
+    def preload(self, view: Image.Image, lines: Sequence[OCRLine]) -> None:
+        """Hand in this reader's own earlier pass over ``view`` (e.g. a training cache of global views).
+
+        The lines are returned for that exact view (same pixels) from then on, never evicted (the LRU of
+        ``cache_size`` reads stays small: a read keeps ~1 MB of log-probabilities per line) and never charged.
+        Lines without log-probabilities serve :meth:`generate`, not :meth:`loglikelihood`.
+        """
+        self._preloaded[self._key(view.convert("RGB"))] = _Read(tuple(lines), 0.0)
+
     def _lookup(self, view: Image.Image, shared: bool = False) -> tuple[_Read, bool]:
         """``(entry, fresh)`` for ``view``; a pending shared entry consumed by the target is charged once."""
         view = view.convert("RGB")
-        key = hashlib.blake2b(view.tobytes(), digest_size=16, person=str(view.size).encode()[:16]).digest()
+        key = self._key(view)
+        if key in self._preloaded:
+            return self._preloaded[key], False
         if key in self._pending:
             entry = self._pending[key]
             if not shared:  # the target consumes the policy's read: charge it now, once
