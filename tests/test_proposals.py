@@ -213,6 +213,7 @@ def test_lexical_path_adds_the_question_overlaps_to_the_score():
     f = n_region_features(2) + N_NGRAM + n_sim(2)
     x = torch.zeros(1, 2, f)
     x[0, 1, -n_sim(2)] = 1.0  # candidate 1 holds every content word of the question
-    logits = model(torch.zeros(1, 384), x, torch.ones(1, 2, dtype=torch.bool))[0]
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 384), x, torch.ones(1, 2, dtype=torch.bool))[0]
     assert float(logits[1] - logits[0]) == pytest.approx(2.0)
     assert not hasattr(RegionScorer(ScorerConfig(features=2)), "lexical")  # off by default (old checkpoints load)
