@@ -14,8 +14,9 @@ POLICY_SPECS = {
     "vlm": "the shipped learned cropper (a tiny SmolVLM-architecture model trained on receipts, CPU)",
     "vlm[:CKPT]@OPTS": "cropper options, separated by , or @: free (no constrained decoding), boxes=K (up to K "
     "boxes, K crops), t=T (sample at temperature T), side=PX (split the cropper's view into tiles at PX)",
-    "proposals[:CKPT]": "learned cropper over the reader's own candidate lines/blocks (PP-OCR first pass, shared "
-    "with an ocr target at the same budget; MiniLM question features); no CKPT: the shipped one",
+    "proposals[:CKPT]": "learned cropper over the reader's own candidate lines/blocks (PP-OCR text pass, shared "
+    "with an ocr target at the same budget; line boxes from the detector at a higher budget; MiniLM question "
+    "features); no CKPT: the shipped one (text 384 px, boxes 1024 px, 3 crops)",
     "proposals+prior[:CKPT]": "the prior's box first, then the proposals scorer's top k-1 lines it does not cover",
     "prior[:CKPT]": "non-reading control: the nearest training questions' model-made box, placed in the page's "
     "ink outline; no CKPT: the shipped one",
