@@ -217,3 +217,72 @@ def test_lexical_path_adds_the_question_overlaps_to_the_score():
         logits = model(torch.zeros(1, 384), x, torch.ones(1, 2, dtype=torch.bool))[0]
     assert float(logits[1] - logits[0]) == pytest.approx(2.0)
     assert not hasattr(RegionScorer(ScorerConfig(features=2)), "lexical")  # off by default (old checkpoints load)
+
+
+def test_v3_features_match_question_words_through_typos_and_inflections_but_numbers_exactly():
+    from zoomvlm.cropvlm.proposals import _words, featurize, word_matcher
+    from zoomvlm.policies.perception import perception_from_lines
+
+    question = "what is advertsing expense of Neflix in FY 2015?"  # as typed in MMLongBench-Doc
+    overlap = word_matcher(_words(question), ["Netflix advertising expenses 2016", "most cost 2015"])
+    assert overlap("Netflix advertising expenses 2016") == pytest.approx(3 / 4)  # not 2016 for 2015
+    assert overlap("most cost 2015") == pytest.approx(1 / 4)  # 2015 only
+    assert overlap("an expense outside the vocabulary") == pytest.approx(1 / 4)  # exact matches still count
+
+    def quad(x0, y0, x1, y1):
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+    lines = [(quad(10, 100, 400, 120), "Advertising expenses were $714.3 million", 0.9),
+             (quad(10, 300, 400, 320), "Technology and development", 0.9)]  # fmt: skip
+    p = perception_from_lines(lines, (1000, 1000), part_px=512, image_size=(1000, 1000))
+
+    class Enc:
+        def encode(self, texts):
+            return np.zeros((len(texts), 384), np.float32)
+
+    _, x2 = featurize(p, question, Enc(), version=2)
+    _, x3 = featurize(p, question, Enc(), version=3)
+    assert x2.shape == x3.shape
+    assert x2[0, -6] == 0.0  # exact matching sees nothing of the typed question in the answer's line
+    assert x3[0, -6] == pytest.approx(2 / 4) and x3[1, -6] == 0.0
+    assert np.array_equal(x2[:, :-6], x3[:, :-6])  # only the question-region overlaps change
+
+
+def test_legibility_window_keeps_the_text_at_the_target_line_height_and_stays_in_the_page():
+    from dataclasses import replace
+
+    from zoomvlm.cropvlm.proposals import crop_box, legible_window
+
+    config = ScorerConfig(window_line_px=16.0, window_side=384)
+    line = Region(Box(0.40, 0.50, 0.60, 0.52), "Advertising expenses were $714.3 million", 0.9, "line", 1, (0,))
+    size = (1500, 2000)  # a page: the line is 40 px high, so the window's side is 384 * 40 / 16 = 960 px
+    w = legible_window(line, config, size)
+    assert w.width * size[0] == pytest.approx(960, abs=1) and w.height * size[1] == pytest.approx(960, abs=1)
+    assert w.coverage(crop_box(line, config)) == pytest.approx(1.0)  # it contains the region's own crop
+    assert w.center == pytest.approx(line.box.center, abs=1e-6)
+    corner = Region(Box(0.0, 0.97, 0.1, 0.99), "page 3", 0.9, "line", 1, (1,))
+    wc = legible_window(corner, config, size)  # shifted inside the page, same size
+    assert wc.x0 == 0.0 and wc.y1 == pytest.approx(1.0) and wc.height * size[1] == pytest.approx(960, abs=1)
+    capped = legible_window(line, replace(config, window_max_area=0.1), size)
+    assert capped.area == pytest.approx(0.1, rel=1e-3)
+    assert legible_window(line, ScorerConfig(), size) == crop_box(line, ScorerConfig())  # off by default
+
+
+def test_windows_only_when_the_scorer_is_unsure_and_suppression_spreads_them():
+    from dataclasses import replace
+
+    from zoomvlm.cropvlm.proposals import legible_window, wants_windows
+
+    config = ScorerConfig(k=2, window_line_px=16.0, window_below=0.5)
+    assert wants_windows(np.array([9.0, 0.0, 0.0, 0.0]), config) is False  # sure: tight crops
+    assert wants_windows(np.array([0.0] * 8), config) is True  # top-2 mass 0.25: unsure, widen
+    assert wants_windows(np.array([0.0] * 8), replace(config, window_line_px=None)) is False
+    assert wants_windows(np.array([9.0, 0.0]), replace(config, window_below=None)) is True
+    # three neighbouring lines: their windows frame one place, so the second box goes elsewhere
+    lines = [Region(Box(0.4, y, 0.6, y + 0.02), f"line {i}", 0.9, "line", 1, (i,))
+             for i, y in enumerate((0.30, 0.33, 0.36, 0.80))]  # fmt: skip
+    size = (1500, 2000)
+    crops = [legible_window(r, config, size) for r in lines]
+    logits = np.array([3.0, 2.0, 1.0, 0.0])
+    assert select_boxes(lines, logits, config) == [0, 1]  # the lines themselves do not overlap
+    assert select_boxes(lines, logits, config, crops=crops) == [0, 3]  # their windows do

@@ -53,17 +53,21 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "N_SIM",
     "N_SIM_V2",
+    "N_SIM_V3",
     "n_sim",
     "ProposalCropper",
     "RegionScorer",
     "ScorerConfig",
     "crop_box",
     "default_proposals_path",
+    "legible_window",
+    "wants_windows",
     "featurize",
     "image_features",
     "seed_targets",
     "select_boxes",
     "train_seed",
+    "word_matcher",
 ]
 
 N_SIM = 4
@@ -73,6 +77,11 @@ N_SIM_V2 = 6
 """Version 2 adds the question's word overlap with the region's NEIGHBOURS: the other lines of its printed rows
 (a label left of its value) and the lines of the two rows above it that overlap it horizontally (a label or a
 table header above)."""
+
+
+N_SIM_V3 = N_SIM_V2
+"""Version 3: the same six overlaps, but a question word also matches a page word that differs by a typo or an
+inflection (:func:`word_matcher`): people type "advertsing expense of Neflix" about "Advertising expenses"."""
 
 
 def n_sim(version: int = 1) -> int:
@@ -119,6 +128,15 @@ class ScorerConfig:
         lexical: add a direct path from the question-text overlaps to the logit (``w . sims``, ``w`` initialised
             to 2 per overlap): an inductive bias towards the text the question names, which a scorer fitted
             mostly on one page kind otherwise drops for that kind's layout prior.
+        window_line_px: ``None`` = crop the chosen region itself. Otherwise each chosen region is widened into
+            its LEGIBILITY WINDOW (:func:`legible_window`): the largest box around it whose text the target
+            still sees at ``window_line_px`` pixels of line height, so a crop shows the region's surroundings
+            (the answer near the words the question names) at no loss of legibility.
+        window_side: the target's budget (longest side of a crop's view, px) the window is sized for.
+        window_max_area: cap on a window's area (fraction of the page): bounds the extra text the target reads.
+        window_below: "zoom out when unsure": widen into windows only when the scorer's probability mass on
+            its ``k`` most probable candidates (``softmax(logits)``) is below this; ``None`` = always widen.
+            A confident scorer keeps its tight crops (cheap); an unsure one shows the target more context.
     """
 
     hidden: int = 64
@@ -135,6 +153,10 @@ class ScorerConfig:
     features: int = 1
     part_px: int | None = None
     lexical: bool = False
+    window_line_px: float | None = None
+    window_side: int = 384
+    window_max_area: float = 1.0
+    window_below: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -172,6 +194,42 @@ class RegionScorer(nn.Module):
 
 def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.casefold()) if w not in _STOP}
+
+
+def word_matcher(question_words: set[str], texts: Sequence[str], min_ratio: float = 80.0):
+    """``overlap(text) -> fraction of question_words`` matched in ``text``, tolerant of typos and inflections.
+
+    A question word matches a word of the text when they are equal, or when both have >= 4 characters, neither
+    contains a digit (numbers and years must match exactly: 2015 is not 2016) and their normalised Indel
+    similarity (rapidfuzz ``fuzz.ratio``, 0-100) is >= ``min_ratio``: "expense"/"expenses" 93,
+    "advertsing"/"advertising" 95, "neflix"/"netflix" 92, "cost"/"most" 75. The similarity of every
+    (question word, page word) pair is computed once over the vocabulary of ``texts`` (``process.cdist``), so
+    a page of a few hundred regions costs one small matrix.
+    """
+    from rapidfuzz import fuzz, process
+
+    q = sorted(question_words)
+    n_q = max(1, len(q))
+    vocab = sorted(set().union(*(_words(t) for t in texts))) if texts else []
+    matched: dict[str, frozenset[int]] = {}
+    if q and vocab:
+        sim = process.cdist(q, vocab, scorer=fuzz.ratio, workers=1)
+        fuzzy_q = np.array([len(w) >= 4 and not any(c.isdigit() for c in w) for w in q])
+        for j, v in enumerate(vocab):
+            ok = fuzzy_q & (sim[:, j] >= min_ratio) if len(v) >= 4 and not any(c.isdigit() for c in v) else 0
+            hits = set(np.flatnonzero(ok).tolist()) | ({q.index(v)} if v in question_words else set())
+            if hits:
+                matched[v] = frozenset(int(i) for i in hits)
+
+    index = {w: i for i, w in enumerate(q)}
+
+    def overlap(text: str) -> float:  # a text outside the vocabulary still matches exactly
+        hit: set[int] = set()
+        for w in _words(text):
+            hit |= matched.get(w, frozenset({index[w]}) if w in index else frozenset())
+        return len(hit) / n_q
+
+    return overlap
 
 
 def _trigrams(text: str) -> set[str]:
@@ -212,7 +270,8 @@ def featurize(
     across questions about one image) and :func:`n_sim` question-region similarities of the low-resolution
     text: the fraction of the question's content words found in the region's text and in its best line, and
     the character-trigram overlap (share of the region's trigrams found in the question) of the region and of
-    its best line; version 2 adds the word overlap of its neighbours (:data:`N_SIM_V2`).
+    its best line; version 2 adds the word overlap of its neighbours (:data:`N_SIM_V2`); version 3 matches
+    words through :func:`word_matcher` (typos, inflections) instead of exactly (:data:`N_SIM_V3`).
     """
     regions = perception.regions
     q = encoder.encode([question])[0]
@@ -221,10 +280,17 @@ def featurize(
         return q, np.zeros((0, n_region_features(version) + N_NGRAM + n_sim(version)), np.float32)
     qwords, qtri = _words(question), _trigrams(question)
     n_q = max(1, len(qwords))
-    line_overlap = np.array([len(qwords & _words(ln.text)) / n_q for ln in perception.lines], np.float32)
+    if version >= 3:
+        overlap = word_matcher(qwords, [ln.text for ln in perception.lines] + [r.text for r in regions])
+    else:
+
+        def overlap(text: str) -> float:
+            return len(qwords & _words(text)) / n_q
+
+    line_overlap = np.array([overlap(ln.text) for ln in perception.lines], np.float32)
     line_tri = np.array([len(qtri & (t := _trigrams(ln.text))) / max(1, len(t)) for ln in perception.lines])
     sims = np.zeros((len(regions), n_sim(version)), np.float32)
-    if version == 2:
+    if version >= 2:
         row_of = np.zeros(len(perception.lines), dtype=int)
         rows = line_rows(perception.lines)
         for k, row in enumerate(rows):
@@ -232,11 +298,11 @@ def featurize(
     for i, r in enumerate(regions):
         m = list(r.members)
         tri = _trigrams(r.text)
-        sims[i, 0] = len(qwords & _words(r.text)) / n_q
+        sims[i, 0] = overlap(r.text)
         sims[i, 1] = line_overlap[m].max() if m else 0.0
         sims[i, 2] = len(qtri & tri) / max(1, len(tri))
         sims[i, 3] = line_tri[m].max() if m else 0.0
-        if version == 2 and m:
+        if version >= 2 and m:
             own = sorted({int(row_of[j]) for j in m})
             same = [j for k in own for j in rows[k] if j not in m]
             above = [j for k in range(max(0, own[0] - 2), own[0]) for j in rows[k]
@@ -258,20 +324,69 @@ def crop_box(region: Region, config: ScorerConfig) -> Box:
     return region.box.pad(config.margin_x, config.margin_y + config.line_pad * line_h)
 
 
+def legible_window(region: Region, config: ScorerConfig, image_size: tuple[int, int] | None) -> Box:
+    """The crop for ``region``: :func:`crop_box`, widened to its legibility window when ``config.window_line_px``.
+
+    A target shrinks a crop of longest side ``S`` original pixels to ``window_side`` pixels, so text of line
+    height ``h`` original pixels (the region's mean line height) stays ``window_line_px`` high up to
+    ``S = window_side * h / window_line_px``. The window is the ``S x S`` box (clipped to the page, and shrunk
+    evenly to ``window_max_area`` of the page) centred on the region, shifted inside the page; it never cuts
+    the region's own crop smaller. Units: ``image_size`` = ``(width, height)`` of the original image in pixels
+    (``None``: no widening); boxes normalised to it.
+    """
+    box = crop_box(region, config)
+    if config.window_line_px is None or image_size is None:
+        return box
+    w_img, h_img = image_size
+    line_px = region.box.height * h_img / max(1, region.n_lines)
+    side = config.window_side * line_px / config.window_line_px
+    w, h = min(1.0, side / w_img), min(1.0, side / h_img)
+    if w * h > config.window_max_area:
+        shrink = (config.window_max_area / (w * h)) ** 0.5
+        w, h = w * shrink, h * shrink
+    w, h = max(w, box.width), max(h, box.height)
+    cx, cy = box.center
+    x0, y0 = min(max(0.0, cx - w / 2), 1.0 - w), min(max(0.0, cy - h / 2), 1.0 - h)
+    return Box(x0, y0, min(1.0, x0 + w), min(1.0, y0 + h))
+
+
+def wants_windows(logits: np.ndarray, config: ScorerConfig) -> bool:
+    """Whether the policy widens its crops into legibility windows for these candidate ``logits`` ``[N]``.
+
+    True when ``config.window_line_px`` is set and either ``window_below`` is None or the softmax probability
+    mass of the ``k`` most probable candidates is below ``window_below`` (the scorer is unsure where to look).
+    """
+    if config.window_line_px is None:
+        return False
+    if config.window_below is None or len(logits) == 0:
+        return True
+    z = np.asarray(logits, np.float64)
+    z = z[np.isfinite(z)]
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return float(np.sort(p)[::-1][: config.k].sum()) < config.window_below
+
+
 def select_boxes(
-    regions: Sequence[Region], logits: np.ndarray, config: ScorerConfig, k: int | None = None
+    regions: Sequence[Region],
+    logits: np.ndarray,
+    config: ScorerConfig,
+    k: int | None = None,
+    crops: Sequence[Box] | None = None,
 ) -> list[int]:
-    """Indices of the top ``k`` regions by ``logits``, skipping ones that overlap a chosen box (``suppress``)."""
+    """Indices of the top ``k`` regions by ``logits``, skipping ones that overlap a chosen box (``suppress``).
+
+    ``crops``: the boxes actually cut for the regions (e.g. their legibility windows); overlap is judged on them
+    when given, so k wide windows do not all frame one place. Default: the regions' own boxes.
+    """
     k = config.k if k is None else k
+    boxes = [r.box for r in regions] if crops is None else list(crops)
     chosen: list[int] = []
     for i in np.argsort(-logits, kind="stable"):
         if not np.isfinite(logits[i]):
             break
-        b = regions[i].box
-        if any(
-            b.coverage(regions[j].box) >= config.suppress or regions[j].box.coverage(b) >= config.suppress
-            for j in chosen
-        ):
+        b = boxes[i]
+        if any(b.coverage(boxes[j]) >= config.suppress or boxes[j].coverage(b) >= config.suppress for j in chosen):
             continue
         chosen.append(int(i))
         if len(chosen) == k:
@@ -458,6 +573,17 @@ class ProposalCropper:
         qt, xt, mask = pad_batch([(q, x)])
         return self.model(qt, xt, mask)[0].numpy()
 
+    def crops(
+        self, perception: Perception, image_size: tuple[int, int], logits: np.ndarray | None = None
+    ) -> list[Box]:
+        """The box cut for each candidate of ``perception``, normalised to the image: its legibility window
+        (:func:`legible_window`) when windows are on and, with ``window_below``, the scorer is unsure of
+        ``logits`` (see :func:`wants_windows`); its own padded box (:func:`crop_box`) otherwise."""
+        size = perception.image_size or image_size
+        if logits is not None and not wants_windows(logits, self.config):
+            return [crop_box(r, self.config) for r in perception.regions]
+        return [legible_window(r, self.config, size) for r in perception.regions]
+
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
         """Up to ``k`` boxes per (image, question); ``evidence`` is ignored (no human box is read)."""
         out = []
@@ -467,14 +593,17 @@ class ProposalCropper:
                 out.append(Proposal(error="the reader found no text line", shared_seconds=p.shared_seconds))
                 continue
             logits = self.logits(p, question)
+            crops = self.crops(p, image.size, logits)
+            wide = crops if wants_windows(logits, self.config) else None  # suppress on what is cut
             if self.prior is None:
-                idx = select_boxes(p.regions, logits, self.config)
+                idx = select_boxes(p.regions, logits, self.config, crops=wide)
                 lead = ()
             else:
                 lead = self.prior.propose([image], [question])[0].boxes
                 covered = np.array([lead[0].coverage(r.box) >= self.config.suppress for r in p.regions])
-                idx = select_boxes(p.regions, np.where(covered, -np.inf, logits), self.config, self.config.k - 1)
-            boxes = lead + tuple(crop_box(p.regions[i], self.config) for i in idx)
+                idx = select_boxes(p.regions, np.where(covered, -np.inf, logits), self.config, self.config.k - 1,
+                                   wide)  # fmt: skip
+            boxes = lead + tuple(crops[i] for i in idx)
             raw = " | ".join(p.regions[i].text for i in idx)
             out.append(Proposal(boxes, raw=raw, shared_seconds=p.shared_seconds))
         return out

@@ -509,13 +509,14 @@ TARGET_SIDE = 384
 
 
 def n_region_features(version: int = 1) -> int:
-    """Length of :func:`region_features` for a feature ``version`` (1 or 2).
+    """Length of :func:`region_features` for a feature ``version`` (1, 2 or 3; 3 shares version 2's region
+    features and changes only how the question is matched, see :func:`zoomvlm.cropvlm.proposals.featurize`).
 
     Raises:
         ValueError: an unknown version.
     """
-    if version not in (1, 2):
-        raise ValueError(f"unknown region feature version {version} (1 or 2)")
+    if version not in (1, 2, 3):
+        raise ValueError(f"unknown region feature version {version} (1, 2 or 3)")
     return N_REGION_FEATURES if version == 1 else N_REGION_FEATURES_V2
 
 
@@ -544,7 +545,7 @@ def region_features(region: Region, perception: Perception, version: int = 1) ->
     kinds = KINDS if version == 1 else KINDS_V2
     kind = [float(region.kind == k) for k in kinds]
     parts = [np.asarray(geo, np.float32), np.asarray(kind, np.float32), text_stats(region.text)]
-    if version == 2:
+    if version >= 2:
         w, h = perception.image_size or perception.view_size
         side = max(b.width * w, b.height * h, 1.0)
         scale = min(1.0, TARGET_SIDE / side)
