@@ -286,3 +286,60 @@ def test_windows_only_when_the_scorer_is_unsure_and_suppression_spreads_them():
     logits = np.array([3.0, 2.0, 1.0, 0.0])
     assert select_boxes(lines, logits, config) == [0, 1]  # the lines themselves do not overlap
     assert select_boxes(lines, logits, config, crops=crops) == [0, 3]  # their windows do
+
+
+def test_seed_command_line_writes_the_window_settings_into_the_scorer_config():
+    import argparse
+
+    from zoomvlm.cropvlm.proposal_train import _config, add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    base = ["proposals", "seed", "--data", "d.jsonl", "--curation", "c", "--out", "o", "--features", "3"]
+    args = parser.parse_args([*base, "--window-line-px", "17", "--window-below", "0.3"])
+    config = _config(args, k=3)
+    assert (config.window_line_px, config.window_below, config.window_max_area, config.features) == (17.0, 0.3, 1.0, 3)
+    assert _config(parser.parse_args(base), k=3).window_line_px is None  # off unless asked
+
+
+def test_propose_widens_into_windows_only_when_unsure():
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from zoomvlm.cropvlm.proposals import crop_box, legible_window
+    from zoomvlm.policies.perception import perception_from_lines
+
+    def quad(x0, y0, x1, y1):
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+    lines = [(quad(100, 100 + 120 * i, 500, 130 + 120 * i), f"line {i}", 0.9) for i in range(8)]
+    p = replace(perception_from_lines(lines, (1000, 1000), image_size=(1000, 1000)), image_size=(1000, 1000))
+
+    class Fixed:  # a perceiver that saw `p`
+        def perceive(self, image):
+            return p
+
+        def bind(self, target):
+            return False
+
+    class Enc:
+        def encode(self, texts):
+            return np.zeros((len(texts), 384), np.float32)
+
+    config = ScorerConfig(k=2, window_line_px=48.0, window_below=0.5)  # 30 px lines: 240 px windows
+    image = Image.new("RGB", (1000, 1000), "white")
+    flat = RegionScorer(config).eval()
+    with torch.no_grad():  # every candidate scores the same: the scorer is unsure
+        for prm in flat.parameters():
+            prm.zero_()
+    (unsure,) = ProposalCropper(model=flat, perceiver=Fixed(), encoder=Enc()).propose([image], ["q?"])
+    windows = {legible_window(r, config, (1000, 1000)) for r in p.regions}
+    assert len(unsure.boxes) == 2 and set(unsure.boxes) <= windows
+    assert all(b.height * 1000 == pytest.approx(240, abs=1) for b in unsure.boxes)
+    logits = np.full(len(p.regions), -50.0)
+    logits[0] = 50.0  # candidate 0 only: the scorer is sure
+    cropper = ProposalCropper(model=flat, perceiver=Fixed(), encoder=Enc())
+    cropper.logits = lambda perception, question: logits
+    (sure,) = cropper.propose([image], ["q?"])
+    assert sure.boxes[0] == crop_box(p.regions[0], config)  # a tight crop, no window

@@ -101,7 +101,10 @@ def _config(args, **kw):
 
     return ScorerConfig(view_budget=str(args.view_budget), detect_budget=args.detect_budget or None,
                         legible=args.legible, max_recognise=args.max_recognise, features=args.features,
-                        part_px=args.part_px, lexical=getattr(args, "lexical", False), **kw)  # fmt: skip
+                        part_px=args.part_px, lexical=getattr(args, "lexical", False),
+                        window_line_px=getattr(args, "window_line_px", None),
+                        window_below=getattr(args, "window_below", None),
+                        window_max_area=getattr(args, "window_max_area", 1.0), **kw)  # fmt: skip
 
 
 def _scored(model, items, labelled) -> list[tuple[object, np.ndarray]]:
@@ -185,6 +188,9 @@ def cmd_seed(args) -> int:
         "features": args.features,
         "lexical": args.lexical,
         "k": args.k,
+        "window_line_px": args.window_line_px,
+        "window_below": args.window_below,
+        "window_max_area": args.window_max_area,
         "epochs": args.epochs,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -343,9 +349,10 @@ def add_parser(tsub) -> None:
         q.add_argument(
             "--features",
             type=int,
-            choices=(1, 2),
+            choices=(1, 2, 3),
             default=2,
-            help="region feature version (2: part windows + legibility at the target). Default: %(default)s",
+            help="region feature version (2: part windows + legibility at the target; 3: as 2, question words "
+            "also match through typos and inflections). Default: %(default)s",
         )
         q.add_argument("--part-px", type=int, default=None,
                        help="offer windows of lines wider than this many original pixels (e.g. 512). "
@@ -360,6 +367,26 @@ def add_parser(tsub) -> None:
                 "--lexical",
                 action="store_true",
                 help="a direct path from the question-text overlaps to the score (ScorerConfig.lexical)",
+            )
+            q.add_argument(
+                "--window-line-px",
+                type=float,
+                default=None,
+                help="widen each crop into its legibility window: the largest box around the chosen region whose "
+                "text the target still sees this many pixels high (e.g. 17). Default: crop the region itself",
+            )
+            q.add_argument(
+                "--window-below",
+                type=float,
+                default=None,
+                help="with --window-line-px: widen only when the scorer's probability mass on its k most "
+                "probable candidates is below this ('zoom out when unsure'). Default: always",
+            )
+            q.add_argument(
+                "--window-max-area",
+                type=float,
+                default=1.0,
+                help="with --window-line-px: largest window, as a fraction of the page. Default: 1",
             )
             q.add_argument("--repeat", type=int, action="append", default=None,
                            help="times each question of the matching --data enters the loss (repeatable, one per "

@@ -16,7 +16,8 @@ POLICY_SPECS = {
     "boxes, K crops), t=T (sample at temperature T), side=PX (split the cropper's view into tiles at PX)",
     "proposals[:CKPT]": "learned cropper over the reader's own candidate lines/blocks (PP-OCR text pass, shared "
     "with an ocr target at the same budget; line boxes from the detector at a higher budget; MiniLM question "
-    "features); no CKPT: the shipped one (text 384 px, boxes 1024 px, 3 crops)",
+    "features); no CKPT: the shipped one (text 384 px, boxes 1024 px, 3 crops, widened into legible windows "
+    "when the scorer is unsure)",
     "proposals+prior[:CKPT]": "the prior's box first, then the proposals scorer's top k-1 lines it does not cover",
     "prior[:CKPT]": "non-reading control: the nearest training questions' model-made box, placed in the page's "
     "ink outline; no CKPT: the shipped one",
