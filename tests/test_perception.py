@@ -171,8 +171,9 @@ def test_part_windows_cover_a_wide_line_and_v2_features_say_how_legible_a_crop_i
     # the whole line is shrunk ~3.6x at a 384 px target, its 512 px window only 1.3x: the window reads larger
     assert f_wide[-2] < f_part[-2] and f_wide[-1] < f_part[-1]
     assert f_part[16 + 4] == 1.0  # the "part" one-hot
+    assert np.array_equal(region_features(wide, p, 3), f_wide)  # version 3 changes only the question matching
     with pytest.raises(ValueError, match="version"):
-        region_features(wide, p, 3)
+        region_features(wide, p, 4)
 
 
 def test_seed_box_is_narrowed_to_the_answer_inside_a_wide_line_only(tmp_path):
