@@ -123,7 +123,8 @@ class ScorerConfig:
         suppress: a candidate is skipped when its box covers >= this fraction of an already chosen box or
             is covered by one to this extent (so the k boxes look at different places).
         features: region feature version (:func:`~zoomvlm.policies.perception.region_features`; 1 = the
-            first checkpoints, 2 adds ``part`` windows and the crop's legibility at the target).
+            first checkpoints, 2 adds ``part`` windows and the crop's legibility at the target, 3 is 2 with
+            typo-tolerant question matching, :func:`word_matcher`).
         part_px: offer ``part`` windows of lines wider than this many original pixels (version 2).
         lexical: add a direct path from the question-text overlaps to the logit (``w . sims``, ``w`` initialised
             to 2 per overlap): an inductive bias towards the text the question names, which a scorer fitted
@@ -137,6 +138,8 @@ class ScorerConfig:
         window_below: "zoom out when unsure": widen into windows only when the scorer's probability mass on
             its ``k`` most probable candidates (``softmax(logits)``) is below this; ``None`` = always widen.
             A confident scorer keeps its tight crops (cheap); an unsure one shows the target more context.
+            The window settings act at inference only: GRPO (:mod:`~zoomvlm.cropvlm.proposal_grpo`) still
+            rewards each region's own crop (:func:`crop_box`).
     """
 
     hidden: int = 64
@@ -210,6 +213,7 @@ def word_matcher(question_words: set[str], texts: Sequence[str], min_ratio: floa
 
     q = sorted(question_words)
     n_q = max(1, len(q))
+    index = {w: i for i, w in enumerate(q)}
     vocab = sorted(set().union(*(_words(t) for t in texts))) if texts else []
     matched: dict[str, frozenset[int]] = {}
     if q and vocab:
@@ -217,11 +221,9 @@ def word_matcher(question_words: set[str], texts: Sequence[str], min_ratio: floa
         fuzzy_q = np.array([len(w) >= 4 and not any(c.isdigit() for c in w) for w in q])
         for j, v in enumerate(vocab):
             ok = fuzzy_q & (sim[:, j] >= min_ratio) if len(v) >= 4 and not any(c.isdigit() for c in v) else 0
-            hits = set(np.flatnonzero(ok).tolist()) | ({q.index(v)} if v in question_words else set())
+            hits = set(np.flatnonzero(ok).tolist()) | ({index[v]} if v in index else set())
             if hits:
                 matched[v] = frozenset(int(i) for i in hits)
-
-    index = {w: i for i, w in enumerate(q)}
 
     def overlap(text: str) -> float:  # a text outside the vocabulary still matches exactly
         hit: set[int] = set()
