@@ -343,3 +343,24 @@ def test_propose_widens_into_windows_only_when_unsure():
     cropper.logits = lambda perception, question: logits
     (sure,) = cropper.propose([image], ["q?"])
     assert sure.boxes[0] == crop_box(p.regions[0], config)  # a tight crop, no window
+
+
+def test_grpo_step_keeps_reward_indices_aligned_when_a_question_has_no_candidates():
+    items, rewards = toy_items(n=4)
+    empty = Item(np.zeros(384, np.float32), np.zeros((0, F), np.float32))
+    batch = [items[0], empty, items[1], items[2]]
+    indices = [0, 7, 1, 2]  # 7: the empty question's own index in the caller's list
+    seen = []
+
+    def reward_fn(item_idx, actions):
+        seen.extend(item_idx)
+        return [float(rewards[i][a]) for i, a in zip(item_idx, actions, strict=True)]  # IndexError if misaligned
+
+    torch.manual_seed(0)
+    model, ref = RegionScorer(), RegionScorer()
+    ref.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    grpo_step(model, ref, batch, reward_fn, indices, opt, GRPOConfig(group=3), np.random.default_rng(0))
+    assert sorted(set(seen)) == [0, 1, 2]  # the empty question is skipped, the others keep their own indices
+    with pytest.raises(ValueError, match="indices"):
+        grpo_step(model, ref, batch, reward_fn, indices[:3], opt, GRPOConfig(group=3), np.random.default_rng(0))

@@ -124,8 +124,10 @@ def grpo_step(
         "advantage_abs": mean |A|}``. Questions without candidates are skipped.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    items = [it for it in items if it.x.shape[0] > 0]
-    idx = [i for i, it in zip(item_indices, items, strict=False) if it.x.shape[0] > 0]
+    if len(item_indices) != len(items):
+        raise ValueError(f"{len(items)} items but {len(item_indices)} item indices")
+    keep = [(i, it) for i, it in zip(item_indices, items, strict=True) if it.x.shape[0] > 0]
+    idx, items = [i for i, _ in keep], [it for _, it in keep]  # filtered together: indices stay aligned
     if not items:
         if world > 1:
             raise ValueError("every process needs at least one question with candidates per step")
