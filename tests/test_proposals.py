@@ -268,6 +268,32 @@ def test_legibility_window_keeps_the_text_at_the_target_line_height_and_stays_in
     assert legible_window(line, ScorerConfig(), size) == crop_box(line, ScorerConfig())  # off by default
 
 
+def test_a_clipped_window_is_cut_at_the_page_edge_and_stays_centred_on_the_region():
+    from dataclasses import replace
+
+    from zoomvlm.cropvlm.proposals import crop_box, legible_window
+
+    config = ScorerConfig(window_line_px=16.0, window_side=384, window_fit="clip")
+    size = (1500, 2000)  # 40 px lines: a 960 px window
+    top = Region(Box(0.30, 0.02, 0.70, 0.04), "CAFE ROMA SDN BHD", 0.9, "line", 1, (0,))
+    w = legible_window(top, config, size)
+    assert w.y0 == 0.0 and w.y1 * size[1] == pytest.approx(0.03 * size[1] + 480, abs=1)  # cut, not slid down
+    assert w.coverage(crop_box(top, config)) == pytest.approx(1.0)
+    shifted = legible_window(top, replace(config, window_fit="shift"), size)
+    assert shifted.height * size[1] == pytest.approx(960, abs=1) and shifted.center[1] > w.center[1]
+    # two names at the top: the clipped boxes' centres keep their order and their distance halves, no more
+    lower = Region(Box(0.30, 0.06, 0.70, 0.08), "CAFE ROMA SDN BHD", 0.9, "line", 1, (1,))
+    gap = legible_window(lower, config, size).center[1] - w.center[1]
+    assert gap == pytest.approx(0.04 / 2, abs=1e-6)
+    assert legible_window(lower, replace(config, window_fit="shift"), size).center == pytest.approx(
+        shifted.center
+    )  # shifting loses it
+    middle = Region(Box(0.40, 0.50, 0.60, 0.52), "Total 12.00", 0.9, "line", 1, (2,))
+    assert legible_window(middle, config, size) == legible_window(middle, replace(config, window_fit="shift"), size)
+    with pytest.raises(ValueError, match="window_fit"):
+        legible_window(middle, replace(config, window_fit="slide"), size)
+
+
 def test_windows_only_when_the_scorer_is_unsure_and_suppression_spreads_them():
     from dataclasses import replace
 
@@ -296,9 +322,11 @@ def test_seed_command_line_writes_the_window_settings_into_the_scorer_config():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="cmd"))
     base = ["proposals", "seed", "--data", "d.jsonl", "--curation", "c", "--out", "o", "--features", "3"]
-    args = parser.parse_args([*base, "--window-line-px", "17", "--window-below", "0.3"])
+    args = parser.parse_args([*base, "--window-line-px", "17", "--window-below", "0.3", "--window-fit", "shift"])
     config = _config(args, k=3)
     assert (config.window_line_px, config.window_below, config.window_max_area, config.features) == (17.0, 0.3, 1.0, 3)
+    assert config.window_fit == "shift"
+    assert _config(parser.parse_args(base), k=3).window_fit == "clip"  # the command line default
     assert _config(parser.parse_args(base), k=3).window_line_px is None  # off unless asked
 
 
@@ -364,3 +392,43 @@ def test_grpo_step_keeps_reward_indices_aligned_when_a_question_has_no_candidate
     assert sorted(set(seen)) == [0, 1, 2]  # the empty question is skipped, the others keep their own indices
     with pytest.raises(ValueError, match="indices"):
         grpo_step(model, ref, batch, reward_fn, indices[:3], opt, GRPOConfig(group=3), np.random.default_rng(0))
+
+
+def test_the_grpo_reward_reads_the_windows_inference_cuts_when_the_config_always_widens():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from zoomvlm.core.geometry import format_percent_box
+    from zoomvlm.cropvlm.proposal_grpo import make_target_reward
+    from zoomvlm.cropvlm.proposals import crop_box, legible_window
+
+    line = Region(Box(0.40, 0.50, 0.60, 0.52), "Total 12.00", 0.9, "line", 1, (0,))
+    sample = SimpleNamespace(id="q1", image="page.png", question="total?", answers=("12.00",), width=1500,
+                             height=2000)  # fmt: skip
+    items = [SimpleNamespace(sample=sample, perception=SimpleNamespace(regions=[line]))]
+    seen = []
+
+    def reward(prompts, completions, image_path, question, answers):
+        seen.extend(completions)
+        return [1.0] * len(completions)
+
+    windows = ScorerConfig(window_line_px=16.0, window_fit="clip", window_max_area=0.25)
+    assert make_target_reward(items, reward, windows)([0], [0]) == [1.0]
+    assert seen == [format_percent_box(legible_window(line, windows, (1500, 2000)))]
+    assert seen[0] != format_percent_box(crop_box(line, windows))  # the window, not the tight crop
+    gated = replace(windows, window_below=0.6)  # widens only when unsure: rewarded on the tight crop
+    make_target_reward(items, reward, gated)([0], [0])
+    assert seen[1] == format_percent_box(crop_box(line, gated))
+
+
+def test_grpo_command_line_puts_windows_in_the_loop():
+    import argparse
+
+    from zoomvlm.cropvlm.proposal_train import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    base = ["proposals", "grpo", "--data", "d.jsonl", "--curation", "c", "--out", "o", "--init", "s"]
+    args = parser.parse_args([*base, "--window-line-px", "17", "--window-max-area", "0.25", "--k", "3"])
+    assert (args.window_line_px, args.window_max_area, args.window_fit, args.k) == (17.0, 0.25, "clip", 3)
+    assert parser.parse_args(base).window_line_px is None and parser.parse_args(base).k is None  # the seed's

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import format_percent_box
-from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, pad_batch, save_scorer
+from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, legible_window, pad_batch, save_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -202,16 +202,25 @@ class RewardCache:
 def make_target_reward(items: Sequence, reward, config: ScorerConfig, cache: RewardCache | None = None) -> RewardFn:
     """Adapt a :mod:`zoomvlm.cropvlm.rewards` function (TRL signature) to :data:`RewardFn` over ``items``.
 
-    The chosen region of ``items[i]`` becomes ``format_percent_box(crop_box(region))``, the completion the
-    reward parses; ``image_path``, ``question`` and ``answers`` come from the item's sample.
+    The chosen region of ``items[i]`` becomes ``format_percent_box(box)``, the completion the reward parses, with
+    ``box`` the crop the policy cuts for it at inference: its legibility window (:func:`legible_window`) when
+    ``config`` always widens (``window_line_px`` set, ``window_below`` None), else its own padded box
+    (:func:`crop_box`; a gated config is rewarded on the tight crops, as before windows existed).
+    ``image_path``, ``question`` and ``answers`` come from the item's sample.
     """
+    windows = config.window_line_px is not None and config.window_below is None
     cache = cache or RewardCache()
 
     def fn(item_indices: Sequence[int], actions: Sequence[int]) -> list[float]:
         keys = []
         for i, a in zip(item_indices, actions, strict=True):
             it = items[i]
-            keys.append((it.sample.id, format_percent_box(crop_box(it.perception.regions[a], config))))
+            region = it.perception.regions[a]
+            if windows:
+                box = legible_window(region, config, (it.sample.width, it.sample.height))
+            else:
+                box = crop_box(region, config)
+            keys.append((it.sample.id, format_percent_box(box)))
         todo = list(dict.fromkeys(k for k in keys if k not in cache.values))
         if todo:
             by_id = {items[i].sample.id: items[i].sample for i in item_indices}

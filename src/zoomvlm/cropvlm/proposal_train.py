@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,8 @@ def _config(args, **kw):
                         part_px=args.part_px, lexical=getattr(args, "lexical", False),
                         window_line_px=getattr(args, "window_line_px", None),
                         window_below=getattr(args, "window_below", None),
-                        window_max_area=getattr(args, "window_max_area", 1.0), **kw)  # fmt: skip
+                        window_max_area=getattr(args, "window_max_area", 1.0),
+                        window_fit=getattr(args, "window_fit", "shift"), **kw)  # fmt: skip
 
 
 def _scored(model, items, labelled) -> list[tuple[object, np.ndarray]]:
@@ -191,6 +193,7 @@ def cmd_seed(args) -> int:
         "window_line_px": args.window_line_px,
         "window_below": args.window_below,
         "window_max_area": args.window_max_area,
+        "window_fit": args.window_fit,
         "epochs": args.epochs,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -215,6 +218,11 @@ def cmd_grpo(args) -> int:
     from zoomvlm.targets import load_target
 
     seed_model = load_scorer(args.init)
+    if args.window_line_px is not None:  # windows in the loop: the reward reads the windows inference cuts
+        seed_model.config = replace(seed_model.config, window_line_px=args.window_line_px, window_below=None,
+                                    window_max_area=args.window_max_area, window_fit=args.window_fit)  # fmt: skip
+    if args.k is not None:
+        seed_model.config = replace(seed_model.config, k=args.k)
     c = seed_model.config  # the perception the seed was trained with (not the command line's defaults)
     args.view_budget, args.detect_budget, args.legible = c.view_budget, c.detect_budget, c.legible
     args.max_recognise, args.features, args.part_px = c.max_recognise, c.features, c.part_px
@@ -244,7 +252,9 @@ def cmd_grpo(args) -> int:
     recipe_path = Path(args.init) / "zoomvlm_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "target": args.target,
-              "budget": args.budget}  # fmt: skip
+              "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
+              "window_max_area": c.window_max_area, "window_fit": c.window_fit,
+              "window_below": c.window_below}  # fmt: skip
     train_grpo(seed_model, items, reward_fn, config, out, recipe=recipe, grouped=True)
     if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): rank 0 wrote final/
         print(f"GRPO scorer saved to {out / 'final'}; use it with --policy proposals:{out / 'final'}")
@@ -388,6 +398,14 @@ def add_parser(tsub) -> None:
                 default=1.0,
                 help="with --window-line-px: largest window, as a fraction of the page. Default: 1",
             )
+            q.add_argument(
+                "--window-fit",
+                choices=("shift", "clip"),
+                default="clip",
+                help="with --window-line-px: at the page's edge, cut the window there so it stays centred on the "
+                "region (clip; better on held-out train documents and receipts) or slide it back inside the page "
+                "(shift; what checkpoints written before this option do). Default: %(default)s",
+            )
             q.add_argument("--repeat", type=int, action="append", default=None,
                            help="times each question of the matching --data enters the loss (repeatable, one per "
                            "--data; e.g. to keep 77 document questions from drowning in 763 receipts). "
@@ -406,6 +424,29 @@ def add_parser(tsub) -> None:
                            help="sampling temperature (a confident seed samples one candidate G times at 1.0, "
                            "so every advantage is 0). Default: %(default)s")  # fmt: skip
             q.add_argument("--save-every", type=int, default=1, help="checkpoint period in steps. Default: 1")
+            q.add_argument(
+                "--k",
+                type=int,
+                default=None,
+                help="boxes per question at inference, written to the checkpoint. Default: the seed's",
+            )
+            q.add_argument(
+                "--window-line-px",
+                type=float,
+                default=None,
+                help="windows in the loop: every sampled region is rewarded as its legibility window "
+                "(text this many px high at --budget), and the checkpoint always cuts windows. "
+                "Default: the seed's setting (its tight crops are rewarded unless it always widens)",
+            )
+            q.add_argument(
+                "--window-max-area",
+                type=float,
+                default=1.0,
+                help="with --window-line-px: largest window, fraction of the page. Default: 1",
+            )
+            q.add_argument("--window-fit", choices=("shift", "clip"), default="clip",
+                           help="with --window-line-px: at the page's edge, cut (clip) or slide (shift) the "
+                           "window. Default: %(default)s")  # fmt: skip
             q.add_argument("--replay-reads", action="store_true",
                            help="accuracy reward with the ocr target: take its global-view reads from --reads "
                            "(same reader, same view) instead of reading every image again")  # fmt: skip

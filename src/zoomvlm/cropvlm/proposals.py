@@ -135,6 +135,10 @@ class ScorerConfig:
             (the answer near the words the question names) at no loss of legibility.
         window_side: the target's budget (longest side of a crop's view, px) the window is sized for.
         window_max_area: cap on a window's area (fraction of the page): bounds the extra text the target reads.
+        window_fit: what a window does at the page's edge: ``"shift"`` slides it back inside the page (keeps its
+            full size, so its centre leaves the region), ``"clip"`` cuts it at the edge (smaller, and still
+            centred on the region as far as the page allows, so the box keeps following the answer). The default
+            is what checkpoints written before this option did; ``train proposals seed`` writes ``"clip"``.
         window_below: "zoom out when unsure": widen into windows only when the scorer's probability mass on
             its ``k`` most probable candidates (``softmax(logits)``) is below this; ``None`` = always widen.
             A confident scorer keeps its tight crops (cheap); an unsure one shows the target more context.
@@ -159,6 +163,7 @@ class ScorerConfig:
     window_line_px: float | None = None
     window_side: int = 384
     window_max_area: float = 1.0
+    window_fit: str = "shift"
     window_below: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -332,9 +337,10 @@ def legible_window(region: Region, config: ScorerConfig, image_size: tuple[int, 
     A target shrinks a crop of longest side ``S`` original pixels to ``window_side`` pixels, so text of line
     height ``h`` original pixels (the region's mean line height) stays ``window_line_px`` high up to
     ``S = window_side * h / window_line_px``. The window is the ``S x S`` box (clipped to the page, and shrunk
-    evenly to ``window_max_area`` of the page) centred on the region, shifted inside the page; it never cuts
-    the region's own crop smaller. Units: ``image_size`` = ``(width, height)`` of the original image in pixels
-    (``None``: no widening); boxes normalised to it.
+    evenly to ``window_max_area`` of the page) centred on the region; at the page's edge it is shifted inside
+    the page (``window_fit="shift"``) or cut there (``"clip"``); it never cuts the region's own crop smaller.
+    Raises ``ValueError`` for an unknown ``window_fit``. Units: ``image_size`` = ``(width, height)`` of the
+    original image in pixels (``None``: no widening); boxes normalised to it.
     """
     box = crop_box(region, config)
     if config.window_line_px is None or image_size is None:
@@ -348,6 +354,11 @@ def legible_window(region: Region, config: ScorerConfig, image_size: tuple[int, 
         w, h = w * shrink, h * shrink
     w, h = max(w, box.width), max(h, box.height)
     cx, cy = box.center
+    if config.window_fit == "clip":
+        window = Box(max(0.0, cx - w / 2), max(0.0, cy - h / 2), min(1.0, cx + w / 2), min(1.0, cy + h / 2))
+        return Box(min(window.x0, box.x0), min(window.y0, box.y0), max(window.x1, box.x1), max(window.y1, box.y1))
+    if config.window_fit != "shift":
+        raise ValueError(f"window_fit must be 'shift' or 'clip', got {config.window_fit!r}")
     x0, y0 = min(max(0.0, cx - w / 2), 1.0 - w), min(max(0.0, cy - h / 2), 1.0 - h)
     return Box(x0, y0, min(1.0, x0 + w), min(1.0, y0 + h))
 
