@@ -142,8 +142,8 @@ class ScorerConfig:
         window_below: "zoom out when unsure": widen into windows only when the scorer's probability mass on
             its ``k`` most probable candidates (``softmax(logits)``) is below this; ``None`` = always widen.
             A confident scorer keeps its tight crops (cheap); an unsure one shows the target more context.
-            The window settings act at inference only: GRPO (:mod:`~zoomvlm.cropvlm.proposal_grpo`) still
-            rewards each region's own crop (:func:`crop_box`).
+            GRPO (:func:`~zoomvlm.cropvlm.proposal_grpo.make_target_reward`) rewards each sampled region's
+            window when windows are always on (``window_below`` None), its own crop (:func:`crop_box`) otherwise.
     """
 
     hidden: int = 64
