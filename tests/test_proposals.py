@@ -294,6 +294,29 @@ def test_a_clipped_window_is_cut_at_the_page_edge_and_stays_centred_on_the_regio
         legible_window(middle, replace(config, window_fit="slide"), size)
 
 
+def test_a_centred_window_is_cut_evenly_so_its_centre_is_the_regions_centre():
+    from dataclasses import replace
+
+    from zoomvlm.cropvlm.proposals import crop_box, legible_window
+
+    config = ScorerConfig(window_line_px=16.0, window_side=384, window_fit="centre")
+    size = (1500, 2000)  # 40 px lines: a 960 px window
+    top = Region(Box(0.30, 0.02, 0.70, 0.04), "CAFE ROMA SDN BHD", 0.9, "line", 1, (0,))
+    w = legible_window(top, config, size)
+    assert w.center == pytest.approx(top.box.center, abs=1e-9)  # clipped at y = 0, so cut as much at the bottom
+    assert w.y0 == 0.0 and w.y1 == pytest.approx(0.06)
+    assert w.width * size[0] == pytest.approx(960, abs=1)  # the page is wide enough: no cut across
+    assert w.coverage(crop_box(top, config)) == pytest.approx(1.0)  # never smaller than the region's crop
+    clipped = legible_window(top, replace(config, window_fit="clip"), size)
+    assert clipped.y1 > w.y1 and clipped.center[1] > w.center[1]
+    right = Region(Box(0.90, 0.50, 0.98, 0.52), "12.00", 0.9, "line", 1, (1,))
+    wr = legible_window(right, config, size)
+    assert wr.center == pytest.approx(crop_box(right, config).center, abs=1e-9)  # the margin is cut at the edge
+    assert wr.x1 == pytest.approx(1.0) and wr.width == pytest.approx(2 * (1.0 - wr.center[0]))
+    middle = Region(Box(0.40, 0.50, 0.60, 0.52), "Total 12.00", 0.9, "line", 1, (2,))
+    assert legible_window(middle, config, size) == legible_window(middle, replace(config, window_fit="clip"), size)
+
+
 def test_windows_only_when_the_scorer_is_unsure_and_suppression_spreads_them():
     from dataclasses import replace
 

@@ -400,11 +400,11 @@ def add_parser(tsub) -> None:
             )
             q.add_argument(
                 "--window-fit",
-                choices=("shift", "clip"),
+                choices=("shift", "clip", "centre"),
                 default="clip",
-                help="with --window-line-px: at the page's edge, cut the window there so it stays centred on the "
-                "region (clip; better on held-out train documents and receipts) or slide it back inside the page "
-                "(shift; what checkpoints written before this option do). Default: %(default)s",
+                help="with --window-line-px: at the page's edge, cut the window there (clip), cut it evenly on both "
+                "sides so its centre stays the region's centre (centre), or slide it back inside the page (shift; "
+                "what checkpoints written before this option do). Default: %(default)s",
             )
             q.add_argument("--repeat", type=int, action="append", default=None,
                            help="times each question of the matching --data enters the loss (repeatable, one per "
@@ -444,9 +444,9 @@ def add_parser(tsub) -> None:
                 default=1.0,
                 help="with --window-line-px: largest window, fraction of the page. Default: 1",
             )
-            q.add_argument("--window-fit", choices=("shift", "clip"), default="clip",
-                           help="with --window-line-px: at the page's edge, cut (clip) or slide (shift) the "
-                           "window. Default: %(default)s")  # fmt: skip
+            q.add_argument("--window-fit", choices=("shift", "clip", "centre"), default="clip",
+                           help="with --window-line-px: at the page's edge, cut the window there (clip), evenly "
+                           "around the region (centre) or slide it inside (shift). Default: %(default)s")  # fmt: skip
             q.add_argument("--replay-reads", action="store_true",
                            help="accuracy reward with the ocr target: take its global-view reads from --reads "
                            "(same reader, same view) instead of reading every image again")  # fmt: skip

@@ -136,8 +136,9 @@ class ScorerConfig:
         window_side: the target's budget (longest side of a crop's view, px) the window is sized for.
         window_max_area: cap on a window's area (fraction of the page): bounds the extra text the target reads.
         window_fit: what a window does at the page's edge: ``"shift"`` slides it back inside the page (keeps its
-            full size, so its centre leaves the region), ``"clip"`` cuts it at the edge (smaller, and still
-            centred on the region as far as the page allows, so the box keeps following the answer). The default
+            full size, so its centre leaves the region), ``"clip"`` cuts it at the edge (smaller; its centre moves
+            half the cut away from the edge), ``"centre"`` cuts it by the same amount on the opposite side too
+            (smaller still, and its centre is the region's centre, so the box follows the answer). The default
             is what checkpoints written before this option did; ``train proposals seed`` writes ``"clip"``.
         window_below: "zoom out when unsure": widen into windows only when the scorer's probability mass on
             its ``k`` most probable candidates (``softmax(logits)``) is below this; ``None`` = always widen.
@@ -338,7 +339,8 @@ def legible_window(region: Region, config: ScorerConfig, image_size: tuple[int, 
     height ``h`` original pixels (the region's mean line height) stays ``window_line_px`` high up to
     ``S = window_side * h / window_line_px``. The window is the ``S x S`` box (clipped to the page, and shrunk
     evenly to ``window_max_area`` of the page) centred on the region; at the page's edge it is shifted inside
-    the page (``window_fit="shift"``) or cut there (``"clip"``); it never cuts the region's own crop smaller.
+    the page (``window_fit="shift"``), cut there (``"clip"``) or cut there and by as much on the opposite side
+    (``"centre"``: the window's centre stays the region's); it never cuts the region's own crop smaller.
     Raises ``ValueError`` for an unknown ``window_fit``. Units: ``image_size`` = ``(width, height)`` of the
     original image in pixels (``None``: no widening); boxes normalised to it.
     """
@@ -357,8 +359,12 @@ def legible_window(region: Region, config: ScorerConfig, image_size: tuple[int, 
     if config.window_fit == "clip":
         window = Box(max(0.0, cx - w / 2), max(0.0, cy - h / 2), min(1.0, cx + w / 2), min(1.0, cy + h / 2))
         return Box(min(window.x0, box.x0), min(window.y0, box.y0), max(window.x1, box.x1), max(window.y1, box.y1))
+    if config.window_fit == "centre":  # cut evenly on both sides: the centre stays the region's centre
+        a = max(box.width / 2, min(w / 2, cx, 1.0 - cx))
+        b = max(box.height / 2, min(h / 2, cy, 1.0 - cy))
+        return Box(max(0.0, cx - a), max(0.0, cy - b), min(1.0, cx + a), min(1.0, cy + b))
     if config.window_fit != "shift":
-        raise ValueError(f"window_fit must be 'shift' or 'clip', got {config.window_fit!r}")
+        raise ValueError(f"window_fit must be 'shift', 'clip' or 'centre', got {config.window_fit!r}")
     x0, y0 = min(max(0.0, cx - w / 2), 1.0 - w), min(max(0.0, cy - h / 2), 1.0 - h)
     return Box(x0, y0, min(1.0, x0 + w), min(1.0, y0 + h))
 
