@@ -401,10 +401,10 @@ def add_parser(tsub) -> None:
             q.add_argument(
                 "--window-fit",
                 choices=("shift", "clip", "centre"),
-                default="clip",
+                default="centre",
                 help="with --window-line-px: at the page's edge, cut the window there (clip), cut it evenly on both "
-                "sides so its centre stays the region's centre (centre), or slide it back inside the page (shift; "
-                "what checkpoints written before this option do). Default: %(default)s",
+                "sides so its centre stays the region's centre (centre; the shipped policy's), or slide it back inside "
+                "the page (shift; what checkpoints written before this option do). Default: %(default)s",
             )
             q.add_argument("--repeat", type=int, action="append", default=None,
                            help="times each question of the matching --data enters the loss (repeatable, one per "
@@ -444,7 +444,7 @@ def add_parser(tsub) -> None:
                 default=1.0,
                 help="with --window-line-px: largest window, fraction of the page. Default: 1",
             )
-            q.add_argument("--window-fit", choices=("shift", "clip", "centre"), default="clip",
+            q.add_argument("--window-fit", choices=("shift", "clip", "centre"), default="centre",
                            help="with --window-line-px: at the page's edge, cut the window there (clip), evenly "
                            "around the region (centre) or slide it inside (shift). Default: %(default)s")  # fmt: skip
             q.add_argument("--replay-reads", action="store_true",

@@ -16,8 +16,8 @@ POLICY_SPECS = {
     "boxes, K crops), t=T (sample at temperature T), side=PX (split the cropper's view into tiles at PX)",
     "proposals[:CKPT]": "learned cropper over the reader's own candidate lines/blocks (PP-OCR text pass, shared "
     "with an ocr target at the same budget; line boxes from the detector at a higher budget; MiniLM question "
-    "features); no CKPT: the shipped one (text 384 px, boxes 1024 px, 3 crops, widened into legible windows "
-    "when the scorer is unsure)",
+    "features); no CKPT: the shipped one (text 384 px, boxes 1024 px, 3 crops, each widened into a window "
+    "centred on its region whose text stays legible to the target, at most a quarter of the page)",
     "proposals+prior[:CKPT]": "the prior's box first, then the proposals scorer's top k-1 lines it does not cover",
     "prior[:CKPT]": "non-reading control: the nearest training questions' model-made box, placed in the page's "
     "ink outline; no CKPT: the shipped one",
