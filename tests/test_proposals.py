@@ -349,7 +349,7 @@ def test_seed_command_line_writes_the_window_settings_into_the_scorer_config():
     config = _config(args, k=3)
     assert (config.window_line_px, config.window_below, config.window_max_area, config.features) == (17.0, 0.3, 1.0, 3)
     assert config.window_fit == "shift"
-    assert _config(parser.parse_args(base), k=3).window_fit == "clip"  # the command line default
+    assert _config(parser.parse_args(base), k=3).window_fit == "centre"  # the command line default
     assert _config(parser.parse_args(base), k=3).window_line_px is None  # off unless asked
 
 
@@ -394,6 +394,58 @@ def test_propose_widens_into_windows_only_when_unsure():
     cropper.logits = lambda perception, question: logits
     (sure,) = cropper.propose([image], ["q?"])
     assert sure.boxes[0] == crop_box(p.regions[0], config)  # a tight crop, no window
+
+
+def test_a_window_wider_than_the_target_can_read_is_cut_into_legible_tiles_that_reach_the_target():
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from zoomvlm.cropvlm.proposals import legible_tiles, legible_window
+    from zoomvlm.policies.perception import perception_from_lines
+
+    size = (2000, 2000)
+    config = ScorerConfig(k=1, window_line_px=16.0, window_side=384, window_fit="centre", window_tiles=4)
+    # a table row of 1,800 px with 20 px text: legible up to 384 * 20 / 16 = 480 px wide, so 4 tiles of ~470 px
+    row = Region(Box(0.04, 0.50, 0.94, 0.51), "Risk Management Plan N/A changed since last year", 0.9, "line", 1, (0,))
+    window = legible_window(row, config, size)
+    tiles = legible_tiles(row, config, size)
+    assert len(tiles) == 4
+    assert tiles[0].x0 == pytest.approx(window.x0) and tiles[-1].x1 == pytest.approx(window.x1)
+    assert sum(t.area for t in tiles) == pytest.approx(window.area)  # more crops, not more area
+    assert all(t.width * size[0] <= 1.05 * 480 for t in tiles) and all(t.y0 == window.y0 for t in tiles)
+    assert len(legible_tiles(row, replace(config, window_tiles=2), size)) == 2  # capped
+    assert legible_tiles(row, replace(config, window_tiles=1), size) == [window]  # off
+    short = Region(Box(0.40, 0.30, 0.55, 0.31), "Total 12.00", 0.9, "line", 1, (1,))
+    assert legible_tiles(short, config, size) == [legible_window(short, config, size)]  # readable whole
+
+    def quad(x0, y0, x1, y1):
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+    p = perception_from_lines([(quad(80, 1000, 1880, 1020), row.text, 0.9)], size, image_size=size)
+    p = replace(p, image_size=size)
+
+    class Fixed:
+        def perceive(self, image):
+            return p
+
+        def bind(self, target):
+            return False
+
+    class Enc:
+        def encode(self, texts):
+            return np.zeros((len(texts), 384), np.float32)
+
+    cropper = ProposalCropper(model=RegionScorer(config).eval(), perceiver=Fixed(), encoder=Enc())
+    cropper.logits = lambda perception, question: np.where(
+        [r.kind == "line" for r in perception.regions], 1.0, -np.inf
+    )
+    (proposal,) = cropper.propose([Image.new("RGB", size, "white")], ["Describe the changes of the plan?"])
+    line = next(r for r in p.regions if r.kind == "line")
+    assert proposal.boxes == tuple(legible_tiles(line, config, size)) and len(proposal.boxes) == 4
+    cropper.config = replace(config, window_tiles=1)
+    (whole,) = cropper.propose([Image.new("RGB", size, "white")], ["Describe the changes of the plan?"])
+    assert whole.boxes == (legible_window(line, config, size),)
 
 
 def test_grpo_step_keeps_reward_indices_aligned_when_a_question_has_no_candidates():
@@ -453,5 +505,5 @@ def test_grpo_command_line_puts_windows_in_the_loop():
     add_parser(parser.add_subparsers(dest="cmd"))
     base = ["proposals", "grpo", "--data", "d.jsonl", "--curation", "c", "--out", "o", "--init", "s"]
     args = parser.parse_args([*base, "--window-line-px", "17", "--window-max-area", "0.25", "--k", "3"])
-    assert (args.window_line_px, args.window_max_area, args.window_fit, args.k) == (17.0, 0.25, "clip", 3)
+    assert (args.window_line_px, args.window_max_area, args.window_fit, args.k) == (17.0, 0.25, "centre", 3)
     assert parser.parse_args(base).window_line_px is None and parser.parse_args(base).k is None  # the seed's

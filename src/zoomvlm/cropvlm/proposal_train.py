@@ -403,8 +403,8 @@ def add_parser(tsub) -> None:
                 choices=("shift", "clip", "centre"),
                 default="centre",
                 help="with --window-line-px: at the page's edge, cut the window there (clip), cut it evenly on both "
-                "sides so its centre stays the region's centre (centre; the shipped policy's), or slide it back inside "
-                "the page (shift; what checkpoints written before this option do). Default: %(default)s",
+                "sides so its centre stays the region's centre (centre; the shipped policy's), or slide it back "
+                "inside the page (shift; what checkpoints written before this option do). Default: %(default)s",
             )
             q.add_argument("--repeat", type=int, action="append", default=None,
                            help="times each question of the matching --data enters the loss (repeatable, one per "

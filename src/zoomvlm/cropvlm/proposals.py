@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,7 @@ __all__ = [
     "ScorerConfig",
     "crop_box",
     "default_proposals_path",
+    "legible_tiles",
     "legible_window",
     "wants_windows",
     "featurize",
@@ -139,7 +141,11 @@ class ScorerConfig:
             full size, so its centre leaves the region), ``"clip"`` cuts it at the edge (smaller; its centre moves
             half the cut away from the edge), ``"centre"`` cuts it by the same amount on the opposite side too
             (smaller still, and its centre is the region's centre, so the box follows the answer). The default
-            is what checkpoints written before this option did; ``train proposals seed`` writes ``"clip"``.
+            is what checkpoints written before this option did; ``train proposals seed`` writes ``"centre"``.
+        window_tiles: a chosen window wider than the target can read (its region is a row wider than
+            ``window_side * line height / window_line_px``, so :func:`legible_window` could not narrow it) is cut
+            into up to this many tiles across its width, each read as a crop of its own (:func:`legible_tiles`);
+            1 = never (one crop per region, as before this option). Tiles add crops, not area.
         window_below: "zoom out when unsure": widen into windows only when the scorer's probability mass on
             its ``k`` most probable candidates (``softmax(logits)``) is below this; ``None`` = always widen.
             A confident scorer keeps its tight crops (cheap); an unsure one shows the target more context.
@@ -165,6 +171,7 @@ class ScorerConfig:
     window_side: int = 384
     window_max_area: float = 1.0
     window_fit: str = "shift"
+    window_tiles: int = 1
     window_below: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -367,6 +374,31 @@ def legible_window(region: Region, config: ScorerConfig, image_size: tuple[int, 
         raise ValueError(f"window_fit must be 'shift', 'clip' or 'centre', got {config.window_fit!r}")
     x0, y0 = min(max(0.0, cx - w / 2), 1.0 - w), min(max(0.0, cy - h / 2), 1.0 - h)
     return Box(x0, y0, min(1.0, x0 + w), min(1.0, y0 + h))
+
+
+def legible_tiles(region: Region, config: ScorerConfig, image_size: tuple[int, int] | None) -> list[Box]:
+    """The crops cut for ``region``: its :func:`legible_window`, cut into equal tiles across its width when it is
+    wider than the target can read.
+
+    The legible width is ``window_side * h / window_line_px`` original pixels (``h`` = the region's mean line
+    height, the side of the un-capped window); a window more than 5 % wider than that is cut into
+    ``n = min(window_tiles, ceil(width / legible width))`` tiles of the window's height, left to right, so each is
+    read at (about) ``window_line_px`` px line height. A table row 1,500 px wide on a 2,000 px page with 30 px
+    lines becomes three 500 px tiles instead of one crop the target shrinks to 8 px text. Returns
+    ``[legible_window(...)]`` when ``window_tiles <= 1``, without windows, or when it is narrow enough. Units as
+    :func:`legible_window`: boxes normalised to the image.
+    """
+    window = legible_window(region, config, image_size)
+    if config.window_tiles <= 1 or config.window_line_px is None or image_size is None:
+        return [window]
+    w_img, h_img = image_size
+    line_px = region.box.height * h_img / max(1, region.n_lines)
+    legible_w = config.window_side * line_px / config.window_line_px / w_img
+    if window.width <= 1.05 * legible_w:
+        return [window]
+    n = min(config.window_tiles, math.ceil(window.width / legible_w))
+    tw = window.width / n
+    return [Box(window.x0 + i * tw, window.y0, window.x0 + (i + 1) * tw, window.y1) for i in range(n)]
 
 
 def wants_windows(logits: np.ndarray, config: ScorerConfig) -> bool:
@@ -622,7 +654,11 @@ class ProposalCropper:
                 covered = np.array([lead[0].coverage(r.box) >= self.config.suppress for r in p.regions])
                 idx = select_boxes(p.regions, np.where(covered, -np.inf, logits), self.config, self.config.k - 1,
                                    wide)  # fmt: skip
-            boxes = lead + tuple(crops[i] for i in idx)
+            if wide is not None and self.config.window_tiles > 1:  # wide windows read as legible tiles
+                size = p.image_size or image.size
+                boxes = lead + tuple(b for i in idx for b in legible_tiles(p.regions[i], self.config, size))
+            else:
+                boxes = lead + tuple(crops[i] for i in idx)
             raw = " | ".join(p.regions[i].text for i in idx)
             out.append(Proposal(boxes, raw=raw, shared_seconds=p.shared_seconds))
         return out
