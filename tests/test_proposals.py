@@ -350,6 +350,8 @@ def test_seed_command_line_writes_the_window_settings_into_the_scorer_config():
     assert (config.window_line_px, config.window_below, config.window_max_area, config.features) == (17.0, 0.3, 1.0, 3)
     assert config.window_fit == "shift"
     assert _config(parser.parse_args(base), k=3).window_fit == "centre"  # the command line default
+    assert _config(parser.parse_args(base), k=3).window_tiles == 1  # off unless asked
+    assert _config(parser.parse_args([*base, "--window-tiles", "3"]), k=3).window_tiles == 3
     assert _config(parser.parse_args(base), k=3).window_line_px is None  # off unless asked
 
 
@@ -506,4 +508,5 @@ def test_grpo_command_line_puts_windows_in_the_loop():
     base = ["proposals", "grpo", "--data", "d.jsonl", "--curation", "c", "--out", "o", "--init", "s"]
     args = parser.parse_args([*base, "--window-line-px", "17", "--window-max-area", "0.25", "--k", "3"])
     assert (args.window_line_px, args.window_max_area, args.window_fit, args.k) == (17.0, 0.25, "centre", 3)
+    assert args.window_tiles == 1 and parser.parse_args([*base, "--window-tiles", "2"]).window_tiles == 2
     assert parser.parse_args(base).window_line_px is None and parser.parse_args(base).k is None  # the seed's

@@ -106,7 +106,8 @@ def _config(args, **kw):
                         window_line_px=getattr(args, "window_line_px", None),
                         window_below=getattr(args, "window_below", None),
                         window_max_area=getattr(args, "window_max_area", 1.0),
-                        window_fit=getattr(args, "window_fit", "shift"), **kw)  # fmt: skip
+                        window_fit=getattr(args, "window_fit", "shift"),
+                        window_tiles=getattr(args, "window_tiles", 1), **kw)  # fmt: skip
 
 
 def _scored(model, items, labelled) -> list[tuple[object, np.ndarray]]:
@@ -194,6 +195,7 @@ def cmd_seed(args) -> int:
         "window_below": args.window_below,
         "window_max_area": args.window_max_area,
         "window_fit": args.window_fit,
+        "window_tiles": args.window_tiles,
         "epochs": args.epochs,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -220,7 +222,8 @@ def cmd_grpo(args) -> int:
     seed_model = load_scorer(args.init)
     if args.window_line_px is not None:  # windows in the loop: the reward reads the windows inference cuts
         seed_model.config = replace(seed_model.config, window_line_px=args.window_line_px, window_below=None,
-                                    window_max_area=args.window_max_area, window_fit=args.window_fit)  # fmt: skip
+                                    window_max_area=args.window_max_area, window_fit=args.window_fit,
+                                    window_tiles=args.window_tiles)  # fmt: skip
     if args.k is not None:
         seed_model.config = replace(seed_model.config, k=args.k)
     c = seed_model.config  # the perception the seed was trained with (not the command line's defaults)
@@ -254,7 +257,7 @@ def cmd_grpo(args) -> int:
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "target": args.target,
               "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
               "window_max_area": c.window_max_area, "window_fit": c.window_fit,
-              "window_below": c.window_below}  # fmt: skip
+              "window_tiles": c.window_tiles, "window_below": c.window_below}  # fmt: skip
     train_grpo(seed_model, items, reward_fn, config, out, recipe=recipe, grouped=True)
     if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): rank 0 wrote final/
         print(f"GRPO scorer saved to {out / 'final'}; use it with --policy proposals:{out / 'final'}")
@@ -406,6 +409,14 @@ def add_parser(tsub) -> None:
                 "sides so its centre stays the region's centre (centre; the shipped policy's), or slide it back "
                 "inside the page (shift; what checkpoints written before this option do). Default: %(default)s",
             )
+            q.add_argument(
+                "--window-tiles",
+                type=int,
+                default=1,
+                help="with --window-line-px: cut a window wider than the target can read (a wide table row) into up "
+                "to this many legible tiles, each its own crop (more crops per request: worth it for a fixed-budget "
+                "reader such as the ocr target, 3 on held-out train documents); 1 = never. Default: %(default)s",
+            )
             q.add_argument("--repeat", type=int, action="append", default=None,
                            help="times each question of the matching --data enters the loss (repeatable, one per "
                            "--data; e.g. to keep 77 document questions from drowning in 763 receipts). "
@@ -447,6 +458,10 @@ def add_parser(tsub) -> None:
             q.add_argument("--window-fit", choices=("shift", "clip", "centre"), default="centre",
                            help="with --window-line-px: at the page's edge, cut the window there (clip), evenly "
                            "around the region (centre) or slide it inside (shift). Default: %(default)s")  # fmt: skip
+            q.add_argument("--window-tiles", type=int, default=1,
+                           help="with --window-line-px: cut a window wider than the target can read into up to this "
+                           "many legible tiles at inference (the reward reads the whole window). Default: "
+                           "%(default)s")  # fmt: skip
             q.add_argument("--replay-reads", action="store_true",
                            help="accuracy reward with the ocr target: take its global-view reads from --reads "
                            "(same reader, same view) instead of reading every image again")  # fmt: skip
