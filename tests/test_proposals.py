@@ -355,6 +355,31 @@ def test_seed_command_line_writes_the_window_settings_into_the_scorer_config():
     assert _config(parser.parse_args(base), k=3).window_line_px is None  # off unless asked
 
 
+def _quad(x0, y0, x1, y1):
+    """A text line's quadrilateral as the PP-OCR detector returns it, in view pixels."""
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+
+class _SawPerception:
+    """A perceiver that saw ``perception`` (whatever the image) and shares nothing with a target."""
+
+    def __init__(self, perception):
+        self.perception = perception
+
+    def perceive(self, image):
+        return self.perception
+
+    def bind(self, target):
+        return False
+
+
+class _ZeroEncoder:
+    """A question encoder that maps every question to zeros: the scorer sees no question."""
+
+    def encode(self, texts):
+        return np.zeros((len(texts), 384), np.float32)
+
+
 def test_propose_widens_into_windows_only_when_unsure():
     from dataclasses import replace
 
@@ -363,22 +388,8 @@ def test_propose_widens_into_windows_only_when_unsure():
     from zoomvlm.cropvlm.proposals import crop_box, legible_window
     from zoomvlm.policies.perception import perception_from_lines
 
-    def quad(x0, y0, x1, y1):
-        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
-
-    lines = [(quad(100, 100 + 120 * i, 500, 130 + 120 * i), f"line {i}", 0.9) for i in range(8)]
+    lines = [(_quad(100, 100 + 120 * i, 500, 130 + 120 * i), f"line {i}", 0.9) for i in range(8)]
     p = replace(perception_from_lines(lines, (1000, 1000), image_size=(1000, 1000)), image_size=(1000, 1000))
-
-    class Fixed:  # a perceiver that saw `p`
-        def perceive(self, image):
-            return p
-
-        def bind(self, target):
-            return False
-
-    class Enc:
-        def encode(self, texts):
-            return np.zeros((len(texts), 384), np.float32)
 
     config = ScorerConfig(k=2, window_line_px=48.0, window_below=0.5)  # 30 px lines: 240 px windows
     image = Image.new("RGB", (1000, 1000), "white")
@@ -386,13 +397,14 @@ def test_propose_widens_into_windows_only_when_unsure():
     with torch.no_grad():  # every candidate scores the same: the scorer is unsure
         for prm in flat.parameters():
             prm.zero_()
-    (unsure,) = ProposalCropper(model=flat, perceiver=Fixed(), encoder=Enc()).propose([image], ["q?"])
+    cropper = ProposalCropper(model=flat, perceiver=_SawPerception(p), encoder=_ZeroEncoder())
+    (unsure,) = cropper.propose([image], ["q?"])
     windows = {legible_window(r, config, (1000, 1000)) for r in p.regions}
     assert len(unsure.boxes) == 2 and set(unsure.boxes) <= windows
     assert all(b.height * 1000 == pytest.approx(240, abs=1) for b in unsure.boxes)
     logits = np.full(len(p.regions), -50.0)
     logits[0] = 50.0  # candidate 0 only: the scorer is sure
-    cropper = ProposalCropper(model=flat, perceiver=Fixed(), encoder=Enc())
+    cropper = ProposalCropper(model=flat, perceiver=_SawPerception(p), encoder=_ZeroEncoder())
     cropper.logits = lambda perception, question: logits
     (sure,) = cropper.propose([image], ["q?"])
     assert sure.boxes[0] == crop_box(p.regions[0], config)  # a tight crop, no window
@@ -421,24 +433,9 @@ def test_a_window_wider_than_the_target_can_read_is_cut_into_legible_tiles_that_
     short = Region(Box(0.40, 0.30, 0.55, 0.31), "Total 12.00", 0.9, "line", 1, (1,))
     assert legible_tiles(short, config, size) == [legible_window(short, config, size)]  # readable whole
 
-    def quad(x0, y0, x1, y1):
-        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
-
-    p = perception_from_lines([(quad(80, 1000, 1880, 1020), row.text, 0.9)], size, image_size=size)
+    p = perception_from_lines([(_quad(80, 1000, 1880, 1020), row.text, 0.9)], size, image_size=size)
     p = replace(p, image_size=size)
-
-    class Fixed:
-        def perceive(self, image):
-            return p
-
-        def bind(self, target):
-            return False
-
-    class Enc:
-        def encode(self, texts):
-            return np.zeros((len(texts), 384), np.float32)
-
-    cropper = ProposalCropper(model=RegionScorer(config).eval(), perceiver=Fixed(), encoder=Enc())
+    cropper = ProposalCropper(model=RegionScorer(config).eval(), perceiver=_SawPerception(p), encoder=_ZeroEncoder())
     cropper.logits = lambda perception, question: np.where(
         [r.kind == "line" for r in perception.regions], 1.0, -np.inf
     )
