@@ -1,6 +1,7 @@
 """The response cache: what it keys on, what a hit returns, and that a crashed run's requests are reused."""
 
 import sqlite3
+import time
 
 import pytest
 from fakes import EchoTarget
@@ -128,3 +129,43 @@ def test_cache_serves_requests_made_before_a_crash(tmp_path):
     records = read_run(tmp_path / "run")
     assert [r["id"] for r in records] == [s.id for s in samples]
     assert [r["cached"] for r in records] == [True] * 4 + [False] * 2
+
+
+def test_processes_opening_one_fresh_cache_at_once_all_start(tmp_path):
+    """Shards started together on a new cache file race to switch it to WAL; SQLite answers the loser "database
+    is locked" at once (about one start in eight here), which used to kill that shard before its first request."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from fakes import EchoTarget
+        from PIL import Image
+        from zoomvlm.targets.base import TargetRequest
+        from zoomvlm.targets.cache import CachedTarget
+        go = Path(sys.argv[2])
+        while not go.exists():  # start together
+            time.sleep(0.001)
+        cached = CachedTarget(EchoTarget(), sys.argv[1])
+        cached.generate([TargetRequest((Image.new("RGB", (8, 8)),), "q" + sys.argv[3])])
+    """)
+    failures = []
+    for trial in range(12):
+        path, go = tmp_path / f"cache{trial}.sqlite", tmp_path / f"go{trial}"
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(path), str(go), str(i)],
+                                  stderr=subprocess.PIPE, text=True) for i in range(4)]  # fmt: skip
+        time.sleep(0.6)  # every process is waiting at the start line
+        go.touch()
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            if proc.returncode:
+                failures.append(err.strip().splitlines()[-1])
+        if not failures:
+            with sqlite3.connect(path) as conn:
+                assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+                assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 4
+    assert not failures, failures

@@ -28,6 +28,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,31 @@ CREATE TABLE IF NOT EXISTS responses (
 )
 """
 _BUSY_TIMEOUT_S = 60.0  # how long a writer waits for another process's write lock before raising
+
+
+def _use_wal(conn: sqlite3.Connection, path: Path, timeout_s: float = _BUSY_TIMEOUT_S) -> None:
+    """Put the database of ``conn`` in write-ahead-log mode, waiting up to ``timeout_s`` for other processes.
+
+    Switching the journal mode needs the database to itself, and SQLite answers "database is locked" at once
+    instead of waiting through the busy timeout when another connection is opening the same new file (two
+    shards starting on one fresh cache hit this about once in eight starts). The mode is stored in the file,
+    so whoever switches first switches it for everyone: retry, with backoff, until the file reads ``wal``.
+    Raises ``sqlite3.OperationalError`` after ``timeout_s`` seconds.
+    """
+    deadline, delay = time.monotonic() + timeout_s, 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal":
+                return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError(f"{path}: could not switch to WAL mode, the database stayed locked")
+        time.sleep(delay)
+        delay = min(2 * delay, 0.2)
 
 
 @dataclass(frozen=True)
@@ -144,7 +170,7 @@ class CachedTarget:
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
             conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn, self.path)
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process kill
             conn.execute(_SCHEMA)
             conn.commit()
