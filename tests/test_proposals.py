@@ -507,3 +507,63 @@ def test_grpo_command_line_puts_windows_in_the_loop():
     assert (args.window_line_px, args.window_max_area, args.window_fit, args.k) == (17.0, 0.25, "centre", 3)
     assert args.window_tiles == 1 and parser.parse_args([*base, "--window-tiles", "2"]).window_tiles == 2
     assert parser.parse_args(base).window_line_px is None and parser.parse_args(base).k is None  # the seed's
+
+
+def test_reward_mix_parses_names_and_weights_and_rejects_bad_specs():
+    from zoomvlm.cropvlm.proposal_grpo import parse_reward_mix
+
+    assert parse_reward_mix("accuracy") == {"accuracy": 1.0}
+    assert parse_reward_mix("accuracy=1, answer_probability=0.5") == {"accuracy": 1.0, "answer_probability": 0.5}
+    for bad, says in (("bleu", "unknown reward"), ("accuracy,accuracy", "twice"), ("accuracy=-1", "> 0"),
+                      ("accuracy=nan", "> 0"), ("accuracy=x", "not a number"), ("", "empty")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            parse_reward_mix(bad)
+
+
+def test_grpo_command_line_checks_the_reward_spec_when_parsed(capsys):
+    import argparse
+
+    from zoomvlm.cropvlm.proposal_train import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    base = ["proposals", "grpo", "--data", "d.jsonl", "--curation", "c", "--out", "o", "--init", "s"]
+    assert parser.parse_args([*base, "--reward", "accuracy=1,answer_probability=0.5"]).reward.startswith("accuracy")
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--reward", "accuracy=1,bleu=2"])
+    assert "unknown reward 'bleu'" in capsys.readouterr().err
+
+
+def test_a_probability_term_gives_advantage_where_accuracy_ties_and_moves_the_policy_to_the_answer():
+    """Every crop reads the answer (accuracy 1 for all, as when the global view already answers): accuracy alone
+    gives every group zero advantage and GRPO leaves the policy where it is; the weighted mix with the answer's
+    probability (1 on the good candidate, 0.2 elsewhere) has advantage and raises the good candidate's mass."""
+    from zoomvlm.cropvlm.proposal_grpo import weighted_reward
+
+    items, good = toy_items()
+    torch.manual_seed(0)
+    seed = RegionScorer().eval()
+    prob = [np.where(r > 0, 1.0, 0.2) for r in good]
+
+    def accuracy(item_idx, actions):
+        return [1.0] * len(actions)
+
+    def answer_probability(item_idx, actions):
+        return [float(prob[i][a]) for i, a in zip(item_idx, actions, strict=True)]
+
+    def run(reward_fn):
+        model = RegionScorer()
+        model.load_state_dict(seed.state_dict())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)  # as train_grpo's
+        stats = [grpo_step(model, seed, items, reward_fn, list(range(len(items))), opt, GRPOConfig(group=6),
+                           np.random.default_rng(s)) for s in range(15)]  # fmt: skip
+        return model, stats
+
+    tied, stats = run(accuracy)
+    assert all(s["advantage_abs"] == 0 for s in stats)
+    # only the KL term's round-off moves it (Adam scales even a 1e-9 gradient up): the policy stays put
+    assert abs(expected_reward(tied, items, good) - expected_reward(seed, items, good)) < 0.02
+    mixed, stats = run(weighted_reward([(answer_probability, 0.5), (accuracy, 1.0)]))
+    assert stats[0]["advantage_abs"] > 0
+    assert 1.0 <= stats[0]["reward"] <= 1.5  # 1 + 0.5 * probability
+    assert expected_reward(mixed, items, good) > expected_reward(seed, items, good) + 0.1

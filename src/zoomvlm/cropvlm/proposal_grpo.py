@@ -48,7 +48,19 @@ from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, legi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRPOConfig", "RewardCache", "export_checkpoint", "grpo_step", "make_target_reward", "train_grpo"]
+__all__ = [
+    "GRPOConfig",
+    "RewardCache",
+    "export_checkpoint",
+    "grpo_step",
+    "make_target_reward",
+    "parse_reward_mix",
+    "train_grpo",
+    "weighted_reward",
+]
+
+REWARD_NAMES = ("likelihood", "accuracy", "answer_probability")
+"""Target rewards the proposals GRPO can use (:mod:`zoomvlm.cropvlm.rewards`), alone or in a weighted mix."""
 
 RewardFn = Callable[[Sequence[int], Sequence[int]], list[float]]
 """``reward(item_indices, actions) -> rewards``: one reward per (question index, chosen candidate index)."""
@@ -235,6 +247,53 @@ def make_target_reward(items: Sequence, reward, config: ScorerConfig, cache: Rew
             for k, v in zip(todo, values, strict=True):
                 cache.add(k, float(v))
         return [cache.values[k] for k in keys]
+
+    return fn
+
+
+def parse_reward_mix(spec: str) -> dict[str, float]:
+    """``"accuracy"`` or ``"accuracy=1,answer_probability=0.5"`` -> ``{name: weight}`` (order kept).
+
+    A name without ``=w`` has weight 1. The GRPO reward is then ``r = sum_k w_k r_k`` (the same weighted sum
+    TRL forms over a recipe's ``rewards: {name: weight}`` for the VLM cropper). Why a mix: with the
+    ``accuracy`` reward, a question the global view already answers gives every crop 1, so its group has
+    no advantage and the policy learns nothing about where that answer is; a small ``answer_probability``
+    term still ranks a sharp crop of the answer above a crop elsewhere.
+
+    Raises:
+        ValueError: an empty spec, an unknown or repeated name, or a weight that is not a finite number > 0.
+    """
+    mix: dict[str, float] = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"empty reward name in {spec!r}; write e.g. 'accuracy=1,answer_probability=0.5'")
+        if name not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; choose from {', '.join(REWARD_NAMES)}")
+        if name in mix:
+            raise ValueError(f"reward {name!r} given twice in {spec!r}")
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"weight {weight!r} of reward {name!r} is not a number") from None
+        if not np.isfinite(w) or w <= 0:
+            raise ValueError(f"weight of reward {name!r} must be a finite number > 0, got {weight!r}")
+        mix[name] = w
+    return mix
+
+
+def weighted_reward(parts: Sequence[tuple[RewardFn, float]]) -> RewardFn:
+    """``r(q, a) = sum_k w_k r_k(q, a)`` over ``parts = [(reward_fn, weight), ...]``, each called once per batch
+    in the given order (put the reward whose reads the others can reuse first)."""
+    if not parts:
+        raise ValueError("a weighted reward needs at least one part")
+
+    def fn(item_indices: Sequence[int], actions: Sequence[int]) -> list[float]:
+        total = np.zeros(len(actions), np.float64)
+        for part, w in parts:
+            total += w * np.asarray(part(item_indices, actions), np.float64)
+        return total.tolist()
 
     return fn
 

@@ -214,7 +214,14 @@ def cmd_seed(args) -> int:
 
 def cmd_grpo(args) -> int:
     from zoomvlm.core.geometry import Budget
-    from zoomvlm.cropvlm.proposal_grpo import GRPOConfig, RewardCache, make_target_reward, train_grpo
+    from zoomvlm.cropvlm.proposal_grpo import (
+        GRPOConfig,
+        RewardCache,
+        make_target_reward,
+        parse_reward_mix,
+        train_grpo,
+        weighted_reward,
+    )
     from zoomvlm.cropvlm.proposals import load_scorer
     from zoomvlm.cropvlm.rewards import AccuracyReward, AnswerProbabilityReward, LikelihoodReward
     from zoomvlm.targets import load_target
@@ -232,30 +239,39 @@ def cmd_grpo(args) -> int:
     samples, seeds, groups = _load(args)
     items, _ = _items(args, samples, seeds, groups)
     target = load_target(args.target, budget=Budget.parse(args.budget))
+    mix = parse_reward_mix(args.reward)
     if hasattr(target, "cache_size"):
-        target.cache_size = 16  # a step's questions come from a few images; keep their global reads
+        # a step's questions come from a few images: keep their global reads; with a mix, the second reward
+        # reads the same crops as the first, so keep the step's crop reads too (~1 MB per read line)
+        target.cache_size = 16 if len(mix) == 1 else 64
     if (
-        args.reward == "accuracy"
+        mix.keys() == {"accuracy"}
         and args.replay_reads
         and str(Budget.parse(args.budget)) == str(Budget.parse(args.view_budget))
-    ):
+    ):  # the replayed reads carry no log-probabilities: accuracy alone
         _replay_global_reads(target, items, args, groups)
-    reward = {
+    build = {
         "likelihood": lambda: LikelihoodReward(target),
         "accuracy": lambda: AccuracyReward(target, metric="contains"),
         "answer_probability": lambda: AnswerProbabilityReward(target),
-    }[args.reward]()
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = RewardCache(out / f"rewards_{args.reward}.jsonl")
-    reward_fn = make_target_reward(items, reward, seed_model.config, cache)
+    # likelihood-type rewards first: their reads (with log-probabilities) serve the accuracy reward's misses
+    order = sorted(mix, key=lambda name: name == "accuracy")
+    parts = [
+        (make_target_reward(items, build[name](), seed_model.config, RewardCache(out / f"rewards_{name}.jsonl")),
+         mix[name])
+        for name in order
+    ]  # fmt: skip
+    reward_fn = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else weighted_reward(parts)
     config = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts, group=args.group, beta=args.beta,
                         lr=args.lr, temperature=args.temperature, seed=args.seed,
                         save_every=args.save_every)  # fmt: skip
     recipe_path = Path(args.init) / "zoomvlm_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
-    recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "target": args.target,
-              "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
+    recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "reward_mix": mix,
+              "target": args.target, "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
               "window_max_area": c.window_max_area, "window_fit": c.window_fit,
               "window_tiles": c.window_tiles, "window_below": c.window_below}  # fmt: skip
     train_grpo(seed_model, items, reward_fn, config, out, recipe=recipe, grouped=True)
@@ -423,7 +439,14 @@ def add_parser(tsub) -> None:
                            "Default: 1 each")  # fmt: skip
         if stage == "grpo":
             q.add_argument("--init", required=True, help="seed checkpoint folder")
-            q.add_argument("--reward", choices=("likelihood", "accuracy", "answer_probability"), default="likelihood")
+            q.add_argument(
+                "--reward",
+                default="likelihood",
+                type=_reward_spec,
+                help="the target's reward: likelihood, accuracy or answer_probability, or a weighted sum "
+                "'accuracy=1,answer_probability=0.5' (the probability term still ranks crops when the global view "
+                "already answers and every crop's accuracy is 1). Default: %(default)s",
+            )
             q.add_argument("--target", default="ocr", help="reward target spec. Default: %(default)s")
             q.add_argument("--budget", default="384", help="reward target budget. Default: %(default)s")
             q.add_argument("--steps", type=int, default=30, help="Default: %(default)s")
@@ -472,6 +495,17 @@ def add_parser(tsub) -> None:
                 "--hi", type=float, default=0.8, help="quantile of right/bottom edges. Default: %(default)s"
             )
         q.set_defaults(func=_validated(func))
+
+
+def _reward_spec(spec: str) -> str:
+    """argparse type of ``--reward``: checked by :func:`~zoomvlm.cropvlm.proposal_grpo.parse_reward_mix`."""
+    from zoomvlm.cropvlm.proposal_grpo import parse_reward_mix
+
+    try:
+        parse_reward_mix(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def _validated(func):
