@@ -567,3 +567,33 @@ def test_a_probability_term_gives_advantage_where_accuracy_ties_and_moves_the_po
     assert stats[0]["advantage_abs"] > 0
     assert 1.0 <= stats[0]["reward"] <= 1.5  # 1 + 0.5 * probability
     assert expected_reward(mixed, items, good) > expected_reward(seed, items, good) + 0.1
+
+
+def test_a_gated_mix_ranks_only_the_crops_the_gate_rewards():
+    from zoomvlm.cropvlm.proposal_grpo import weighted_reward
+    from zoomvlm.cropvlm.proposal_train import add_parser, cmd_grpo
+
+    acc = {0: [1.0, 0.0, 1.0], 1: [0.0, 0.0, 0.0]}
+    prob = {0: [0.9, 0.8, 0.2], 1: [0.9, 0.1, 0.5]}
+
+    def accuracy(item_idx, actions):
+        return [acc[i][a] for i, a in zip(item_idx, actions, strict=True)]
+
+    def answer_probability(item_idx, actions):
+        return [prob[i][a] for i, a in zip(item_idx, actions, strict=True)]
+
+    parts = [(answer_probability, 0.5), (accuracy, 1.0)]
+    q, a = [0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2]
+    assert np.allclose(weighted_reward(parts)(q, a), [1.45, 0.4, 1.1, 0.45, 0.05, 0.25])
+    # gated: question 1 (no crop right) keeps zero advantage; question 0's wrong crop gets nothing
+    assert np.allclose(weighted_reward(parts, gate=accuracy)(q, a), [1.45, 0.0, 1.1, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="one of"):
+        weighted_reward([(answer_probability, 1.0)], gate=accuracy)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["proposals", "grpo", "--data", "d.jsonl", "--curation", "c", "--out", "o", "--init",
+                              "s", "--reward", "answer_probability", "--gate-by-accuracy"])  # fmt: skip
+    with pytest.raises(ValueError, match="needs accuracy"):  # refused before anything is loaded
+        cmd_grpo(args)

@@ -283,16 +283,30 @@ def parse_reward_mix(spec: str) -> dict[str, float]:
     return mix
 
 
-def weighted_reward(parts: Sequence[tuple[RewardFn, float]]) -> RewardFn:
+def weighted_reward(parts: Sequence[tuple[RewardFn, float]], gate: RewardFn | None = None) -> RewardFn:
     """``r(q, a) = sum_k w_k r_k(q, a)`` over ``parts = [(reward_fn, weight), ...]``, each called once per batch
-    in the given order (put the reward whose reads the others can reuse first)."""
+    in the given order (put the reward whose reads the others can reuse first).
+
+    ``gate`` (one of the ``parts``' functions, e.g. the accuracy reward): the OTHER terms are multiplied by its
+    value, ``r = w_g g + g sum_{k != g} w_k r_k``, so they only rank actions the gate already rewards (among
+    correct crops, prefer the one the target reads most surely) and a group the gate scores 0 throughout keeps
+    zero advantage, as under the gate alone. Without a gate, such a group would be ranked by the other terms
+    alone: the answer's probability among crops that do not show it.
+
+    Raises:
+        ValueError: no parts, or a ``gate`` that is not one of them.
+    """
     if not parts:
         raise ValueError("a weighted reward needs at least one part")
+    if gate is not None and all(f is not gate for f, _ in parts):
+        raise ValueError("the gate must be one of the weighted reward's parts")
 
     def fn(item_indices: Sequence[int], actions: Sequence[int]) -> list[float]:
+        values = [(part, w, np.asarray(part(item_indices, actions), np.float64)) for part, w in parts]
+        g = next((v for part, _, v in values if part is gate), None)
         total = np.zeros(len(actions), np.float64)
-        for part, w in parts:
-            total += w * np.asarray(part(item_indices, actions), np.float64)
+        for part, w, v in values:
+            total += w * v if g is None or part is gate else w * g * v
         return total.tolist()
 
     return fn

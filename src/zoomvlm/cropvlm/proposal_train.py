@@ -226,6 +226,9 @@ def cmd_grpo(args) -> int:
     from zoomvlm.cropvlm.rewards import AccuracyReward, AnswerProbabilityReward, LikelihoodReward
     from zoomvlm.targets import load_target
 
+    mix = parse_reward_mix(args.reward)
+    if args.gate_by_accuracy and "accuracy" not in mix:
+        raise ValueError("--gate-by-accuracy needs accuracy in the --reward mix")
     seed_model = load_scorer(args.init)
     if args.window_line_px is not None:  # windows in the loop: the reward reads the windows inference cuts
         seed_model.config = replace(seed_model.config, window_line_px=args.window_line_px, window_below=None,
@@ -239,7 +242,6 @@ def cmd_grpo(args) -> int:
     samples, seeds, groups = _load(args)
     items, _ = _items(args, samples, seeds, groups)
     target = load_target(args.target, budget=Budget.parse(args.budget))
-    mix = parse_reward_mix(args.reward)
     if hasattr(target, "cache_size"):
         # a step's questions come from a few images: keep their global reads; with a mix, the second reward
         # reads the same crops as the first, so keep the step's crop reads too (~1 MB per read line)
@@ -264,13 +266,15 @@ def cmd_grpo(args) -> int:
          mix[name])
         for name in order
     ]  # fmt: skip
-    reward_fn = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else weighted_reward(parts)
+    gate = parts[order.index("accuracy")][0] if args.gate_by_accuracy else None
+    reward_fn = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else weighted_reward(parts, gate=gate)
     config = GRPOConfig(steps=args.steps, prompts_per_step=args.prompts, group=args.group, beta=args.beta,
                         lr=args.lr, temperature=args.temperature, seed=args.seed,
                         save_every=args.save_every)  # fmt: skip
     recipe_path = Path(args.init) / "zoomvlm_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "reward_mix": mix,
+              "gate_by_accuracy": bool(args.gate_by_accuracy),
               "target": args.target, "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
               "window_max_area": c.window_max_area, "window_fit": c.window_fit,
               "window_tiles": c.window_tiles, "window_below": c.window_below}  # fmt: skip
@@ -446,6 +450,13 @@ def add_parser(tsub) -> None:
                 help="the target's reward: likelihood, accuracy or answer_probability, or a weighted sum "
                 "'accuracy=1,answer_probability=0.5' (the probability term still ranks crops when the global view "
                 "already answers and every crop's accuracy is 1). Default: %(default)s",
+            )
+            q.add_argument(
+                "--gate-by-accuracy",
+                action="store_true",
+                help="with a mix that has accuracy: the other terms count only for crops the target answers "
+                "right (r = acc + acc * 0.5 * answer_probability), so a group where no crop is right keeps zero "
+                "advantage instead of being ranked by the answer's probability in crops that do not show it",
             )
             q.add_argument("--target", default="ocr", help="reward target spec. Default: %(default)s")
             q.add_argument("--budget", default="384", help="reward target budget. Default: %(default)s")
