@@ -597,3 +597,13 @@ def test_a_gated_mix_ranks_only_the_crops_the_gate_rewards():
                               "s", "--reward", "answer_probability", "--gate-by-accuracy"])  # fmt: skip
     with pytest.raises(ValueError, match="needs accuracy"):  # refused before anything is loaded
         cmd_grpo(args)
+
+
+def test_grpo_from_a_grpo_checkpoint_keeps_the_earlier_stage_in_the_recipe():
+    from zoomvlm.cropvlm.proposal_train import _earlier_grpo
+
+    first = {"stage": "grpo", "init": "seed", "reward": "accuracy", "grpo": {"steps": 48, "seed": 0}, "k": 3}
+    second = {**first, "earlier_grpo": _earlier_grpo(first), "init": "run1/final", "grpo": {"steps": 24, "seed": 1}}
+    assert second["earlier_grpo"] == [{"init": "seed", "reward": "accuracy", "grpo": {"steps": 48, "seed": 0}}]
+    third = _earlier_grpo(second)
+    assert [s["init"] for s in third] == ["seed", "run1/final"] and third[1]["grpo"]["steps"] == 24

@@ -273,6 +273,7 @@ def cmd_grpo(args) -> int:
                         save_every=args.save_every)  # fmt: skip
     recipe_path = Path(args.init) / "zoomvlm_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
+    recipe = {**recipe, "earlier_grpo": _earlier_grpo(recipe)} if recipe.get("stage") == "grpo" else recipe
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "reward_mix": mix,
               "gate_by_accuracy": bool(args.gate_by_accuracy),
               "target": args.target, "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
@@ -282,6 +283,13 @@ def cmd_grpo(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): rank 0 wrote final/
         print(f"GRPO scorer saved to {out / 'final'}; use it with --policy proposals:{out / 'final'}")
     return 0
+
+
+def _earlier_grpo(recipe: dict) -> list[dict]:
+    """The GRPO stages a checkpoint's recipe already holds (when GRPO continues from a GRPO checkpoint), oldest
+    first, so that the new recipe keeps them instead of overwriting the stage's ``init``/``reward``/``grpo``."""
+    keys = ("init", "reward", "reward_mix", "gate_by_accuracy", "target", "budget", "grpo")
+    return [*recipe.get("earlier_grpo", []), {k: recipe[k] for k in keys if k in recipe}]
 
 
 def _replay_global_reads(target, items, args, groups) -> None:
