@@ -586,15 +586,20 @@ class QuestionEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings ``[len(texts), 384]`` (float32, unit norm; the empty string maps to zeros)."""
-        todo = sorted({t for t in texts if t and t not in self._cache})
+        zero = np.zeros(self.dim, dtype=np.float32)
+        if not texts:
+            return zero[None, :0]
+        # this call's embeddings are read from ``found``, not the memo: a call with more distinct texts than
+        # ``cache_size`` would otherwise evict some of its own embeddings before reading them back
+        found = {t: self._cache[t] for t in set(texts) if t and t in self._cache}
+        todo = sorted({t for t in texts if t and t not in found})
         if todo:
             emb = self.model.encode(todo, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
             for t, e in zip(todo, emb, strict=True):
-                self._cache[t] = np.asarray(e, dtype=np.float32)
+                found[t] = self._cache[t] = np.asarray(e, dtype=np.float32)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        zero = np.zeros(self.dim, dtype=np.float32)
-        return np.stack([self._cache.get(t, zero) if t else zero for t in texts]) if texts else zero[None, :0]
+        return np.stack([found[t] if t else zero for t in texts])
 
 
 def ink_outline(image: Image.Image, thumb: int = 256, trim: float = 0.005) -> Box:
