@@ -38,13 +38,11 @@ Rerun the same command to continue an interrupted run. Human evidence boxes in t
 
 def _load_samples(paths, limit):
     """(samples, groups): each --data file's samples, evidence stripped before parsing; ``limit``: first N overall."""
-    from zoomvlm.cropvlm.proposal_data import strip_evidence
-    from zoomvlm.cropvlm.proposal_train import _load_jsonl_without_boxes
-    from zoomvlm.data import load_jsonl
+    from zoomvlm.cropvlm.proposal_data import load_training_samples
 
     samples, groups = [], {}
     for data in paths:
-        part = strip_evidence(_load_jsonl_without_boxes(data, load_jsonl))
+        part = load_training_samples(data)
         if limit is not None:
             part = part[: max(0, limit - len(samples))]
         groups[data] = part
@@ -54,13 +52,13 @@ def _load_samples(paths, limit):
 
 def _perceptions(groups, settings: dict, reads: str) -> dict:
     """Cached reader passes, in the files ``zoomvlm train proposals`` uses (``READS/{dir}_{stem}_{budget}.jsonl``)."""
-    from zoomvlm.cropvlm.proposal_data import cached_passes, cached_reads
+    from zoomvlm.cropvlm.proposal_data import cached_passes, cached_reads, reads_stem
 
     out = {}
     for data, subset in groups.items():
         if not subset:
             continue
-        stem = f"{Path(data).resolve().parent.name}_{Path(data).stem}"  # receipts_train, documents_train
+        stem = reads_stem(data)
         view, detect = str(settings["view_budget"]), settings["detect_budget"]
         if detect:
             out.update(cached_passes(subset, view, str(detect), reads, stem, legible=settings["legible"],

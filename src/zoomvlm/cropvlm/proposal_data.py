@@ -35,6 +35,8 @@ __all__ = [
     "cached_rows",
     "load_seed_boxes",
     "refine_seed_boxes",
+    "load_training_samples",
+    "reads_stem",
     "strip_evidence",
 ]
 
@@ -42,6 +44,24 @@ __all__ = [
 def strip_evidence(samples):
     """The samples without their human ``evidence_boxes`` (the guard: nothing after this can read them)."""
     return [replace(s, evidence_boxes=()) for s in samples]
+
+
+def reads_stem(data: str | Path) -> str:
+    """Name of a dataset file's reads caches (``--reads``): its folder and stem, e.g. ``receipts_train``."""
+    return f"{Path(data).resolve().parent.name}_{Path(data).stem}"
+
+
+def load_training_samples(path: str | Path):
+    """A JSONL dataset as training reads it: ``evidence_boxes`` dropped before parsing (a malformed human box
+    cannot stop training; errors name ``file:line``, :func:`zoomvlm.data.load_jsonl`) and image paths made
+    absolute, the keys of the reads caches (:func:`cached_rows`).
+
+    Raises:
+        zoomvlm.data.DatasetError: the file is missing, empty or has a bad line.
+    """
+    from zoomvlm.data import load_jsonl
+
+    return [replace(s, image=s.image.resolve()) for s in strip_evidence(load_jsonl(path, evidence=False))]
 
 
 def cached_rows(samples, budget: Budget | int | str, path: str | Path, reader=None,

@@ -210,12 +210,14 @@ def read_appended_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
     return records
 
 
-def load_jsonl(path: str | Path, check_images: bool = True) -> list[Sample]:
+def load_jsonl(path: str | Path, check_images: bool = True, evidence: bool = True) -> list[Sample]:
     """Read and validate a JSONL dataset; image paths are resolved relative to the file's folder.
 
     Args:
         path: the ``.jsonl`` file.
         check_images: also check that every image file exists (cheap: no decoding).
+        evidence: ``False`` drops each line's ``evidence_boxes`` BEFORE parsing them (training data: policies
+            never read human boxes, and a malformed one cannot stop a training run).
 
     Raises:
         DatasetError: the file is missing or empty, a line is not valid JSON or misses/mistypes a field,
@@ -227,6 +229,8 @@ def load_jsonl(path: str | Path, check_images: bool = True) -> list[Sample]:
     samples: list[Sample] = []
     seen: dict[str, str] = {}
     for where, obj in iter_jsonl(path, DatasetError):
+        if not evidence and isinstance(obj, dict):
+            obj = {**obj, "evidence_boxes": []}
         sample = _parse_line(obj, path.parent, where)
         if sample.id in seen:
             raise DatasetError(f"{where}: id {sample.id!r} already used on line {seen[sample.id].rsplit(':', 1)[1]}")
