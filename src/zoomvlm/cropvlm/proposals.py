@@ -27,7 +27,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,9 @@ __all__ = [
     "train_seed",
     "word_matcher",
 ]
+
+WINDOW_FITS = ("shift", "clip", "centre")
+"""What a legibility window does at the page's edge (:attr:`ScorerConfig.window_fit`)."""
 
 N_SIM = 4
 """Question-region similarity features (version 1): word overlap and trigram overlap (region, best line)."""
@@ -174,6 +177,30 @@ class ScorerConfig:
     window_tiles: int = 1
     window_below: float | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse settings the policy cannot honour (raises ``ValueError`` naming the field)."""
+        problems = []
+        if not isinstance(self.k, int) or self.k < 1:
+            problems.append(f"k must be an integer >= 1 (boxes per question), got {self.k!r}")
+        if self.features not in (1, 2, 3):
+            problems.append(f"features must be 1, 2 or 3, got {self.features!r}")
+        if self.window_fit not in WINDOW_FITS:
+            problems.append(f"window_fit must be one of {', '.join(WINDOW_FITS)}, got {self.window_fit!r}")
+        if not isinstance(self.window_tiles, int) or self.window_tiles < 1:
+            problems.append(f"window_tiles must be an integer >= 1, got {self.window_tiles!r}")
+        if not 0 < self.suppress <= 1:
+            problems.append(f"suppress must be in (0, 1], got {self.suppress!r}")
+        if self.window_line_px is not None and not self.window_line_px > 0:
+            problems.append(f"window_line_px must be > 0 or None, got {self.window_line_px!r}")
+        if not 0 < self.window_max_area <= 1:
+            problems.append(
+                f"window_max_area must be in (0, 1] (a fraction of the page), got {self.window_max_area!r}"
+            )
+        if self.hidden < 1 or self.rank < 1:
+            problems.append(f"hidden and rank must be >= 1, got {self.hidden!r} and {self.rank!r}")
+        if problems:
+            raise ValueError("invalid proposals scorer config: " + "; ".join(problems))
 
 
 class RegionScorer(nn.Module):
@@ -431,6 +458,8 @@ def select_boxes(
     when given, so k wide windows do not all frame one place. Default: the regions' own boxes.
     """
     k = config.k if k is None else k
+    if k <= 0:  # e.g. proposals+prior with k = 1: the prior's box is the only one
+        return []
     boxes = [r.box for r in regions] if crops is None else list(crops)
     chosen: list[int] = []
     for i in np.argsort(-logits, kind="stable"):
@@ -443,10 +472,6 @@ def select_boxes(
         if len(chosen) == k:
             break
     return chosen
-
-
-def _region_coverage(region: Box, seed: Box) -> float:
-    return region.intersection(seed) / max(seed.area, 1e-9)
 
 
 def seed_targets(perception: Perception, seed_box: Box, min_iou: float = 0.1) -> np.ndarray | None:
@@ -496,7 +521,15 @@ def train_seed(
         seed: torch / numpy seed (the result is deterministic for a given seed on one machine).
 
     Loss: ``-sum_i target_i log softmax(logits)_i`` (listwise cross-entropy), mean over questions.
+
+    Raises:
+        ValueError: no item has a candidate region (nothing to fit: the result would be the random init).
     """
+    if not any(x.shape[0] > 0 for _, x, _ in items):
+        raise ValueError(
+            "no seed label to fit: no question has both a model-made seed box and a candidate region that "
+            "matches it (is the curation finished, and did the reader find text in the images?)"
+        )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = RegionScorer(config)
@@ -551,14 +584,32 @@ def load_scorer(path: str | Path) -> RegionScorer:
 
     Raises:
         FileNotFoundError: ``path`` lacks ``scorer.pt`` or ``config.json``.
+        ValueError: ``config.json`` is not a JSON object of :class:`ScorerConfig` fields with valid values, or
+            ``scorer.pt`` does not hold weights of the shape that config describes (the message names the file).
     """
     path = Path(path)
     for name in ("scorer.pt", "config.json"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not a proposals checkpoint: no {name}")
-    config = ScorerConfig(**json.loads((path / "config.json").read_text()))
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object of scorer settings")
+    unknown = sorted(set(raw) - {f.name for f in fields(ScorerConfig)})
+    if unknown:
+        raise ValueError(f"{path / 'config.json'}: unknown settings {unknown} (written by a newer zoomvlm?)")
+    try:
+        config = ScorerConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
     model = RegionScorer(config)
-    model.load_state_dict(torch.load(path / "scorer.pt", map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(path / "scorer.pt", map_location="cpu", weights_only=True))
+    except Exception as e:  # unpickling errors, size mismatches, missing keys
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path / 'scorer.pt'}: weights do not match {path / 'config.json'} ({first})") from e
     return model.eval()
 
 
