@@ -31,6 +31,7 @@ within one call: identical crops of a question are scored once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -106,6 +107,15 @@ class GRPOConfig:
             raise ValueError(f"scale_rewards must be 'none' (Dr-GRPO) or 'group' (GRPO), got {self.scale_rewards!r}")
         if self.mu < 1 or self.steps < 0 or self.prompts_per_step < 1:
             raise ValueError("mu and prompts_per_step must be >= 1 and steps >= 0")
+        if self.save_every < 1:  # checked here, not after the first (expensive) step's rewards
+            raise ValueError(f"save_every must be >= 1 (steps between checkpoints), got {self.save_every}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (sampling divides the logits by it), got {self.temperature}")
+        if not (self.lr > 0 and self.beta >= 0 and self.epsilon > 0 and self.max_grad_norm > 0):
+            raise ValueError(
+                f"lr, epsilon and max_grad_norm must be > 0 and beta >= 0, got lr={self.lr}, epsilon={self.epsilon}, "
+                f"max_grad_norm={self.max_grad_norm}, beta={self.beta}"
+            )
 
 
 def _log_probs(model: RegionScorer, items, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,13 +371,16 @@ def train_grpo(
     sampling RNG) and ``final/``, with barriers around the saves; on a rerun every process resumes from the same
     checkpoint. On one process nothing changes (one RNG draws the questions and the actions, as before).
     """
+    usable = [i for i, it in enumerate(items) if it.x.shape[0] > 0]
+    if not usable:
+        raise ValueError(
+            f"GRPO needs questions with candidate regions: none of the {len(items)} has one "
+            "(the reader found no text line in any image)"
+        )
     rank, world, started = _init_distributed()
     main = rank == 0
     out = Path(out_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps({**(recipe or {}), "grpo": asdict(config)}, indent=2) + "\n")
-    _barrier(world)
+    settings = run_settings(recipe, config)
     model = copy.deepcopy(seed_model).train()
     ref = copy.deepcopy(seed_model).eval()
     for p in ref.parameters():
@@ -380,6 +393,7 @@ def train_grpo(
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        _check_resume(state.get("settings"), settings, ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
@@ -390,7 +404,11 @@ def train_grpo(
             act_rng = np.random.default_rng([config.seed, rank, state["step"]])
         start = state["step"]
         logger.info("resuming GRPO at step %d", start)
-    usable = [i for i, it in enumerate(items) if it.x.shape[0] > 0]
+    if main:  # after the resume check: a refused resume leaves the run's recipe as it was
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps({**(recipe or {}), "grpo": asdict(config)}, indent=2) + "\n")
+        _truncate_log(out / "log.jsonl", start)
+    _barrier(world)
     if world > 1 and min(config.prompts_per_step, len(usable)) < world:
         raise ValueError(f"{world} processes need prompts_per_step >= {world} questions with candidates")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -423,7 +441,8 @@ def train_grpo(
             if main:
                 tmp = out / "checkpoint.pt.tmp"
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
-                            "action_rngs": act_states if world > 1 else None, "step": step + 1}, tmp)  # fmt: skip
+                            "action_rngs": act_states if world > 1 else None, "step": step + 1,
+                            "settings": settings, "model_config": _config_dict(model)}, tmp)  # fmt: skip
                 tmp.replace(ckpt)
             _barrier(world)
     if log:
@@ -437,18 +456,94 @@ def train_grpo(
     return model
 
 
+def run_settings(recipe: dict | None, config: GRPOConfig) -> dict:
+    """What a GRPO run's resume must agree on: its recipe and :class:`GRPOConfig`, less ``steps`` (a finished run
+    may be extended) and ``save_every`` (how often to checkpoint changes nothing learned). JSON-normalised."""
+    grpo = {k: v for k, v in asdict(config).items() if k not in ("steps", "save_every")}
+    return json.loads(json.dumps({"recipe": recipe or {}, "grpo": grpo}, default=str))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
+    """Refuse to resume ``ckpt`` with other settings than it was trained with (``ValueError`` listing them).
+
+    A resume with another learning rate, reward, target or crop setting would silently continue under the old
+    ones (the optimiser state restores the old lr, the reward cache holds the old target's rewards) while the
+    recipe claimed the new. Checkpoints written before settings were saved (``saved`` None) resume as before.
+    """
+    if saved is None:
+        logger.warning("%s predates saved run settings: resuming without checking them", ckpt)
+        return
+    a, b = _flatten(saved), _flatten(now)
+    diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<unset>") != b.get(k, "<unset>")]  # fmt: skip
+    if diff:
+        raise ValueError(
+            f"{ckpt} was trained with other settings; resuming would mix the two runs. Rerun with the run's own "
+            f"settings (its recipe.json), or write to another --out (or delete {ckpt.name} to start over). "
+            "Differences (checkpoint -> now): " + "; ".join(diff)
+        )
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Keep the lines of ``log.jsonl`` for steps <= ``start`` (the checkpoint's): the steps after it are run
+    again on resume, and would otherwise be logged twice."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= start:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line torn by the crash
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _config_dict(model) -> dict | None:
+    config = getattr(model, "config", None)
+    return asdict(config) if dataclasses.is_dataclass(config) else None
+
+
 def export_checkpoint(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     """Save the scorer of a running (or stopped) GRPO run's last ``checkpoint.pt`` as a loadable checkpoint.
 
-    ``dest`` defaults to ``out_dir/step_N``; the seed's ``config.json`` comes from ``out_dir/final`` if present,
-    else from the run's recipe (``init``). Returns the folder.
+    ``dest`` defaults to ``out_dir/step_N``. The scorer's config (``k``, windows, features) is the one the run
+    trained with: saved in ``checkpoint.pt``; for checkpoints written before that, ``out_dir/final/config.json``
+    if present, else the seed's (``init`` in the run's ``recipe.json``) with the recipe's ``k`` and window
+    settings. Returns the folder.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` has no ``checkpoint.pt`` or ``recipe.json``.
     """
     from zoomvlm.cropvlm.proposals import load_scorer
 
     out = Path(out_dir)
+    for name in ("checkpoint.pt", "recipe.json"):
+        if not (out / name).exists():
+            raise FileNotFoundError(f"{out} is not a GRPO run folder: no {name}")
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     recipe = json.loads((out / "recipe.json").read_text())
-    model = load_scorer(recipe["init"])
+    if state.get("model_config"):
+        model = RegionScorer(ScorerConfig(**state["model_config"]))
+    elif (out / "final" / "config.json").exists():
+        model = load_scorer(out / "final")
+    else:
+        model = load_scorer(recipe["init"])
+        names = {f.name for f in dataclasses.fields(ScorerConfig)}
+        model.config = dataclasses.replace(model.config, **{k: v for k, v in recipe.items() if k in names and
+                                                            (k == "k" or k.startswith("window_"))})  # fmt: skip
     model.load_state_dict(state["model"])
     return save_scorer(model, dest or out / f"step_{state['step']}", {**recipe, "step": state["step"]})
 

@@ -9,7 +9,8 @@
    (:mod:`zoomvlm.cropvlm.proposal_grpo`), resumable (rerun the same command).
 3. ``prior``: the non-reading control (:mod:`zoomvlm.policies.prior`) from the same curation folders.
 
-Human ``evidence_boxes`` are dropped as the data is loaded (:func:`~zoomvlm.cropvlm.proposal_data.strip_evidence`).
+Human ``evidence_boxes`` are dropped as the data is loaded
+(:func:`~zoomvlm.cropvlm.proposal_data.load_training_samples`).
 """
 
 from __future__ import annotations
@@ -41,12 +42,11 @@ made from it. Human evidence boxes in the data are dropped on load and never rea
 def _load(args):
     """(samples, seeds, groups) over all --data/--curation pairs, evidence stripped; ``groups`` maps each data
     file to its samples (one reads cache per file)."""
-    from zoomvlm.cropvlm.proposal_data import load_seed_boxes, refine_seed_boxes, strip_evidence
-    from zoomvlm.data import load_jsonl
+    from zoomvlm.cropvlm.proposal_data import load_seed_boxes, load_training_samples, refine_seed_boxes
 
     samples, seeds, groups = [], {}, {}
     for data, cur in zip(args.data, args.curation, strict=True):
-        part = strip_evidence(_load_jsonl_without_boxes(data, load_jsonl))
+        part = load_training_samples(data)
         groups[data] = part
         samples += part
         part_px = getattr(args, "part_px", None)
@@ -57,34 +57,13 @@ def _load(args):
     return samples, seeds, groups
 
 
-def _load_jsonl_without_boxes(path: str, load_jsonl):
-    """Load a dataset, dropping ``evidence_boxes`` BEFORE parsing (a bad human box cannot stop training)."""
-    import tempfile
-
-    root = Path(path).resolve().parent
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        row["evidence_boxes"] = []
-        row["image"] = str((root / row["image"]).resolve())
-        rows.append(json.dumps(row))
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-        f.write("\n".join(rows) + "\n")
-    try:
-        return load_jsonl(f.name)
-    finally:
-        Path(f.name).unlink()
-
-
 def _items(args, samples, seeds, groups):
-    from zoomvlm.cropvlm.proposal_data import build_items, cached_passes, cached_reads
+    from zoomvlm.cropvlm.proposal_data import build_items, cached_passes, cached_reads, reads_stem
     from zoomvlm.policies.perception import QuestionEncoder
 
     perceptions = {}
     for data, subset in groups.items():
-        stem = f"{Path(data).resolve().parent.name}_{Path(data).stem}"  # receipts_train, documents_train
+        stem = reads_stem(data)
         if args.detect_budget:
             perceptions.update(cached_passes(subset, args.view_budget, args.detect_budget, args.reads, stem,
                                              legible=args.legible, max_recognise=args.max_recognise,
@@ -301,12 +280,12 @@ def _replay_global_reads(target, items, args, groups) -> None:
     full-page read per image and step on a busy CPU.
     """
     from zoomvlm.core.geometry import resize_to_budget
-    from zoomvlm.cropvlm.proposal_data import cached_rows
+    from zoomvlm.cropvlm.proposal_data import cached_rows, reads_stem
     from zoomvlm.targets.ocr import OCRLine
 
     rows = {}
     for data, subset in groups.items():
-        stem = f"{Path(data).resolve().parent.name}_{Path(data).stem}"
+        stem = reads_stem(data)
         rows.update(cached_rows(subset, args.view_budget, Path(args.reads) / f"{stem}_{args.view_budget}.jsonl"))
     seen = set()
     for it in items:
@@ -400,10 +379,12 @@ def add_parser(tsub) -> None:
                        "Default: none")  # fmt: skip
         q.add_argument("--seed", type=int, default=0, help="random seed. Default: %(default)s")
         if stage == "seed":
-            q.add_argument("--epochs", type=int, default=60, help="Default: %(default)s")
-            q.add_argument("--lr", type=float, default=3e-3, help="Default: %(default)s")
+            q.add_argument("--epochs", type=_positive_int, default=60, help="Default: %(default)s")
+            q.add_argument("--lr", type=_positive_float, default=3e-3, help="Default: %(default)s")
             q.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay. Default: %(default)s")
-            q.add_argument("--k", type=int, default=2, help="boxes per question at inference. Default: %(default)s")
+            q.add_argument(
+                "--k", type=_positive_int, default=2, help="boxes per question at inference. Default: %(default)s"
+            )
             q.add_argument(
                 "--lexical",
                 action="store_true",
@@ -439,7 +420,7 @@ def add_parser(tsub) -> None:
             )
             q.add_argument(
                 "--window-tiles",
-                type=int,
+                type=_positive_int,
                 default=1,
                 help="with --window-line-px: cut a window wider than the target can read (a wide table row) into up "
                 "to this many legible tiles, each its own crop (more crops per request: worth it for a fixed-budget "
@@ -470,17 +451,21 @@ def add_parser(tsub) -> None:
             q.add_argument("--target", default="ocr", help="reward target spec. Default: %(default)s")
             q.add_argument("--budget", default="384", help="reward target budget. Default: %(default)s")
             q.add_argument("--steps", type=int, default=30, help="Default: %(default)s")
-            q.add_argument("--prompts", type=int, default=16, help="questions per step. Default: %(default)s")
+            q.add_argument(
+                "--prompts", type=_positive_int, default=16, help="questions per step. Default: %(default)s"
+            )
             q.add_argument("--group", type=int, default=6, help="actions per question (G). Default: %(default)s")
             q.add_argument("--beta", type=float, default=0.01, help="KL weight. Default: %(default)s")
-            q.add_argument("--lr", type=float, default=1e-3, help="Default: %(default)s")
-            q.add_argument("--temperature", type=float, default=2.0,
+            q.add_argument("--lr", type=_positive_float, default=1e-3, help="Default: %(default)s")
+            q.add_argument("--temperature", type=_positive_float, default=2.0,
                            help="sampling temperature (a confident seed samples one candidate G times at 1.0, "
                            "so every advantage is 0). Default: %(default)s")  # fmt: skip
-            q.add_argument("--save-every", type=int, default=1, help="checkpoint period in steps. Default: 1")
+            q.add_argument(
+                "--save-every", type=_positive_int, default=1, help="checkpoint period in steps. Default: 1"
+            )
             q.add_argument(
                 "--k",
-                type=int,
+                type=_positive_int,
                 default=None,
                 help="boxes per question at inference, written to the checkpoint. Default: the seed's",
             )
@@ -501,7 +486,7 @@ def add_parser(tsub) -> None:
             q.add_argument("--window-fit", choices=("shift", "clip", "centre"), default="centre",
                            help="with --window-line-px: at the page's edge, cut the window there (clip), evenly "
                            "around the region (centre) or slide it inside (shift). Default: %(default)s")  # fmt: skip
-            q.add_argument("--window-tiles", type=int, default=1,
+            q.add_argument("--window-tiles", type=_positive_int, default=1,
                            help="with --window-line-px: cut a window wider than the target can read into up to this "
                            "many legible tiles at inference (the reward reads the whole window). Default: "
                            "%(default)s")  # fmt: skip
@@ -509,12 +494,36 @@ def add_parser(tsub) -> None:
                            help="accuracy reward with the ocr target: take its global-view reads from --reads "
                            "(same reader, same view) instead of reading every image again")  # fmt: skip
         if stage == "prior":
-            q.add_argument("--k", type=int, default=20, help="nearest training questions. Default: %(default)s")
+            q.add_argument(
+                "--k", type=_positive_int, default=20, help="nearest training questions. Default: %(default)s"
+            )
             q.add_argument("--lo", type=float, default=0.2, help="quantile of left/top edges. Default: %(default)s")
             q.add_argument(
                 "--hi", type=float, default=0.8, help="quantile of right/bottom edges. Default: %(default)s"
             )
         q.set_defaults(func=_validated(func))
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (boxes per question, steps between checkpoints, epochs, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rate, sampling temperature)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def _reward_spec(spec: str) -> str:
