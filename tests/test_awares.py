@@ -15,6 +15,7 @@ from zoomvlm.awares.protocol import (
     CROP_SET,
     ToolCallError,
     crop_set_area,
+    crop_set_sent_area,
     crop_set_proposal,
     crops_for_box,
     high_res_crops,
@@ -123,7 +124,33 @@ def test_tool_cost_is_asymmetric():
     assert cost([], needs_hr=True) == 0.5  # missed a needed crop
     assert cost([], needs_hr=False) == 0.0
     assert cost(["3"], needs_hr=True) == pytest.approx(0.1 + 0.4 * 0.25)
-    assert cost(["0", "5"], needs_hr=False) == pytest.approx(0.1 + 0.4 * 0.5)  # union area, not the sum
+    assert cost(["0", "5"], needs_hr=False) == pytest.approx(0.1 + 0.4 * 0.75)  # both crops are sent whole
+
+
+@pytest.mark.parametrize("keys", [["3"], ["0", "5"], ["4", "all"], ["h4", "s3l", "s4l"], ["h4r", "s3l", "s4l"]])
+def test_the_tool_cost_charges_the_pixels_the_target_is_sent(keys):
+    """0.25 (the low view) + the area C_tool charges == the RTR of the views the pipeline builds, overlaps too."""
+    from PIL import Image
+
+    from zoomvlm.awares.protocol import crop_set_proposal
+    from zoomvlm.core.pipeline import build_request
+
+    image, high = Image.new("RGB", (1024, 1536), "white"), Budget.parse("side:768")
+    views = build_request(image, "q", crop_set_proposal(image, keys, high)).views(high)
+    w, h = high.fit(*image.size)
+    rtr = sum(v.width * v.height for v in views) / (w * h)
+    charged = (ToolCost(lam=1.0)(keys, needs_hr=True) - 0.1) / 1.0
+    assert 0.25 + charged == pytest.approx(rtr, abs=0.01)
+    assert charged == pytest.approx(crop_set_sent_area(keys)) and crop_set_sent_area(keys) >= crop_set_area(keys)
+
+
+def test_covering_crops_picks_the_request_that_sends_least_among_equal_covers():
+    from zoomvlm.awares.protocol import covering_crops
+
+    box = Box(0.169, 0.494, 0.521, 0.636)  # two overlapping fine bands cover it as well as a band and a half band
+    keys = covering_crops(box, "fine")
+    assert crop_set_sent_area(keys) == pytest.approx(crop_set_area(keys))  # nothing sent twice
+    assert crop_set_sent_area(keys) <= crop_set_sent_area(["h4r", "s3l", "s4l"])
     with pytest.raises(ValueError, match="alpha_miss > alpha_use"):
         ToolCost(alpha_miss=0.1, alpha_use=0.2)
 
@@ -138,6 +165,22 @@ def test_parse_crop_action(text, keys, ok):
     got, error = parse_crop_action(text)
     assert got == keys and (error is None) == ok
     assert crop_set_format_reward(completions=[text]) == [1.0 if ok else 0.0]
+
+
+@pytest.mark.parametrize(
+    "text, result",
+    [("The budget crops line reads $5", (None, None)), ("Target crops: wheat", (None, None)),
+     ("GET_CROPS: ['3',,'4']", None), ("GET_CROPS: ['3', '4',]", (["3", "4"], None)),
+     ("get crops ['3']", (["3"], None))],
+)  # fmt: skip
+def test_the_tool_call_parser_reads_whole_words_and_refuses_an_empty_entry(text, result):
+    from zoomvlm.awares.protocol import parse_tool_call
+
+    got = parse_tool_call(text)
+    if result is None:
+        assert got[0] is None and "empty entry" in got[1]
+    else:
+        assert got == result
 
 
 def test_crop_set_reward_answers_from_the_requested_views(demo_samples):
@@ -304,4 +347,4 @@ def test_shipped_crop_set_policy_answers_with_the_ocr_target(tmp_path, demo_samp
         assert main(["ask", str(s.image), s.question, "--policy", "crop-set", "--json"]) == 0
     record = json.loads(out.read_text())
     keys = [k for k, b in CROP_SET.items() if [b.x0, b.y0, b.x1, b.y1] in record["boxes"]]
-    assert record["rtr"] == pytest.approx(0.25 + crop_set_area(keys), abs=0.02)  # low view + crops, vs 768 px
+    assert record["rtr"] == pytest.approx(0.25 + crop_set_sent_area(keys), abs=0.02)  # low view + crops, vs 768 px

@@ -60,7 +60,7 @@ from trl import GRPOConfig
 
 from zoomvlm.awares.protocol import (
     AWARES_SYSTEM_PROMPT,
-    crop_set_area,
+    crop_set_sent_area,
     high_res_crops,
     parse_tool_call,
     tool_output_text,
@@ -323,7 +323,7 @@ class AwaResGRPOTrainer(MultiTurnGRPOTrainer):
             logger.info("%d unparseable tool call(s) in this batch, answered from turn 1", n_invalid)
         device, gather = self.accelerator.device, self.accelerator.gather
         counts = gather(torch.tensor([n_valid, n_invalid, len(actions)], device=device).unsqueeze(0)).sum(0).tolist()
-        area = gather(torch.tensor([crop_set_area(k) if k else 0.0 for k, _ in actions], device=device))
+        area = gather(torch.tensor([crop_set_sent_area(k) if k else 0.0 for k, _ in actions], device=device))
         self.log_metric(mode, "tools/call_frequency", counts[0] / counts[2])
         self.log_metric(mode, "tools/failure_frequency", counts[1] / max(1, counts[0] + counts[1]))
         self.log_metric(mode, "awares/crop_area", area.mean().item())

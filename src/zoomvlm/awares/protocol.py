@@ -48,6 +48,7 @@ __all__ = [
     "awares_action",
     "crop_region",
     "crop_set_area",
+    "crop_set_sent_area",
     "covering_crops",
     "crop_set_coverage",
     "crop_set_policy_prompt",
@@ -141,7 +142,8 @@ def parse_get_crops(text: str) -> list[str] | None:
         ToolCallError: ``GET_CROPS`` is present but its list is missing, empty or names an unknown crop.
             Callers count these; they are never silently replaced by the full image.
     """
-    match = re.search(r"get[_ ]?crops", text, flags=re.IGNORECASE)
+    # whole words only: "budget crops" or "Target crops: wheat" in an answer are not tool calls
+    match = re.search(r"\bget[_ ]?crops\b", text, flags=re.IGNORECASE)
     if match is None:
         return None
     rest = text[match.end() :]
@@ -149,6 +151,8 @@ def parse_get_crops(text: str) -> list[str] | None:
     if listed is None:
         raise ToolCallError(f"GET_CROPS without a [...] list: {text.strip()[:80]!r}")
     items = [t.strip().strip("'\"").strip().lower() for t in listed.group(1).split(",")]
+    if "" in items[:-1] and any(items):  # ['3',,'4']: a missing key (a trailing comma is tolerated)
+        raise ToolCallError(f"GET_CROPS list with an empty entry: {listed.group(0).strip()[:80]!r}")
     items = [t for t in items if t]
     if not items:
         raise ToolCallError("GET_CROPS with an empty list")
@@ -189,11 +193,28 @@ def crop_region(key: str) -> Box:
     return box
 
 
-def crop_set_area(keys: Sequence[str]) -> float:
-    """Fraction of the image covered by the UNION of the crop regions ``keys`` (AwaRes's area(A)).
+def crop_set_sent_area(keys: Sequence[str]) -> float:
+    """Fraction of the image the target is SENT for the crop request ``keys``: the summed areas of the distinct
+    crops (AwaRes's area(A) in ``C_tool``, sec. 3.4; what RTR counts).
 
-    Overlaps count once (``['0', '5']`` covers 0.5, not 0.75), so the cost term of the AwaRes reward
-    measures how much high-resolution evidence was requested. Keys of either crop set (:data:`CROP_SETS`) are
+    Each requested crop reaches the target as its own image, so an overlap is sent, and paid in image tokens,
+    once per crop: ``['0', '5']`` sends 0.75 of the image although it covers 0.5 (:func:`crop_set_area`). The
+    cost term therefore ranks a redundant request above a lean one with the same coverage. Keys of either crop
+    set; a repeated key counts once (:func:`parse_get_crops` drops repeats before anything is sent).
+
+    >>> crop_set_sent_area(['0']), crop_set_sent_area(['0', '5']), crop_set_sent_area(['4', 'all'])
+    (0.25, 0.75, 1.25)
+
+    Raises:
+        ToolCallError: an unknown key.
+    """
+    return float(sum(crop_region(k).area for k in dict.fromkeys(keys)))
+
+
+def crop_set_area(keys: Sequence[str]) -> float:
+    """Fraction of the image covered by the UNION of the crop regions ``keys``: how much of the image the
+    request shows (overlaps count once: ``['0', '5']`` covers 0.5). What a request COSTS is
+    :func:`crop_set_sent_area`. Keys of either crop set (:data:`CROP_SETS`) are
     accepted. Exact for any rectangles: the union is summed over the cells of the grid the regions' own edges
     make (coordinate compression); every edge of both sets is a multiple of 1/16, so the sums are exact in floating
     point too.
@@ -279,11 +300,12 @@ def crop_set_coverage(keys: Sequence[str], box: Box) -> float:
 
 
 def covering_crops(box: Box, crop_set: str = "awares", cover: float = 0.99, max_crops: int = 3) -> list[str]:
-    """The smallest crop subset of ``crop_set`` (a :data:`CROP_SETS` name) whose union covers ``box``.
+    """The cheapest crop subset of ``crop_set`` (a :data:`CROP_SETS` name) whose union covers ``box``.
 
-    Among the subsets of at most ``max_crops`` regions that cover at least ``cover`` of ``box``'s area, the one of
-    least union area (:func:`crop_set_area`), then fewest regions, then earliest keys in the set's order (so ``all``
-    rather than two halves that make the whole image). Unlike :func:`crops_for_box` (AwaRes's curation rule,
+    Among the subsets of at most ``max_crops`` regions that cover at least ``cover`` of ``box``'s area, the one
+    that sends the target the least (:func:`crop_set_sent_area`, what RTR and ``C_tool`` count; overlapping crops
+    are each sent whole), then fewest regions, then earliest keys in the set's order (so ``all`` rather than two
+    halves that make the whole image). Unlike :func:`crops_for_box` (AwaRes's curation rule,
     IoU against a threshold, which can leave part of a line out), this never cuts the box: a crop edge through a
     text line loses the line. The external ``crop-set-reader`` policy uses it to turn a chosen reader region (padded)
     into its request.
@@ -315,14 +337,14 @@ def _covering_cached(box: tuple[float, ...], crop_set: str, cover: float, max_cr
     order = {k: i for i, k in enumerate(regions)}
     best: tuple[float, int, tuple[int, ...]] | None = None
     for n in range(1, max_crops + 1):
-        # a union is at least as large as its largest region: with a best subset found, only regions smaller than
-        # it can make a better one (ties go to fewer regions, which the best already has)
+        # a subset sends at least its largest region: with a best subset found, only regions smaller than it can
+        # make a better one (ties go to fewer regions, which the best already has)
         pool = touching if best is None else [k for k in touching if regions[k].area < best[0] - 1e-12]
         for subset in itertools.combinations(pool, n):
             boxes = [regions[k] for k in subset]
             if _union_area(boxes, within=target) < cover * target.area - 1e-12:
                 continue
-            rank = (_union_area(boxes), n, tuple(sorted(order[k] for k in subset)))
+            rank = (sum(b.area for b in boxes), n, tuple(sorted(order[k] for k in subset)))
             if best is None or rank < best:
                 best = rank
     if best is None:

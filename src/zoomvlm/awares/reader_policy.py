@@ -26,7 +26,8 @@ Table 1": it learned one crop per question type). This policy looks, with the re
 
 The action is emitted as :func:`~zoomvlm.awares.protocol.crop_set_proposal` does for ``crop-set``: the low view
 (``high`` with sides halved) plus the chosen regions at the ``high`` view's scale, so RTR against ``high`` is
-0.25 + the union area. The crop set is AwaRes's (``crop_set="awares"``, default) or the finer one for text
+0.25 + the summed area of the crops (:func:`~zoomvlm.awares.protocol.crop_set_sent_area`). The crop set is
+AwaRes's (``crop_set="awares"``, default) or the finer one for text
 (``"fine"``, :data:`~zoomvlm.awares.protocol.FINE_CROP_SET`), a field of the checkpoint's config. No text is
 emitted, so the ``GET_CROPS`` grammar of the VLM protocol is untouched.
 
@@ -59,9 +60,9 @@ from zoomvlm.awares.protocol import (
     CROP_SETS,
     NO_CROPS,
     covering_crops,
-    crop_set_area,
     crop_set_coverage,
     crop_set_proposal,
+    crop_set_sent_area,
     low_res_budget,
 )
 from zoomvlm.core.geometry import Budget
@@ -100,7 +101,7 @@ ACTION_FEATURES = (
     "conf",  # the region's text-pass confidence (mean character probability at low resolution)
     "looks",  # 1 when its low-resolution text already looks like an answer to the question (looks_like_answer)
     "legibility",  # Perception.legibility: share of the page's lines the text pass read confidently
-    "area",  # union area of the crop subset (the lam term of C_tool)
+    "area",  # area the crop subset sends (summed, the lam term of C_tool)
     "n_crops",  # regions in the subset / 3
     "rank",  # rank of the subset among the distinct ones / m (0 = the scorer's best)
     "fallback",  # 1 for the 'all' action offered when the reader found no line at all
@@ -321,7 +322,7 @@ def action_space(
         for j, (subset, i) in enumerate(zip(keys[1:], chosen[1:], strict=True)):
             mass = sum(np.exp(logp[c]) for c in order if crop_set_coverage(subset, boxes[c]) >= config.cover)
             gs.append(_candidate_features(perception, question, regions[i], logp=max(logp[i], -10.0) / 10,
-                                          mass=mass, area=crop_set_area(subset), n_crops=len(subset) / 3,
+                                          mass=mass, area=crop_set_sent_area(subset), n_crops=len(subset) / 3,
                                           rank=j / config.m))  # fmt: skip
         best = gs[0]
     else:
@@ -589,8 +590,8 @@ class ActionReward:
     of item ``i`` is ``items[i].space.keys[a]``; the frozen ``target`` answers from the low view of ``high`` plus
     those crops (:func:`~zoomvlm.awares.protocol.crop_set_proposal`, the views of inference), ``R_ans`` =
     :func:`~zoomvlm.awares.rewards.answer_scores` (``metric``, ``contains`` for the reader's transcripts) against the
-    sample's answers, ``C_tool`` = :class:`~zoomvlm.awares.rewards.ToolCost` of the crops (union area, either crop
-    set) with ``needs_hr`` the sample's label:
+    sample's answers, ``C_tool`` = :class:`~zoomvlm.awares.rewards.ToolCost` of the crops (summed area sent,
+    either crop set) with ``needs_hr`` the sample's label:
 
     - from ``labels`` (``zoomvlm curate awares``, :func:`load_awares_labels`) when the sample has one;
     - else ON THE FLY, by curation's metric-judge rule (:class:`~zoomvlm.awares.curation.MetricJudge`): HR iff the

@@ -150,7 +150,7 @@ def cmd_train(args) -> int:
     model = train_grpo(init, items, reward, gcfg, out, recipe=recipe, grouped=True, save=save_reader)
 
     # greedy decisions on the training questions before / after (no target call: the action spaces are known)
-    from zoomvlm.awares.protocol import crop_set_area
+    from zoomvlm.awares.protocol import crop_set_sent_area
     from zoomvlm.cropvlm.proposals import pad_batch
 
     def summary(head) -> str:
@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
             picks = [int(head(*pad_batch([(it.q, it.x)]))[0].argmax()) for it in items]
         keys = [items[i].space.keys[a] for i, a in enumerate(picks)]
         asked = [k for k in keys if k]
-        area = float(np.mean([crop_set_area(k) for k in asked])) if asked else 0.0
+        area = float(np.mean([crop_set_sent_area(k) for k in asked])) if asked else 0.0
         return f"NO_CROPS {1 - len(asked) / max(1, len(keys)):.1%}, mean crop area when asking {area:.3f}"
 
     print(f"greedy on the {len(items)} training questions: init {summary(init)}; trained {summary(model)}")

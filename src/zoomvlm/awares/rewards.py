@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from zoomvlm.awares.protocol import awares_action, crop_set_area, crop_set_proposal, parse_crop_action
+from zoomvlm.awares.protocol import awares_action, crop_set_proposal, crop_set_sent_area, parse_crop_action
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.data.samples import load_image_cached
@@ -37,8 +37,9 @@ class ToolCost:
     """AwaRes's asymmetric tool-use cost ``C_tool`` (sec. 3.4), in reward units.
 
     ``C_tool = alpha_miss`` if high resolution was needed (curation label ``HR``) and no crop was requested;
-    ``alpha_use + lam * area(crops)`` if crops were requested (``area`` = fraction of the image covered by
-    the union of the requested crops, :func:`~zoomvlm.awares.protocol.crop_set_area`); ``0`` otherwise.
+    ``alpha_use + lam * area(crops)`` if crops were requested (``area`` = fraction of the image SENT: the summed
+    areas of the requested crops, each sent whole, :func:`~zoomvlm.awares.protocol.crop_set_sent_area`, the
+    pixels RTR counts); ``0`` otherwise.
     ``alpha_miss > alpha_use`` (recall first: a missed crop costs more than an unneeded one).
 
     AwaRes does not publish its constants. Defaults, with ``R_ans`` in ``[0, 1]``: ``alpha_miss = 0.5``
@@ -66,7 +67,7 @@ class ToolCost:
     def __call__(self, crops: Sequence[str] | None, needs_hr: bool) -> float:
         """The cost of one trajectory: ``crops`` requested (``None``/empty = none), ``needs_hr`` its label."""
         if crops:
-            return self.alpha_use + self.lam * crop_set_area(crops)
+            return self.alpha_use + self.lam * crop_set_sent_area(crops)
         return self.alpha_miss if needs_hr else 0.0
 
 
