@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_proposals import _quad, _SawPerception, _ZeroEncoder, toy_items
 
 from zoomvlm.core.geometry import Box
 from zoomvlm.cropvlm.proposal_grpo import GRPOConfig, export_checkpoint, train_grpo
@@ -22,8 +23,6 @@ from zoomvlm.cropvlm.proposals import (
 )
 from zoomvlm.policies.base import Proposal
 from zoomvlm.policies.perception import Perception, QuestionEncoder, Region
-
-from test_proposals import _quad, _SawPerception, _ZeroEncoder, toy_items
 
 
 def _reward_of(rewards):
@@ -47,8 +46,17 @@ def test_select_boxes_with_no_places_left_chooses_nothing():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"k": 0}, {"k": 1.5}, {"window_fit": "middle"}, {"window_tiles": 0}, {"suppress": 0.0}, {"features": 7},
-            {"window_max_area": 0.0}, {"window_line_px": -3.0}],  # fmt: skip
+    "bad",
+    [
+        {"k": 0},
+        {"k": 1.5},
+        {"window_fit": "middle"},
+        {"window_tiles": 0},
+        {"suppress": 0.0},
+        {"features": 7},
+        {"window_max_area": 0.0},
+        {"window_line_px": -3.0},
+    ],  # fmt: skip
 )
 def test_scorer_config_refuses_settings_the_policy_cannot_honour(bad):
     key = next(iter(bad))

@@ -244,7 +244,11 @@ class ZoomService:
         self.metrics = ServeMetrics()
         self.admission = Admission(config.max_concurrency, config.max_queue, self.metrics)
         self.media = MediaLimits(
-            config.max_image_bytes, config.max_image_pixels, config.allowed_domains, config.media_timeout
+            config.max_image_bytes,
+            config.max_image_pixels,
+            config.allowed_domains,
+            config.media_timeout,
+            max_request_pixels=config.max_request_pixels,
         )
         self.crop_budget = Budget.parse(config.crop_budget) if config.crop_budget else None
         # Proxy mode only (local mode gives --budget to the target, which shrinks its views itself).
@@ -515,13 +519,14 @@ def create_app(service: ZoomService) -> FastAPI:
                 )
             body = await _read_body(request, config.max_body_bytes)
             raw, typed = parse_chat_request(body)
-            images = await load_images(typed, service.media, config.max_images)
             question = question_of(typed)
 
             async def work():
                 nonlocal acquired
                 await service.admission.acquire()
                 acquired = True
+                # decoded only once a processing slot is held: the queue holds compressed bodies, not pixels
+                images = await load_images(typed, service.media, config.max_images)
                 if service.upstream is None:
                     return await service.answer_local(typed, images, question), None, None
                 payload, info = await service.prepare_proxy(raw, images, question)

@@ -135,9 +135,10 @@ def _last_user(typed: ChatRequest) -> int | None:
 
 
 async def load_images(typed: ChatRequest, limits: MediaLimits, max_images: int) -> list[RequestImage]:
-    """Decode every image of the request under ``limits`` (see :mod:`zoomvlm.serve.media`).
+    """Decode every image of the request under ``limits`` (see :mod:`zoomvlm.serve.media`), upright.
 
-    The count is checked before anything is decoded.
+    The count is checked before anything is decoded, and each image's pixels (from its header) against what is
+    left of ``limits.max_request_pixels``.
 
     Raises:
         ServeError: 400 ``too_many_images`` or any refusal of :mod:`zoomvlm.serve.media`.
@@ -149,22 +150,25 @@ async def load_images(typed: ChatRequest, limits: MediaLimits, max_images: int) 
         raise ServeError(
             400, f"{len(parts)} images in one request, over the limit of {max_images}", "too_many_images", "messages"
         )
+    from zoomvlm.targets.openai import image_data_url
+
     last = _last_user(typed)
     out = []
+    pixels = 0  # decoded so far: the request's total is bounded too (limits.max_request_pixels)
     for i, j, url in parts:
         param = f"messages.{i}.content.{j}.image_url"
         if url.startswith("data:"):
-            decoded = await asyncio.to_thread(decode_data_url, url, limits, param)
-            kept_url = url
+            decoded = await asyncio.to_thread(decode_data_url, url, limits, param, pixels)
+            # an image turned upright by its EXIF tag is re-encoded, so the upstream sees the frame the crops use
+            kept_url = image_data_url(decoded.image) if decoded.oriented else url
         elif url.split(":", 1)[0].lower() in ("http", "https"):
-            decoded = await fetch_remote_image(url, limits, param)
-            from zoomvlm.targets.openai import image_data_url
-
+            decoded = await fetch_remote_image(url, limits, param, pixels)
             kept_url = image_data_url(decoded.image)
         else:
             raise ServeError(
                 400, "image_url must be a data: URL (or an allowed https URL)", "invalid_image_url", param
             )
+        pixels += decoded.image.width * decoded.image.height
         out.append(RequestImage(i, j, decoded.image, i == last, kept_url, decoded))
     return out
 

@@ -49,6 +49,11 @@ class ServeConfig:
         default=40_000_000,
         metadata={"help": "largest image, width x height, checked from its header before decoding (400 beyond)"},
     )
+    max_request_pixels: int = field(
+        default=64_000_000,
+        metadata={"help": "largest total width x height over one request's images, checked from their headers "
+                  "before decoding (400 beyond): bounds the memory one request holds"},
+    )  # fmt: skip
     max_images: int = field(default=8, metadata={"help": "most images in one request (400 beyond)"})
     upstream_max_images: int | None = field(
         default=None,
@@ -134,6 +139,7 @@ class ServeConfig:
             "max_body_bytes",
             "max_image_bytes",
             "max_image_pixels",
+            "max_request_pixels",
             "max_images",
             "max_concurrency",
             "max_batch",

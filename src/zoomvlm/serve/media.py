@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from PIL import Image
+from PIL import Image, ImageOps
 
 from zoomvlm.serve.errors import ServeError
 
@@ -47,28 +47,37 @@ _MAX_REDIRECTS = 3
 
 @dataclass(frozen=True)
 class MediaLimits:
-    """Per-image limits: encoded bytes, decoded pixels (width x height), and the remote-fetch policy."""
+    """Per-image limits (encoded bytes, decoded pixels = width x height), the per-request total of decoded pixels
+    (``None``: no total), and the remote-fetch policy."""
 
     max_image_bytes: int
     max_image_pixels: int
     allowed_domains: tuple[str, ...] = ()
     fetch_timeout: float = 5.0
+    max_request_pixels: int | None = None
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A decoded request image: ``image`` at its native resolution (RGB), and its encoded form."""
+    """A decoded request image: ``image`` at its native resolution (RGB), upright (its EXIF orientation applied,
+    ``oriented`` True when that turned or flipped it), and its encoded form."""
 
     image: Image.Image
     format: str
     encoded_bytes: int
+    oriented: bool = False
 
 
-def decode_image_bytes(data: bytes, limits: MediaLimits, param: str) -> DecodedImage:
+def decode_image_bytes(data: bytes, limits: MediaLimits, param: str, request_pixels: int = 0) -> DecodedImage:
     """Decode encoded image bytes, checking the format and the pixel count from the header first.
 
+    ``request_pixels``: pixels of the request's images decoded before this one; with this image's they must stay
+    within ``limits.max_request_pixels``. The image is turned upright by its EXIF orientation tag (a phone photo
+    stored sideways), so the policy, its crops and the views sent upstream share one frame, the one people see.
+
     Raises:
-        ServeError: 400 ``image_too_large`` (bytes or pixels), ``unsupported_image_format``, ``invalid_image``.
+        ServeError: 400 ``image_too_large`` (bytes, pixels, or the request's total pixels),
+            ``unsupported_image_format``, ``invalid_image``.
     """
     if len(data) > limits.max_image_bytes:
         raise ServeError(
@@ -94,15 +103,25 @@ def decode_image_bytes(data: bytes, limits: MediaLimits, param: str) -> DecodedI
             "image_too_large",
             param,
         )
+    total = limits.max_request_pixels
+    if total is not None and request_pixels + width * height > total:
+        raise ServeError(
+            400,
+            f"the request's images add up to {request_pixels + width * height} pixels, over the limit of {total}",
+            "image_too_large",
+            param,
+        )
     try:
         image.load()  # only now are the pixels decoded; truncated data raises here
-        rgb = image.convert("RGB")
+        orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation; 1 = stored upright
+        upright = ImageOps.exif_transpose(image) if orientation not in (1, None) else image
+        rgb = upright.convert("RGB")
     except Exception as err:
         raise ServeError(400, f"cannot decode image: {type(err).__name__}: {err}", "invalid_image", param) from err
-    return DecodedImage(rgb, image.format or "", len(data))
+    return DecodedImage(rgb, image.format or "", len(data), oriented=orientation not in (1, None))
 
 
-def decode_data_url(url: str, limits: MediaLimits, param: str) -> DecodedImage:
+def decode_data_url(url: str, limits: MediaLimits, param: str, request_pixels: int = 0) -> DecodedImage:
     """Decode a ``data:image/...;base64,...`` URL under ``limits``.
 
     Args:
@@ -139,7 +158,7 @@ def decode_data_url(url: str, limits: MediaLimits, param: str) -> DecodedImage:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
         raise ServeError(400, f"invalid base64 image data: {err}", "invalid_base64", param) from err
-    return decode_image_bytes(data, limits, param)
+    return decode_image_bytes(data, limits, param, request_pixels)
 
 
 def check_public_host(host: str, port: int) -> str:
@@ -196,7 +215,7 @@ def _check_url(url: str, limits: MediaLimits, param: str) -> tuple[str, str, int
     return host, address, port
 
 
-async def fetch_remote_image(url: str, limits: MediaLimits, param: str) -> DecodedImage:
+async def fetch_remote_image(url: str, limits: MediaLimits, param: str, request_pixels: int = 0) -> DecodedImage:
     """Fetch an allowed remote image (see the module docstring for every check).
 
     ``limits.fetch_timeout`` bounds the WHOLE fetch (every redirect, the body included), so a server that
@@ -210,7 +229,7 @@ async def fetch_remote_image(url: str, limits: MediaLimits, param: str) -> Decod
         data = await asyncio.wait_for(_fetch_bytes(url, limits, param), limits.fetch_timeout)
     except (httpx.HTTPError, asyncio.TimeoutError, OSError) as err:
         raise ServeError(400, f"media fetch failed: {type(err).__name__}", "media_fetch_failed", param) from err
-    return await asyncio.to_thread(decode_image_bytes, data, limits, param)
+    return await asyncio.to_thread(decode_image_bytes, data, limits, param, request_pixels)
 
 
 async def _fetch_bytes(url: str, limits: MediaLimits, param: str) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -57,13 +58,16 @@ class UpstreamReply:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None (absent, unparseable, or not a
+    finite number: ``inf`` and ``nan`` parse as floats but are not delays)."""
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -192,8 +196,10 @@ class Upstream:
         raise ServeError(502, f"upstream failed after {self.retries + 1} attempt(s): {last_error}", "upstream_error")
 
     async def _chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        """Raw body chunks as they arrive, each within ``timeout`` of the previous one."""
-        iterator = response.aiter_raw().__aiter__()
+        """Body chunks as they arrive, each within ``timeout`` of the previous one, DECODED: an upstream that
+        gzips its stream (httpx asks for gzip) reaches the client as the plain event stream, since the reply we
+        send carries no ``Content-Encoding``."""
+        iterator = response.aiter_bytes().__aiter__()
         try:
             while True:
                 try:

@@ -1,0 +1,120 @@
+"""The zoom server in process (FastAPI TestClient, a scripted upstream on httpx.MockTransport): what reaches the
+upstream and the client for photos with an EXIF orientation, requests too large in total, gzipped streams and
+hostile Retry-After values (fast, no processes)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from zoomvlm.core.geometry import Box
+from zoomvlm.policies.base import Proposal
+from zoomvlm.serve.app import ZoomService, create_app
+from zoomvlm.serve.config import ServeConfig
+from zoomvlm.serve.upstream import Upstream, _retry_after
+
+
+class CentrePolicy:
+    name = "center"
+
+    def propose(self, images, questions, evidence=None):
+        return [Proposal(boxes=(Box(0.25, 0.25, 0.75, 0.75),)) for _ in images]
+
+
+def _answer() -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    return {"id": "x", "object": "chat.completion", "choices": [choice]}
+
+
+def client_for(handler, **options) -> tuple[TestClient, list]:
+    seen: list = []
+
+    def recording(request: httpx.Request):
+        seen.append(json.loads(request.content) if request.method == "POST" else None)
+        return handler(request)
+
+    config = ServeConfig(upstream="http://up.test/v1", policy="center", upstream_retries=0, **options)
+    config.validate()
+    service = ZoomService(config, CentrePolicy())
+    service.upstream = Upstream("http://up.test/v1", "", config.upstream_timeout, config.upstream_retries,
+                                config.retry_backoff, config.max_retry_after,
+                                transport=httpx.MockTransport(recording))  # fmt: skip
+    return TestClient(create_app(service), raise_server_exceptions=False), seen
+
+
+def chat(*urls: str, **extra) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": "total?"}]
+    return {"model": "m", "messages": [{"role": "user", "content": parts}], **extra}
+
+
+def image_url(image: Image.Image, fmt: str = "PNG", **save) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def sent_images(body: dict) -> list[Image.Image]:
+    urls = [p["image_url"]["url"] for p in body["messages"][0]["content"] if p["type"] == "image_url"]
+    return [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))) for u in urls]
+
+
+@pytest.mark.parametrize("size", [(400, 200), (1600, 800)])  # forwarded as sent, and shrunk to the budget
+def test_a_phone_photo_stored_sideways_reaches_the_upstream_upright_with_its_crops(size):
+    w, h = size
+    raw = Image.new("RGB", (w, h), "white")
+    raw.paste((255, 0, 0), (0, 0, w // 4, h))  # a red band on the stored left: the TOP once upright (EXIF 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    client, seen = client_for(lambda r: httpx.Response(200, json=_answer()), budget="side:768")
+    with client:
+        reply = client.post("/v1/chat/completions", json=chat(image_url(raw, "JPEG", exif=exif.tobytes())))
+    assert reply.status_code == 200
+    views = sent_images(seen[-1])
+    assert len(views) == 2  # the global view and the centre crop
+    for view in views:
+        assert view.height > view.width, view.size  # portrait, as the photo is seen
+        assert view.getexif().get(0x0112, 1) == 1  # no tag left for the upstream to apply a second time
+    top = views[0].convert("RGB").getpixel((views[0].width // 2, 2))
+    assert top[0] > 200 and top[1] < 80  # the red band is at the top
+
+
+def test_a_request_over_the_total_pixel_limit_is_refused_before_the_upstream():
+    client, seen = client_for(lambda r: httpx.Response(200, json=_answer()), max_request_pixels=1_000_000)
+    url = image_url(Image.new("RGB", (800, 800), "white"))  # 0.64 MP each: one fits, two do not
+    with client:
+        one = client.post("/v1/chat/completions", json=chat(url))
+        two = client.post("/v1/chat/completions", json=chat(url, url))
+    assert one.status_code == 200
+    assert two.status_code == 400 and two.json()["error"]["code"] == "image_too_large"
+    assert "add up to" in two.json()["error"]["message"] and len(seen) == 1
+
+
+def test_a_gzipped_upstream_stream_reaches_the_client_as_plain_events():
+    events = b'data: {"choices": [{"delta": {"content": "ok"}}]}\n\ndata: [DONE]\n\n'
+
+    def gzipped(request: httpx.Request):
+        headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+        return httpx.Response(200, headers=headers, content=gzip.compress(events))
+
+    client, _ = client_for(gzipped)
+    url = image_url(Image.new("RGB", (64, 64), "white"))
+    with client:
+        reply = client.post("/v1/chat/completions", json=chat(url, stream=True))
+    assert reply.status_code == 200 and reply.content == events
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+def test_a_non_finite_retry_after_is_ignored_and_the_client_gets_a_clean_429(value):
+    assert _retry_after(value) is None
+    client, _ = client_for(lambda r: httpx.Response(429, headers={"retry-after": value}, json={"error": "slow"}))
+    url = image_url(Image.new("RGB", (64, 64), "white"))
+    with client:
+        reply = client.post("/v1/chat/completions", json=chat(url))
+    assert reply.status_code == 429 and reply.headers["retry-after"].isdigit()
