@@ -285,6 +285,11 @@ def test_curate_awares_on_three_receipts(demo_samples, tmp_path):
     for name in ("raw.jsonl", "trajectories.jsonl", "actions.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
+    # a resume with another crop threshold would mix two labelings in one curation: refused before any target call
+    with pytest.raises(ValueError, match="iou_threshold: 0.2 -> 0.01"):
+        curate_awares(demo_samples[:4], target, HIGH, MetricJudge("contains"), OCRGrounder(), tmp_path / "a",
+                      iou_threshold=0.01, progress=False)  # fmt: skip
+
 
 # --- crop-set GRPO --------------------------------------------------------------------------------
 def test_crop_set_grpo_two_steps_change_the_policy(tmp_path, demo_samples, tiny_smolvlm_init):

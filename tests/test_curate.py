@@ -101,6 +101,17 @@ def test_curation_resumes_without_regrounding(demo_samples, tmp_path):
     assert len(_rows(tmp_path / "seeds.jsonl")) == 4
 
 
+def test_curation_refuses_to_resume_with_another_grounder(demo_samples, tmp_path):
+    curate_boxes(demo_samples[:2], SpyGrounder(), tmp_path, progress=False)
+    other = SpyGrounder()
+    other.name = "ocr@side:2048"
+    with pytest.raises(ValueError, match="grounder: 'spy' -> 'ocr@side:2048'"):
+        curate_boxes(demo_samples[:3], other, tmp_path, progress=False)
+    assert other.seen == [] and len(_rows(tmp_path / "raw.jsonl")) == 2  # nothing grounded, nothing mixed
+    curate_boxes(demo_samples[:3], SpyGrounder(), tmp_path, progress=False)  # the same settings resume
+    assert len(_rows(tmp_path / "raw.jsonl")) == 3
+
+
 def test_curation_rejects_samples_without_answers(demo_samples, tmp_path):
     with pytest.raises(ValueError, match="no answer"):
         curate_boxes([replace(demo_samples[0], answers=())], SpyGrounder(), tmp_path, progress=False)

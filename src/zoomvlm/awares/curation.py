@@ -175,10 +175,13 @@ def curate_awares(
         The ``curation.json`` dict.
 
     Raises:
-        ValueError: a sample without an answer.
+        ValueError: a sample without an answer, or ``out_dir`` holds rows made with other settings (target,
+            ``high``, judge, grounder or ``iou_threshold``; ``settings.json``).
     """
     out_dir = Path(out_dir)
-    samples, raw_path, done, todo = start_curation(samples, out_dir)  # drops every human box first
+    settings = {"target": getattr(target, "name", type(target).__name__), "high": str(high), "judge": judge.name,
+                "grounder": grounder.name, "iou_threshold": iou_threshold}  # fmt: skip
+    samples, raw_path, done, todo = start_curation(samples, out_dir, settings)  # drops every human box first
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="AwaRes curation", unit="q",
                disable=not progress)  # fmt: skip
     with raw_path.open("a", encoding="utf-8") as f:

@@ -257,15 +257,38 @@ def _read_done(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in read_appended_jsonl(path, repair=True)}
 
 
-def start_curation(samples, out_dir: str | Path) -> tuple[list, Path, dict[str, dict], list]:
+def _check_settings(out_dir: Path, settings: dict, resuming: bool) -> None:
+    """Keep ``out_dir/settings.json`` = the settings the rows of ``raw.jsonl`` were made with; refuse to resume
+    with others (they would mix into one curation while ``curation.json`` reported only the new ones)."""
+    from zoomvlm.core.resume import settings_diff
+
+    path = out_dir / "settings.json"
+    now = json.loads(json.dumps(settings, default=str))
+    if path.exists() and resuming:
+        diff = settings_diff(json.loads(path.read_text(encoding="utf-8")), now)
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds rows made with other settings; resuming would mix them. Rerun with the same "
+                f"settings or use another --out. Differences (saved -> now): " + "; ".join(diff)
+            )
+        return
+    if resuming:
+        logger.warning("%s has rows but no settings.json (an older run): resuming without checking", out_dir)
+    path.write_text(json.dumps(now, indent=2) + "\n", encoding="utf-8")
+
+
+def start_curation(
+    samples, out_dir: str | Path, settings: dict | None = None
+) -> tuple[list, Path, dict[str, dict], list]:
     """The shared start of every curation: ``(samples, raw_path, done, todo)``.
 
     Drops every sample's ``evidence_boxes`` (the guard: no human box gets past this line), checks each has
     an answer, creates ``out_dir`` and reads the rows already in ``out_dir/raw.jsonl`` (resume; a torn last
-    line is redone). ``todo`` = samples not done yet, in order.
+    line is redone). ``todo`` = samples not done yet, in order. ``settings`` (grounder, judge, budgets, ...) are
+    saved in ``out_dir/settings.json`` and a resume must match them.
 
     Raises:
-        ValueError: a sample has no answer.
+        ValueError: a sample has no answer, or ``settings`` differ from those of the rows already made.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +298,8 @@ def start_curation(samples, out_dir: str | Path) -> tuple[list, Path, dict[str, 
             raise ValueError(f"sample {s.id!r} has no answer; curation needs (image, question, answer)")
     raw_path = out_dir / "raw.jsonl"
     done = _read_done(raw_path)
+    if settings is not None:
+        _check_settings(out_dir, settings, resuming=bool(done))
     return samples, raw_path, done, [s for s in samples if s.id not in done]
 
 
@@ -285,16 +310,19 @@ def curate_boxes(samples, grounder, out_dir: str | Path, progress: bool = True) 
         samples: :class:`~zoomvlm.data.samples.Sample` list (with answers). Their ``evidence_boxes`` are dropped here,
             before any grounder sees them: human boxes never reach a training file.
         grounder: an object with ``name`` and ``ground(image, question, answers, key) -> SeedBox``.
-        out_dir: output folder; raw groundings already in ``out_dir/raw.jsonl`` are reused (resume).
+        out_dir: output folder; raw groundings already in ``out_dir/raw.jsonl`` are reused (resume), if they were
+            made by the same grounder (``settings.json``).
 
     Returns:
         The ``curation.json`` dict: ``n``, ``n_failed``, ``failure_rate``, ``thresholds``, ``grounder``.
 
     Raises:
-        ValueError: a sample has no answer (the grounders look for the answer).
+        ValueError: a sample has no answer (the grounders look for the answer), or ``out_dir`` holds groundings
+            of another grounder.
     """
     out_dir = Path(out_dir)
-    samples, raw_path, done, todo = start_curation(samples, out_dir)  # drops every human box first
+    settings = {"grounder": grounder.name}
+    samples, raw_path, done, todo = start_curation(samples, out_dir, settings)  # drops every human box first
     with raw_path.open("a", encoding="utf-8") as f:
         for s in tqdm(todo, desc=f"grounding ({grounder.name})", unit="q", disable=not progress):
             seed = grounder.ground(s.load_image(), s.question, s.answers, key=str(s.image))

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import format_percent_box
+from zoomvlm.core.resume import settings_diff
 from zoomvlm.cropvlm.proposals import RegionScorer, ScorerConfig, crop_box, legible_window, pad_batch, save_scorer
 
 logger = logging.getLogger(__name__)
@@ -463,16 +464,6 @@ def run_settings(recipe: dict | None, config: GRPOConfig) -> dict:
     return json.loads(json.dumps({"recipe": recipe or {}, "grpo": grpo}, default=str))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def _check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
     """Refuse to resume ``ckpt`` with other settings than it was trained with (``ValueError`` listing them).
 
@@ -483,9 +474,7 @@ def _check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
     if saved is None:
         logger.warning("%s predates saved run settings: resuming without checking them", ckpt)
         return
-    a, b = _flatten(saved), _flatten(now)
-    diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, "<unset>") != b.get(k, "<unset>")]  # fmt: skip
+    diff = settings_diff(saved, now)
     if diff:
         raise ValueError(
             f"{ckpt} was trained with other settings; resuming would mix the two runs. Rerun with the run's own "
