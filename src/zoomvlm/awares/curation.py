@@ -108,6 +108,9 @@ class LLMJudge:
         self.n_unreadable = 0
 
     def judge(self, questions, answers, low_texts, high_texts) -> list[tuple[float, float]]:
+        """``(low_score, high_score)`` per sample, each 1.0 or 0.0 from the judge's verdict on the low-view and
+        high-view answers against the gold ``answers``; an unreadable verdict falls back to the ``contains`` rule
+        (counted in ``n_unreadable``). Raises what the endpoint client raises (connection, auth errors)."""
         prompts = [JUDGE_PROMPT.format(question=q, truth=" / ".join(a), low=lo, high=hi)
                    for q, a, lo, hi in zip(questions, answers, low_texts, high_texts, strict=True)]  # fmt: skip
         out = []
@@ -265,6 +268,8 @@ class SeedReplayGrounder:
         self.name = f"replay:{seeds[next(iter(seeds))]['grounder'] if seeds else '?'}"
 
     def ground(self, image, question, answers, key=""):
+        """The replayed :class:`~zoomvlm.cropvlm.curation.SeedBox` of (``key`` = the image path, ``question``), box
+        normalised to the image; a sample the curation lacks goes to ``fallback``, else comes back not found."""
         r = self.rows.get((str(Path(key).resolve()), question))
         if r is None:
             if self.fallback is None:

@@ -9,7 +9,8 @@
   (AwaRes's mapping rule applied to human boxes): the upper bound of the crop-set interface; EVALUATION ONLY.
 
 All three return :func:`~zoomvlm.awares.protocol.crop_set_proposal`: global view = the ``high`` view with each side
-halved, crops at the ``high`` view's scale, so RTR against ``high`` is 0.25 + the requested area.
+halved, crops at the ``high`` view's scale, so RTR against ``high`` is 0.25 + the summed area of the requested crops
+(:func:`~zoomvlm.awares.protocol.crop_set_sent_area`; overlapping crops are each sent whole).
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class CropSetPolicy(SmallVLMPolicy):
                          name=name or f"crop-set:{checkpoint}")  # fmt: skip
 
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
+        """One :func:`~zoomvlm.awares.protocol.crop_set_proposal` per image: the model reads the low view (the
+        ``high`` view with sides halved) and the question and writes ``NO_CROPS`` or ``GET_CROPS: [...]``; boxes are
+        the requested crop-set regions, normalised to the ORIGINAL image. An unparseable action is counted
+        (``count_invalid``) and answered from the low view alone (``Proposal.error`` says why); nothing raises.
+        ``evidence`` is ignored."""
         from zoomvlm.awares.protocol import parse_crop_action
 
         views = [low_res_view(img, self.high) for img in images]
@@ -101,6 +107,8 @@ class FixedCropSet:
         self.name = name or f"crop-set-fixed:{','.join(self.keys) or 'none'}"
 
     def propose(self, images, questions, evidence=None) -> list[Proposal]:
+        """The same crop-set regions for every image (boxes normalised to the original image, crops at the
+        ``high`` view's scale) beside the low view; ``questions`` and ``evidence`` are ignored."""
         return [crop_set_proposal(img, self.keys, self.high) for img in images]
 
 
@@ -117,6 +125,12 @@ class OracleCropSet:
         self.name = f"crop-set-oracle:{iou_threshold:g}"
 
     def propose(self, images, questions, evidence: Sequence[Sequence[Box]] | None = None) -> list[Proposal]:
+        """Per image, the merged crop subsets of its human evidence boxes (``evidence[i]``: boxes normalised to
+        image ``i``; none = the low view only). Boxes out are crop-set regions normalised to the original image.
+
+        Raises:
+            ValueError: ``evidence`` is None (the oracle reads human boxes; evaluation only).
+        """
         if evidence is None:
             raise ValueError("the crop-set oracle needs human evidence boxes (evaluation only)")
         out = []

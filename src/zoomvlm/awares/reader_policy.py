@@ -501,6 +501,10 @@ class ReaderCropSetPolicy:
         return p, space, logits
 
     def propose(self, images: Sequence[Image.Image], questions: Sequence[str], evidence=None) -> list[Proposal]:
+        """The greedy action of the head per (image, question): ``NO_CROPS`` (the low view alone) or the crop subset
+        covering one of the scorer's best regions, as a :func:`~zoomvlm.awares.protocol.crop_set_proposal` (boxes
+        normalised to the original image, crops at the ``high`` view's scale). ``evidence`` is ignored; on an image
+        where the reader finds no text the choice is between ``NO_CROPS`` and the ``all`` crop."""
         out = []
         for image, question in zip(images, questions, strict=True):
             p, space, logits = self.actions(image, question)

@@ -71,6 +71,12 @@ def _perceptions(groups, settings: dict, reads: str) -> dict:
 
 
 def cmd_train(args) -> int:
+    """``zoomvlm train crop-set-reader``: GRPO of the reader-perception crop-set head on ``R_ans - C_tool`` from the
+    hand-set head (see the module docstring); resumable in ``--out``. Returns the exit code 0.
+
+    Raises:
+        ValueError: ``--out`` was started with other settings, or bad options.
+    """
     from dataclasses import asdict
 
     import numpy as np

@@ -530,6 +530,12 @@ class SelfZoomPolicy:
         self.name = f"self-zoom{suffix}" + ("" if high is None else f"@{self.high}")
 
     def propose(self, images, questions, evidence=None):
+        """Not available: self-zoom's crop decision is the target's own first turn, so it cannot run apart from the
+        target. Use :meth:`answer_with`.
+
+        Raises:
+            TypeError: always.
+        """
         raise TypeError("self-zoom needs the target to decide: call answer_with(target, images, questions)")
 
     def answer_with(self, target, images: Sequence[Image.Image], questions: Sequence[str]) -> list[tuple]:

@@ -431,6 +431,12 @@ class ZoomService:
             self.metrics.rtr.observe(info.rtr)
 
     async def call_upstream(self, payload: dict, stream: bool) -> UpstreamReply:
+        """Send the zoomed chat ``payload`` (OpenAI chat-completions JSON) upstream, with the retries of
+        :meth:`~zoomvlm.serve.upstream.Upstream.chat`; the seconds it took go to the ``upstream_seconds`` histogram.
+
+        Raises:
+            ServeError: 502 / 504 / 429 as :meth:`~zoomvlm.serve.upstream.Upstream.chat` maps upstream failures.
+        """
         start = time.perf_counter()
         try:
             return await self.upstream.chat(payload, stream)

@@ -117,6 +117,7 @@ class Upstream:
         )
 
     async def aclose(self) -> None:
+        """Close the pooled HTTP client (its connections); call once at server shutdown."""
         await self.client.aclose()
 
     async def get(self, path: str, timeout: float) -> httpx.Response:
