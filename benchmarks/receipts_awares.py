@@ -91,14 +91,22 @@ def rows(high: Budget, reader: str, reader_fine: str) -> list[tuple[str, object]
     ]
 
 
-def _reader_policy(arg: str, high: Budget, name: str, encoder):
-    """A ``crop-set-reader`` policy: the hand-set initial head for ``arg`` ``awares`` / ``fine``, else a checkpoint."""
+def _reader_policy(arg: str, high: Budget, name: str, encoder, scorer: str | None = None):
+    """A ``crop-set-reader`` policy: the hand-set initial head for ``arg`` ``awares`` / ``fine`` (its regions ranked
+    by ``scorer``, a proposals checkpoint; ``None`` = the shipped one), else a checkpoint."""
     from zoomvlm.awares.reader_policy import ReaderConfig, ReaderCropSetPolicy
 
     if arg in ("awares", "fine"):
-        return ReaderCropSetPolicy(config=ReaderConfig(crop_set=arg, high=str(high)), high=high, name=name,
-                                   encoder=encoder)  # fmt: skip
+        config = ReaderConfig(crop_set=arg, high=str(high), scorer=scorer)
+        return ReaderCropSetPolicy(config=config, high=high, name=name, encoder=encoder)
     return ReaderCropSetPolicy(arg, high=high, name=name, encoder=encoder)
+
+
+def _trained_scorer(reader: str) -> str | None:
+    """The proposals scorer a ``crop-set-reader`` checkpoint was trained with (``None`` if it does not exist yet):
+    the hand-set rows use it, so that they are exactly where the GRPO rows started."""
+    config = Path(reader) / "config.json"
+    return json.loads(config.read_text()).get("scorer") if config.exists() else None
 
 
 def _low_budget(high: Budget) -> Budget:
@@ -175,7 +183,8 @@ def main() -> None:
                     from zoomvlm.policies.perception import QuestionEncoder
 
                     encoder = QuestionEncoder()
-                policy = _reader_policy(path, high, name, encoder)
+                trained = args.reader_fine if path == "fine" else args.reader
+                policy = _reader_policy(path, high, name, encoder, scorer=_trained_scorer(trained))
                 target = OCRTarget(_low_budget(high))  # same answers; lets a low-view perceiver share the pass
         out = Path(args.out) / name.replace(" ", "_").replace("=", "")
         config = {"data": str(Path(args.data).resolve()), "target": target.name, "policy": policy.name,
