@@ -188,14 +188,14 @@ def test_reward_is_answer_score_minus_tool_cost_and_bad_calls_are_counted(built)
         (1, 0): TOOL_CALL, (2, 0): gold,  # crop '3' (area 0.25), right answer
         (1, 1): gold,  # direct right answer although HR was needed: alpha_miss
         (1, 2): "GET_CROPS: ['9']",  # unknown crop: counted, its text is the (wrong) final answer, no crop cost
-        (1, 3): "GET_CROPS: ['3', 'right']", (2, 3): "no idea",  # '3' lies in '8': union 0.5, wrong answer
+        (1, 3): "GET_CROPS: ['3', 'right']", (2, 3): "no idea",  # '3' lies in '8': both sent, 0.75, wrong answer
     }  # fmt: skip
     calls, invalid = trainer.tool_calls, trainer.invalid_tool_calls
     out, _ = _rollout(trainer, script)
     rewards = list(trainer._logs["rewards"]["awares"])[-4:]
     c = ToolCost()
     assert rewards == pytest.approx([1 - (c.alpha_use + c.lam * 0.25), 1 - c.alpha_miss, 0 - c.alpha_miss,
-                                     0 - (c.alpha_use + c.lam * 0.5)])  # fmt: skip
+                                     0 - (c.alpha_use + c.lam * 0.75)])  # fmt: skip
     assert trainer.invalid_tool_calls == invalid + 1 and trainer.tool_calls == calls + 2
     assert trainer._metrics["train"]["tools/failure_frequency"][-1] == pytest.approx(1 / 3)
     assert out["num_images"] == [2, 1, 1, 3]  # the unparseable call got no image, not the full image

@@ -31,6 +31,9 @@ from zoomvlm.core.metrics import (
         ("LIGHTROOM GALLERY SDN BHO", "LIGHTROOM GALLERY SDN BHD", 1.0),  # one misread letter in 25 tolerated
         ("LIGHTROOW GALLERY SUN BID", "LIGHTROOM GALLERY SDN BHD", 0.0),  # four are not
         ("", "9.00", 0.0),
+        ("15", "15.15", 0.0),  # a prediction shorter than the answer cannot contain it
+        ("3", "39.80", 0.0),
+        ("LIGHTROOM GALERY", "LIGHTROOM GALLERY", 1.0),  # one letter short: compared whole, still a match
     ],
 )
 def test_contains(prediction, answer, expected):

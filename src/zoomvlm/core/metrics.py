@@ -63,11 +63,21 @@ def contains(prediction: str, answers: Sequence[str], threshold: float = 0.9) ->
     whitespace removed, then rapidfuzz's ``partial_ratio`` (best-aligned substring, normalised Indel
     similarity) must reach ``threshold``. At 0.9 a 5-character total must match exactly
     ("39.60" vs "39.80" scores 0.8) while a 25-character company name tolerates two misread letters.
+    A prediction SHORTER than the answer cannot contain it: it is compared whole (``fuzz.ratio``), since
+    ``partial_ratio`` would slide it inside the answer and give "15" full marks for "15.15".
+
+    >>> contains("TOTAL 15.15", ["15.15"]), contains("15", ["15.15"])
+    (1.0, 0.0)
+    >>> contains("lightroom galery", ["Lightroom Gallery"])
+    1.0
     """
     pred = _squash(prediction)
     for ans in answers:
         a = _squash(ans)
-        if a and fuzz.partial_ratio(a, pred) >= threshold * 100:
+        if not a:
+            continue
+        similarity = fuzz.ratio(a, pred) if len(pred) < len(a) else fuzz.partial_ratio(a, pred)
+        if similarity >= threshold * 100:
             return 1.0
     return 0.0
 
