@@ -14,6 +14,7 @@ from zoomvlm.awares.protocol import (
     covering_crops,
     crop_set_area,
     crop_set_coverage,
+    crop_set_sent_area,
     parse_get_crops,
 )
 from zoomvlm.awares.reader_policy import (
@@ -75,7 +76,7 @@ def test_fine_crop_set_area_is_exact_and_awares_stays_the_default():
         crop_set_area(["h8"])
 
 
-def test_covering_crops_is_the_smallest_cover():
+def test_covering_crops_is_the_cover_that_sends_least():
     rng = np.random.default_rng(1)
     for crop_set in ("awares", "fine"):
         regions = CROP_SETS[crop_set]
@@ -84,11 +85,11 @@ def test_covering_crops_is_the_smallest_cover():
             box = Box(x0, y0, min(1.0, x0 + rng.uniform(0.02, 0.5)), min(1.0, y0 + rng.uniform(0.01, 0.1)))
             keys = covering_crops(box, crop_set)
             assert crop_set_coverage(keys, box) >= 0.99
-            # no single region or pair of smaller union area also covers it
+            # no single region or pair that sends less (summed area: each crop is sent whole) also covers it
             for n in (1, 2):
                 for other in itertools.combinations(regions, n):
                     if crop_set_coverage(list(other), box) >= 0.99:
-                        assert crop_set_area(list(other)) >= crop_set_area(keys) - 1e-12, (box, keys, other)
+                        assert crop_set_sent_area(list(other)) >= crop_set_sent_area(keys) - 1e-12, (box, keys, other)
     line = Box(0.55, 0.36, 0.95, 0.39)  # across the 3/8 edge, right column
     assert covering_crops(line) == ["1"]  # a quadrant, 1/4 of the image
     assert covering_crops(line, "fine") == ["s2r"]  # one shifted half band, 1/16 of the image

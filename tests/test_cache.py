@@ -64,6 +64,28 @@ def test_target_identity_separates_budgets_and_settings(tmp_path):
     assert same.calls == 0  # a new process/instance with the same identity hits the file
 
 
+def test_two_endpoints_serving_one_model_name_do_not_share_answers(tmp_path):
+    import httpx
+
+    from zoomvlm.targets.openai import OpenAITarget
+
+    def server(text):
+        def handler(request):
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            return httpx.Response(200, json={"choices": [choice], "usage": {"prompt_tokens": 1}})
+
+        return httpx.MockTransport(handler)
+
+    path = tmp_path / "c.sqlite"
+    a = OpenAITarget("llava", base_url="http://a.test/v1", api_key="k", transport=server("A says 12"))
+    b = OpenAITarget("llava", base_url="http://b.test/v1", api_key="k", transport=server("B says 7"))
+    short = OpenAITarget("llava", base_url="http://a.test/v1", api_key="k", max_tokens=1, transport=server("A"))
+    assert CachedTarget(a, path).generate([_req()])[0].text == "A says 12"
+    for target, text in ((b, "B says 7"), (short, "A")):
+        cached = CachedTarget(target, path)
+        assert cached.generate([_req()])[0].text == text and cached.hits == 0
+
+
 def test_mixed_batch_sends_only_misses_in_order(tmp_path):
     inner = EchoTarget({"a": "A", "b": "B", "c": "C"})
     cached = CachedTarget(inner, tmp_path / "c.sqlite")

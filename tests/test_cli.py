@@ -132,3 +132,28 @@ def test_ask_defaults_to_the_proposals_cropper():
     out = subprocess.run([sys.executable, "-m", "zoomvlm.cli", "ask", "--help"], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     assert "Default: proposals" in " ".join(out.split())
+
+
+def test_bad_numbers_and_metric_names_are_refused_when_parsed(tmp_path, capsys):
+    import pytest
+
+    data = str(demo_data_path())
+    for argv, message in (
+        (["eval", "--data", data, "--out", str(tmp_path / "o"), "--metric", "contain"], "invalid choice: 'contain'"),
+        (["eval", "--data", data, "--out", str(tmp_path / "o"), "--batch-size", "0"], "expected an integer >= 1"),
+        (["eval", "--data", data, "--out", str(tmp_path / "o"), "--batch-size", "-1"], "expected an integer >= 1"),
+        (["demo", "--out", str(tmp_path / "d"), "--limit", "0"], "expected an integer >= 1"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()  # nothing written, no run to repair
+
+
+def test_an_api_target_without_a_key_is_one_line_not_a_traceback(monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    image = demo_data_path().parent / "images" / "sroie_017.jpg"
+    assert main(["ask", str(image), "total?", "--target", "openai:gpt-4.1-nano", "--policy", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "OPENAI_API_KEY is not set" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -15,7 +15,10 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-# proposals = the reader-candidate cropper (default of ask: 95.9 % on receipts val vs vlm 79.1 %, docs/proposals.md)
+from zoomvlm.cli.argtypes import positive_int
+from zoomvlm.core.metrics import METRICS
+
+# proposals = the reader-candidate cropper (default of ask: 98.0 % on receipts val vs vlm 79.1 %, docs/proposals.md)
 DEMO_POLICIES = ("none", "center", "vlm", "proposals", "oracle", "full")
 
 _BUDGETS_HELP = """\
@@ -267,12 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "receipts format")  # fmt: skip
     p.add_argument("--split", default=None, help="benchmark split. Default: the one the field reports")
     _add_run_options(p, policy_default="none")
-    p.add_argument("--metric", default="auto",
+    p.add_argument("--metric", default="auto", choices=("auto", *METRICS), metavar="METRIC",
                    help="answer metric: contains, anls, exact, relaxed_accuracy, vqa_accuracy, ocrbench, pope, "
                         "multiple_choice; auto = the benchmark's own, else contains for ocr and anls for "
                         "other targets")  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="first N samples only")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per policy/target call. Default: %(default)s")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N samples only")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="samples per policy/target call. Default: %(default)s")  # fmt: skip
     p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only part I of N (0-based: 0/2 and 1/2 are the halves), e.g. one per machine or "
@@ -302,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="zoomvlm-demo", help="where results and pictures go. Default: %(default)s")
     p.add_argument("--budget", default="384", help="the reader's per-view budget. Default: %(default)s")
     p.add_argument("--picture", type=int, default=2, help="which question (index) to draw. Default: %(default)s")
-    p.add_argument("--limit", type=int, default=None, help="first N bundled questions only (of 12)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N bundled questions only (of 12)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -347,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from zoomvlm.data.samples import DatasetError, UnreadableImageError
     from zoomvlm.evaluation.run import RunMismatchError
+    from zoomvlm.targets.openai import OpenAIAuthError, OpenAIRequestError
     from zoomvlm.train.recipe import RecipeError
 
     try:
         return args.func(args)
     except (DatasetError, UnreadableImageError, RunMismatchError, RecipeError, ValueError, OSError,
-            sqlite3.Error) as err:  # fmt: skip
+            sqlite3.Error, OpenAIAuthError, OpenAIRequestError) as err:  # fmt: skip
         # user errors read as one line; -v shows where it came from (an internal bug can raise these types too)
         if args.verbose:
             traceback.print_exc()

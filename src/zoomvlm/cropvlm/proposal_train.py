@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomvlm.cli.argtypes import positive_float, positive_int
+
 logger = logging.getLogger(__name__)
 
 _EPILOG = """\
@@ -379,11 +381,11 @@ def add_parser(tsub) -> None:
                        "Default: none")  # fmt: skip
         q.add_argument("--seed", type=int, default=0, help="random seed. Default: %(default)s")
         if stage == "seed":
-            q.add_argument("--epochs", type=_positive_int, default=60, help="Default: %(default)s")
-            q.add_argument("--lr", type=_positive_float, default=3e-3, help="Default: %(default)s")
+            q.add_argument("--epochs", type=positive_int, default=60, help="Default: %(default)s")
+            q.add_argument("--lr", type=positive_float, default=3e-3, help="Default: %(default)s")
             q.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay. Default: %(default)s")
             q.add_argument(
-                "--k", type=_positive_int, default=2, help="boxes per question at inference. Default: %(default)s"
+                "--k", type=positive_int, default=2, help="boxes per question at inference. Default: %(default)s"
             )
             q.add_argument(
                 "--lexical",
@@ -420,7 +422,7 @@ def add_parser(tsub) -> None:
             )
             q.add_argument(
                 "--window-tiles",
-                type=_positive_int,
+                type=positive_int,
                 default=1,
                 help="with --window-line-px: cut a window wider than the target can read (a wide table row) into up "
                 "to this many legible tiles, each its own crop (more crops per request: worth it for a fixed-budget "
@@ -451,21 +453,17 @@ def add_parser(tsub) -> None:
             q.add_argument("--target", default="ocr", help="reward target spec. Default: %(default)s")
             q.add_argument("--budget", default="384", help="reward target budget. Default: %(default)s")
             q.add_argument("--steps", type=int, default=30, help="Default: %(default)s")
-            q.add_argument(
-                "--prompts", type=_positive_int, default=16, help="questions per step. Default: %(default)s"
-            )
+            q.add_argument("--prompts", type=positive_int, default=16, help="questions per step. Default: %(default)s")
             q.add_argument("--group", type=int, default=6, help="actions per question (G). Default: %(default)s")
             q.add_argument("--beta", type=float, default=0.01, help="KL weight. Default: %(default)s")
-            q.add_argument("--lr", type=_positive_float, default=1e-3, help="Default: %(default)s")
-            q.add_argument("--temperature", type=_positive_float, default=2.0,
+            q.add_argument("--lr", type=positive_float, default=1e-3, help="Default: %(default)s")
+            q.add_argument("--temperature", type=positive_float, default=2.0,
                            help="sampling temperature (a confident seed samples one candidate G times at 1.0, "
                            "so every advantage is 0). Default: %(default)s")  # fmt: skip
-            q.add_argument(
-                "--save-every", type=_positive_int, default=1, help="checkpoint period in steps. Default: 1"
-            )
+            q.add_argument("--save-every", type=positive_int, default=1, help="checkpoint period in steps. Default: 1")
             q.add_argument(
                 "--k",
-                type=_positive_int,
+                type=positive_int,
                 default=None,
                 help="boxes per question at inference, written to the checkpoint. Default: the seed's",
             )
@@ -486,7 +484,7 @@ def add_parser(tsub) -> None:
             q.add_argument("--window-fit", choices=("shift", "clip", "centre"), default="centre",
                            help="with --window-line-px: at the page's edge, cut the window there (clip), evenly "
                            "around the region (centre) or slide it inside (shift). Default: %(default)s")  # fmt: skip
-            q.add_argument("--window-tiles", type=_positive_int, default=1,
+            q.add_argument("--window-tiles", type=positive_int, default=1,
                            help="with --window-line-px: cut a window wider than the target can read into up to this "
                            "many legible tiles at inference (the reward reads the whole window). Default: "
                            "%(default)s")  # fmt: skip
@@ -495,35 +493,13 @@ def add_parser(tsub) -> None:
                            "(same reader, same view) instead of reading every image again")  # fmt: skip
         if stage == "prior":
             q.add_argument(
-                "--k", type=_positive_int, default=20, help="nearest training questions. Default: %(default)s"
+                "--k", type=positive_int, default=20, help="nearest training questions. Default: %(default)s"
             )
             q.add_argument("--lo", type=float, default=0.2, help="quantile of left/top edges. Default: %(default)s")
             q.add_argument(
                 "--hi", type=float, default=0.8, help="quantile of right/bottom edges. Default: %(default)s"
             )
         q.set_defaults(func=_validated(func))
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (boxes per question, steps between checkpoints, epochs, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (learning rate, sampling temperature)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def _reward_spec(spec: str) -> str:

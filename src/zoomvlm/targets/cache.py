@@ -102,12 +102,16 @@ def image_digest(image: Image.Image) -> str:
 
 
 def target_identity(target: Target, extra: dict | None = None) -> dict:
-    """What identifies a target's answers: its class, ``name``, ``budget`` and ``extra`` (JSON-able)."""
+    """What identifies a target's answers: its class, ``name``, ``budget``, the settings the target itself names
+    as changing its answers (``target.cache_identity()``, when it has one: e.g. an API target's endpoint and
+    ``max_tokens``) and ``extra`` (JSON-able)."""
     cls = type(target)
+    own = getattr(target, "cache_identity", None)
     return {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "name": target.name,
         "budget": str(target.budget),
+        **(own() if callable(own) else {}),
         **(extra or {}),
     }
 

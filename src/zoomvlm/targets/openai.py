@@ -95,6 +95,11 @@ class OpenAITarget:
                 "OPENAI_API_KEY is not set (needed for api.openai.com; set OPENAI_BASE_URL for a local server)"
             )
 
+    def cache_identity(self) -> dict:
+        """Settings that change the answers but not :attr:`name` (:func:`~zoomvlm.targets.cache.target_identity`):
+        the endpoint (two servers may host models of one name), ``max_tokens`` and the image ``detail``."""
+        return {"base_url": self.base_url, "max_tokens": self.max_tokens, "detail": self.detail}
+
     def _payload(self, views: list[Image.Image], question: str) -> dict:
         content: list[dict] = []
         for view in views:
