@@ -57,3 +57,23 @@ def test_unreadable_image(tmp_path):
         load_image(tmp_path / "bad.jpg")
     with pytest.raises(UnreadableImageError, match="not found"):
         load_image(tmp_path / "nope.jpg")
+
+
+def test_a_photo_stored_sideways_loads_upright_as_the_server_decodes_it(tmp_path):
+    import base64
+
+    from PIL import Image
+
+    from zoomvlm.data.samples import load_image
+    from zoomvlm.serve.media import MediaLimits, decode_data_url
+
+    raw = Image.new("RGB", (400, 300), "white")
+    raw.paste((255, 0, 0), (0, 0, 100, 300))  # red on the stored left: the top once turned upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    raw.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    image = load_image(tmp_path / "photo.jpg")
+    assert image.size == (300, 400) and image.getpixel((150, 5))[0] > 200 and image.getpixel((150, 5))[1] < 80
+    url = "data:image/jpeg;base64," + base64.b64encode((tmp_path / "photo.jpg").read_bytes()).decode()
+    served = decode_data_url(url, MediaLimits(10_000_000, 10_000_000), "p").image
+    assert served.size == image.size and served.tobytes() == image.tobytes()  # ask/eval and serve see one frame

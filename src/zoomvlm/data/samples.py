@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zoomvlm.core.geometry import Box, BoxFormatError
 
@@ -101,7 +101,8 @@ class Sample:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image fully (decoded now, not lazily) as RGB.
+    """Open an image fully (decoded now, not lazily) as RGB, upright: a photo's EXIF orientation tag is applied,
+    as viewers, labelling tools and ``zoomvlm serve`` do, so boxes are in the frame people see.
 
     Raises:
         UnreadableImageError: the file does not exist or is not a decodable image.
@@ -112,6 +113,8 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
+            if img.getexif().get(0x0112, 1) not in (1, None):  # stored sideways or mirrored
+                return ImageOps.exif_transpose(img).convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
