@@ -51,7 +51,7 @@ LAMBDAS = ("0.1", "0.3", "1.0")
 
 
 class OracleCover:
-    """EVALUATION ONLY: the smallest subset of ``crop_set`` covering each human evidence box
+    """EVALUATION ONLY: the subset of ``crop_set`` that sends least while covering each human evidence box
     (:func:`~zoomvlm.awares.protocol.covering_crops`), merged: the upper bound of a crop set's interface."""
 
     def __init__(self, high: Budget, crop_set: str = "fine"):

@@ -58,6 +58,19 @@ def test_oracle_needs_evidence_and_takes_smallest(tmp_path):
         oracle.propose([None], ["q"])
 
 
+def test_an_oracle_run_names_the_samples_without_evidence_before_answering_any(tmp_path):
+    from dataclasses import replace
+
+    samples = _samples(tmp_path, 8)
+    samples[5] = replace(samples[5], evidence_boxes=())
+    target = EchoTarget()
+    with pytest.raises(ValueError, match="1 sample\\(s\\) have none: s5"):
+        run_eval(samples, load_policy("oracle"), target, tmp_path / "run", progress=False)
+    assert target.calls == 0 and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="batch_size"):
+        run_eval(samples, load_policy("none"), target, tmp_path / "run", batch_size=0, progress=False)
+
+
 def test_eval_resume_skips_done_and_repairs_torn_line(tmp_path):
     samples = _samples(tmp_path, 5)
     out = tmp_path / "run"

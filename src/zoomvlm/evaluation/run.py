@@ -232,7 +232,19 @@ def run_eval(
         RunMismatchError: ``out_dir`` holds a run with another configuration, or split differently.
         UnreadableImageError: an image cannot be read; records written so far are kept, so fixing the
             file and rerunning the same command continues where it stopped.
+        ValueError: ``batch_size < 1``, or the policy reads human boxes (``needs_evidence``, the oracles) and some
+            samples have none (named, before anything runs).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(policy, "needs_evidence", False):
+        missing = [s.id for s in samples if not s.evidence_boxes]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(
+                f"{policy.name} reads the human evidence boxes (evaluation only), but {len(missing)} sample(s) have "
+                f"none: {', '.join(missing[:5])}{more}"
+            )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or {

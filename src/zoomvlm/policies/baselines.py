@@ -59,6 +59,8 @@ class OracleCrop:
             boxes (an oracle without labels is meaningless, so it fails loudly instead of guessing).
     """
 
+    needs_evidence = True  # reads the samples' human boxes: run_eval checks every sample has one
+
     def __init__(self, margin: float = 0.02):
         if not 0 <= margin < 0.5:
             raise ValueError(f"oracle margin must be in [0, 0.5), got {margin}")
