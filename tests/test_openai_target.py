@@ -134,6 +134,19 @@ def test_concurrency_is_bounded_and_order_kept():
     assert [g.text for g in gens] == [f"saw 1 images {10 + i}x10" for i in range(9)]
 
 
+def test_seconds_per_request_add_up_to_the_batch_not_to_the_sum_of_overlapping_latencies():
+    with FakeChatServer(delay=0.2) as server:
+        target = OpenAITarget("m", base_url=server.url, api_key="sk-test", max_concurrency=8)
+        reqs = [TargetRequest([Image.new("RGB", (10, 10))], f"q{i}") for i in range(8)]
+        start = time.perf_counter()
+        gens = target.generate(reqs)
+        wall = time.perf_counter() - start
+    total = sum(g.usage.seconds for g in gens)
+    assert server.max_in_flight > 1  # the requests overlapped, so their latencies sum to several walls
+    assert 0.2 <= total <= wall  # the batch's wall time split evenly, as Usage.seconds is defined
+    assert len({g.usage.seconds for g in gens}) == 1
+
+
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     with FakeChatServer() as server:

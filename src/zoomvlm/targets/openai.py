@@ -170,9 +170,13 @@ class OpenAITarget:
         """
         views = [r.views(self.budget) for r in requests]
         payloads = [self._payload(v, r.question) for v, r in zip(views, requests, strict=True)]
+        start = time.perf_counter()
         results = asyncio.run(self._generate(payloads))
+        # Usage.seconds is the batch's wall time split evenly, as for every target: with requests in flight
+        # together, each one's own latency would count the overlap once per request
+        seconds = (time.perf_counter() - start) / max(1, len(requests))
         out = []
-        for (body, seconds), v in zip(results, views, strict=True):
+        for (body, _latency), v in zip(results, views, strict=True):
             try:
                 text = body["choices"][0]["message"]["content"] or ""
             except (KeyError, IndexError, TypeError) as err:
