@@ -66,6 +66,25 @@ def _fake_run(label, scores, bench="b"):
     return Run(Path(label), label, {"data": bench}, records)
 
 
+def test_runs_measured_against_other_references_or_units_never_share_a_pareto_front(tmp_path):
+    from zoomvlm.evaluation.report import Run, _rtr_axis_label, rtr_groups
+
+    def run(name, reference, unit):
+        config = {"data": "receipts.jsonl", **({"rtr_reference": reference} if reference else {})}
+        record = {"id": "a", "score": 1.0, "rtr": 0.4, "rtr_unit": unit}
+        return Run(tmp_path / name, name, config, [record])
+
+    runs = [run("crop-set", "side:768", "pixels"), run("center", None, "pixels"), run("hf", None, "tokens"),
+            run("none", None, "pixels")]  # fmt: skip
+    groups = rtr_groups(runs)
+    assert list(groups) == [("receipts.jsonl", "side:768", "pixels"), ("receipts.jsonl", "native", "pixels"),
+                            ("receipts.jsonl", "native", "tokens")]  # fmt: skip
+    assert [r.label for r in groups[("receipts.jsonl", "native", "pixels")]] == ["center", "none"]
+    assert "see the legend" in _rtr_axis_label(list(groups))
+    assert _rtr_axis_label([("b", "native", "pixels")]) == "mean RTR (pixels processed / native pixels)"
+    assert _rtr_axis_label([("b", "side:768", "pixels")]) == "mean RTR (pixels processed / whole image at side:768)"
+
+
 def test_gallery_rows_mix_right_and_wrong_deterministically():
     scores = [1.0] * 3 + [0.0] * 10
     ((bench, ids),) = gallery_rows([_fake_run("a", scores)], per_run=4)

@@ -40,6 +40,7 @@ __all__ = [
     "markdown_table",
     "pareto_front",
     "plot_accuracy_vs_rtr",
+    "rtr_groups",
     "write_gallery",
     "write_report",
 ]
@@ -190,10 +191,36 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], i))
 
 
+def rtr_groups(runs: Sequence[Run]) -> dict[tuple[str, str, str], list[Run]]:
+    """Runs whose RTRs can share one Pareto front: ``{(benchmark, reference, unit): runs}`` in first-seen order.
+
+    ``reference`` is what RTR divides by (``run.json``'s ``rtr_reference``, e.g. ``side:768`` for AwaRes's high
+    view; ``native`` = the whole image at native resolution) and ``unit`` what it counts (``pixels`` or a VLM's
+    ``tokens``, from the records). An RTR of 0.4 against a 768 px view and one of 0.4 in tokens are different
+    costs, so they never share a front.
+    """
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        unit = "/".join(sorted({r.get("rtr_unit", "pixels") for r in run.records})) or "pixels"
+        key = (run.benchmark, str(run.config.get("rtr_reference") or "native"), unit)
+        groups.setdefault(key, []).append(run)
+    return groups
+
+
+def _rtr_axis_label(keys: Sequence[tuple[str, str, str]]) -> str:
+    measures = {(ref, unit) for _, ref, unit in keys}
+    if len(measures) != 1:
+        return "mean RTR (each colour its own reference and unit: see the legend)"
+    ref, unit = measures.pop()
+    whole = "native pixels" if ref == "native" and unit == "pixels" else f"whole image at {ref}"
+    return f"mean RTR ({unit} processed / {whole if unit == 'pixels' else f'{unit} of the {whole}'})"
+
+
 def plot_accuracy_vs_rtr(runs: Sequence[Run], path: str | Path) -> Path:
     """Save the accuracy-vs-RTR scatter (PNG, matplotlib Agg): one labelled point per run, one colour per
-    benchmark, and each benchmark's Pareto front as a staircase (the best accuracy reachable at or below
-    each RTR). The x axis is logarithmic when the RTRs span 10x or more. Runs without records are left out.
+    benchmark and RTR measure (:func:`rtr_groups`), and each group's Pareto front as a staircase (the best
+    accuracy reachable at or below each RTR). The x axis is logarithmic when the RTRs span 10x or more. Runs
+    without records are left out.
 
     Returns:
         ``path``.
@@ -205,18 +232,21 @@ def plot_accuracy_vs_rtr(runs: Sequence[Run], path: str | Path) -> Path:
     ax = fig.add_subplot()
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     rtrs = []
-    for k, bench in enumerate(dict.fromkeys(r.benchmark for r in runs)):
+    groups = rtr_groups(runs)
+    several = len({(ref, unit) for _, ref, unit in groups}) > 1
+    for k, ((bench, ref, unit), members) in enumerate(groups.items()):
         color = colors[k % len(colors)]
         pts, labels = [], []
-        for run in runs:
+        for run in members:
             s = run.stats()
-            if run.benchmark == bench and s["n"] and s["rtr"] is not None and s["accuracy"] is not None:
+            if s["n"] and s["rtr"] is not None and s["accuracy"] is not None:
                 pts.append((s["rtr"], 100 * s["accuracy"]))
                 labels.append(run.label)
         if not pts:
             continue
         rtrs += [p[0] for p in pts]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, s=40, zorder=3, label=benchmark_label(bench))
+        legend = benchmark_label(bench) + (f" (RTR: {unit} vs {ref})" if several else "")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, s=40, zorder=3, label=legend)
         seen: dict[tuple[float, float], int] = {}
         for (x, y), label in zip(pts, labels, strict=True):
             k = seen[(round(x, 3), round(y, 1))] = seen.get((round(x, 3), round(y, 1)), -1) + 1
@@ -232,9 +262,7 @@ def plot_accuracy_vs_rtr(runs: Sequence[Run], path: str | Path) -> Path:
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xticks([], minor=True)
     ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
-    refs = {r.config.get("rtr_reference") for r in runs}
-    reference = f"whole image at {refs.pop()}" if len(refs) == 1 and None not in refs else "native pixels"
-    ax.set_xlabel(f"mean RTR (pixels processed / {reference})")
+    ax.set_xlabel(_rtr_axis_label(list(groups)))
     ax.set_ylabel("accuracy %")
     ax.set_title("accuracy vs cost (line: Pareto front)")
     ax.grid(True, alpha=0.3)
