@@ -158,3 +158,14 @@ def test_ocr_likelihood_prefers_the_evidence_crop(demo_samples, ocr_target):
                        answers=[list(s.answers)] * 2)  # fmt: skip
     assert math.isfinite(good) and math.isfinite(bad)
     assert good > bad + 1.0, (good, bad)
+
+
+@pytest.mark.parametrize("text", ["[10, 20, 60, 40], [0, 0, 100, 100].", "[10, 20, 60, 40]. Total: [5]"])
+def test_text_the_cropper_rejects_at_inference_earns_no_format_reward_and_no_crop(text):
+    from zoomvlm.core.geometry import BoxFormatError, parse_percent_boxes
+    from zoomvlm.cropvlm.rewards import _parse
+
+    with pytest.raises(BoxFormatError):
+        parse_percent_boxes(text, max_boxes=1)  # what VLMCropper.propose reads: invalid -> the whole image
+    assert format_reward(completions=[text]) == [0.0] and _parse(text) is None
+    assert format_reward(completions=["[10, 20, 60, 40]."]) == [1.0]

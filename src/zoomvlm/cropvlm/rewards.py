@@ -32,7 +32,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from zoomvlm.core.geometry import Box, BoxFormatError, Budget, parse_percent_box
+from zoomvlm.core.geometry import Box, BoxFormatError, Budget, parse_percent_boxes
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.core.pipeline import build_request
 from zoomvlm.core.prompts import completion_text
@@ -52,14 +52,18 @@ __all__ = [
 
 
 def _parse(completion) -> Box | None:
+    # the one-box grammar the cropper's inference reads (parse_percent_boxes with max_boxes=1): a second list
+    # ("[..], [..]." or "[..]. Total: [5]") is invalid there, so it must earn no format reward and no crop here
     try:
-        return parse_percent_box(completion_text(completion))
+        return parse_percent_boxes(completion_text(completion), max_boxes=1)[0]
     except BoxFormatError:
         return None
 
 
 def format_reward(prompts=None, completions=(), **_) -> list[float]:
-    """``format``: 1.0 when the completion is a valid CropVLM box, else 0.0 (CropVLM's format reward)."""
+    """``format``: 1.0 when the completion is a valid CropVLM box, else 0.0 (CropVLM's format reward). Valid =
+    what the ``vlm`` cropper accepts at inference: exactly one box (:func:`~zoomvlm.core.geometry.parse_percent_boxes`
+    with ``max_boxes=1``)."""
     return [1.0 if _parse(c) is not None else 0.0 for c in completions]
 
 
