@@ -332,3 +332,36 @@ def test_self_zoom_record_with_a_tool_call(real_vlms, noise, tmp_path, monkeypat
     assert record.visual_tokens == 2 * target.view_visual_tokens(low) == 96
     assert record.rtr_unit == "tokens" and record.rtr == pytest.approx(96 / 192)
     assert len(record.view_pixels) == 2 and record.view_pixels[0] == record.view_pixels[1] == 168 * 224
+
+
+def test_a_trainer_calling_the_smolvlm_processor_itself_sees_the_view_inference_sees():
+    """TRL calls the processor with its defaults: without align_training_processor a 384x512 cropper view was
+    upscaled to 2048 px and cut into 13 tiles (832 image tokens) where inference reads one tile."""
+    from real_models import real_folder
+
+    from zoomvlm.core.prompts import cropper_prompt
+    from zoomvlm.targets.hf import align_training_processor
+    from zoomvlm.targets.hf_compat import load_processor
+
+    processor = load_processor(str(real_folder("smolvlm")))
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    view = resize_to_budget(Image.new("RGB", (1200, 1600), "white"), Budget(max_side=512))
+    prompt = chat_prompt(processor, 1, cropper_prompt("What is the total?"))
+    inference = int((encode_inputs(processor, [prompt], [[view]], "cpu")["input_ids"] == image_id).sum())
+    assert align_training_processor(processor) == {"do_resize": False}
+    trainer = processor(images=[[view]], text=[prompt], padding=True, return_tensors="pt")  # as TRL calls it
+    assert int((trainer["input_ids"] == image_id).sum()) == inference == 64
+
+
+def test_qwen_answers_about_a_valid_crop_thinner_than_its_resize_allows(real_vlms):
+    image = Image.new("RGB", (800, 2000), "white")
+    request = build_request_for(image, Box(0.0, 0.0, 0.01, 1.0))  # "[0, 0, 1, 100]." -> an 8 x 2000 crop
+    assert max(request.images[1].size) >= 200 * min(request.images[1].size)
+    (answer,) = _target(real_vlms, "qwen2_5_vl").generate([request])
+    assert isinstance(answer.text, str) and answer.usage.visual_tokens > 0
+
+
+def build_request_for(image, box):
+    from zoomvlm.core.pipeline import build_request
+
+    return build_request(image, "Total?", Proposal((box,)), None)

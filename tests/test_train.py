@@ -341,3 +341,15 @@ def test_sft_dataset_augment_rewrites_the_box_in_the_crop_frame(sft_file):
     assert abs((new.x1 - new.x0) * aug["image"].width - (old.x1 - old.x0) * row["image"].width) <= 2
     assert abs((new.y1 - new.y0) * aug["image"].height - (old.y1 - old.y0) * row["image"].height) <= 2
     assert aug["image"].size != row["image"].size or new != old
+
+
+def test_a_bf16_recipe_on_cpu_loads_float32_weights_as_the_trainer_trains(tiny_smolvlm_init):
+    import torch
+
+    from zoomvlm.train.common import build_cropper
+    from zoomvlm.train.recipe import ModelArgs
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the recipe's bf16 is used as asked")
+    model, _, _ = build_cropper(ModelArgs(init=str(tiny_smolvlm_init), dtype="bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -146,6 +146,24 @@ def processor_image_kwargs(processor) -> dict:
     return {}
 
 
+def align_training_processor(processor) -> dict:
+    """Set on ``processor.image_processor`` the overrides inference passes with every call
+    (:func:`processor_image_kwargs`), for trainers that call the processor themselves (TRL's SFT and GRPO), so
+    that a policy trains on the views it will see. Returns what was set.
+
+    Only ``idefics3`` with splitting (``do_resize=False``): the released SmolVLM processor would otherwise
+    upscale a 512 px cropper view to 2048 px and cut it into 13 tiles (832 image tokens) where inference reads one
+    tile (64). ``llava``'s override is left out: it needs the square padding of :func:`encoder_view`, which a
+    trainer does not apply.
+    """
+    if processor_family(processor) != "idefics3":
+        return {}
+    overrides = processor_image_kwargs(processor)
+    for key, value in overrides.items():
+        setattr(processor.image_processor, key, value)
+    return overrides
+
+
 def _pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     # LLaVA-1.5's expand2square (haotian-liu/LLaVA, llava/mm_utils.py): centre the image on a square canvas filled
     # with the processor's mean colour. Three lines, so written here rather than imported from the LLaVA repo.
@@ -164,7 +182,9 @@ def encoder_view(processor, view: Image.Image) -> Image.Image:
     - ``idefics3`` with splitting: shrunk (never enlarged) so its longest side is at most the processor's
       ``size["longest_edge"]`` (2048 for SmolVLM as released), since :func:`processor_image_kwargs` turns the
       processor's own resize off.
-    - ``qwen2_vl``: unchanged (its ``min_pixels``/``max_pixels`` resize already follows the view's size).
+    - ``qwen2_vl``: unchanged (its ``min_pixels``/``max_pixels`` resize already follows the view's size), except
+      a view 200 or more times longer than wide (a valid thin crop of a line), which its resize refuses: padded
+      with the image mean colour to just under that ratio.
     - ``llava``: padded to a square with the image mean colour, as LLaVA-1.5's evaluation does.
     """
     view = view.convert("RGB")
@@ -177,7 +197,24 @@ def encoder_view(processor, view: Image.Image) -> Image.Image:
     elif family == "llava":
         mean = getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5)
         view = _pad_to_square(view, tuple(int(round(255 * m)) for m in mean))
+    elif family == "qwen2_vl" and max(view.size) >= QWEN_MAX_ASPECT * min(view.size):
+        mean = getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5)
+        view = _pad_short_side(
+            view, -(-max(view.size) // (QWEN_MAX_ASPECT - 1)), tuple(int(round(255 * m)) for m in mean)
+        )
     return view
+
+
+QWEN_MAX_ASPECT = 200
+"""Qwen2-VL's image processor refuses views whose longer side is this many times the shorter (``smart_resize``)."""
+
+
+def _pad_short_side(image: Image.Image, short: int, fill: tuple[int, ...]) -> Image.Image:
+    w, h = image.size
+    size = (w, max(h, short)) if w >= h else (max(w, short), h)
+    canvas = Image.new(image.mode, size, fill)
+    canvas.paste(image, ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas
 
 
 def encoder_images(processor, images: list[list[Image.Image]]) -> list[list[Image.Image]]:

@@ -82,9 +82,17 @@ def build_cropper(model_cfg: ModelArgs):
             f"model.init folder {init!r} not found; for the tiny CPU recipes write it first with "
             f"`python scripts/make_tiny_init.py --out {init} ...` (see the recipe's comment)"
         )
-    from zoomvlm.targets.hf import load_vlm
+    import torch
 
-    model, processor = load_vlm(init, device="cpu", dtype=model_cfg.dtype)
+    from zoomvlm.targets.hf import align_training_processor, load_vlm
+
+    dtype = model_cfg.dtype
+    if not torch.cuda.is_available() and str(dtype) not in ("float32", "torch.float32"):
+        # TrainerDefaults trains in float32 without CUDA (no bf16/fp16 on CPU): load the weights so too
+        logger.warning("no CUDA device: loading %s in float32 (recipe asked for %s)", init, dtype)
+        dtype = "float32"
+    model, processor = load_vlm(init, device="cpu", dtype=dtype)
+    align_training_processor(processor)  # train on the views inference reads (saved with the model in final/)
     model.train()
     peft_config = None
     if model_cfg.lora:
