@@ -353,3 +353,18 @@ def test_a_bf16_recipe_on_cpu_loads_float32_weights_as_the_trainer_trains(tiny_s
         pytest.skip("on a GPU the recipe's bf16 is used as asked")
     model, _, _ = build_cropper(ModelArgs(init=str(tiny_smolvlm_init), dtype="bfloat16"))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_torn_sft_line_is_named_and_stray_checkpoint_folders_are_not_resumed(sft_file, tmp_path):
+    from zoomvlm.train.common import resume_checkpoint
+    from zoomvlm.train.sft import sft_dataset
+
+    lines = sft_file.read_text().splitlines()
+    sft_file.write_text("\n".join([*lines[:2], lines[2][:40], *lines[3:]]) + "\n")  # a line cut by a crash
+    with pytest.raises(ValueError, match=f"{sft_file}:3: not valid JSON"):
+        sft_dataset(sft_file, budget=Budget(max_side=64))
+    for name in ("checkpoint-5", "checkpoint-20", "checkpoint-20-backup"):
+        (tmp_path / "run" / name).mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-99").write_text("not a folder")
+    assert resume_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-20")
+    assert resume_checkpoint(tmp_path / "no-run-yet") is None

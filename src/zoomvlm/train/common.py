@@ -166,9 +166,12 @@ def cropper_views(paths, budget: Budget, desc: str = "loading images") -> list[I
 
 
 def resume_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` folder in ``output_dir`` (HF Trainer layout), to resume a crashed run."""
-    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(folders[-1]) if folders else None
+    """The newest ``checkpoint-N`` folder in ``output_dir`` (HF Trainer layout), to resume a crashed run; ``None``
+    when there is none. Only folders named exactly ``checkpoint-<digits>`` count (a copied ``checkpoint-20-backup``
+    or a stray file is not the trainer's), as in ``transformers.trainer_utils.get_last_checkpoint``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
 
 
 def run_metrics(trainer) -> dict:

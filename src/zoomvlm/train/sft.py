@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -63,13 +62,12 @@ def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None, 
     path = Path(sft_file)
     if not path.is_file():
         raise FileNotFoundError(f"SFT file {path} not found; write it with `zoomvlm curate boxes`")
+    from zoomvlm.data.samples import iter_jsonl
+
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not {"image", "prompt", "completion"} <= set(row):
-            raise ValueError(f"{path}:{i}: an SFT record needs image, prompt and completion")
+    for where, row in iter_jsonl(path):  # a bad line is named by file:line
+        if not isinstance(row, dict) or not {"image", "prompt", "completion"} <= set(row):
+            raise ValueError(f"{where}: an SFT record needs image, prompt and completion")
         rows.append(row)
         if limit and len(rows) >= limit:
             break
