@@ -82,6 +82,12 @@ def test_recipe_errors_are_clear(tmp_path):
         ("data.policy=crop_set", r"cropper_budget is not used with data.policy: crop_set"),
         ("awares.alpha_miss=0.01", r"alpha_miss > alpha_use"),
         ("target.metric=acuracy", r"not a metric"),
+        ("trainer.max_steps=ten", r"wrong type: trainer\.max_steps='ten' \(expected int\)"),
+        ("trainer.learning_rate=5e-6x", r"trainer\.learning_rate='5e-6x'"),
+        ("model.dtype=float17", r"not a torch dtype"),
+        ("model.lora={rr: 8}", r"model\.lora: .*'rr'"),
+        ("model.lora={}", r"model\.lora is empty"),
+        ("trainer.reward_weights=[1.0, 5.0]", r"set them there"),
     ],
 )
 def test_typed_recipes_refuse_unknown_keys_and_bad_combinations(override, message):
@@ -368,3 +374,13 @@ def test_a_torn_sft_line_is_named_and_stray_checkpoint_folders_are_not_resumed(s
     (tmp_path / "run" / "checkpoint-99").write_text("not a folder")
     assert resume_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-20")
     assert resume_checkpoint(tmp_path / "no-run-yet") is None
+
+
+def test_a_recipe_file_writing_1e_4_gets_the_number(tmp_path):
+    import yaml
+
+    tree = yaml.safe_load(bundled_recipes()["tiny_cpu_grpo"].read_text())
+    text = yaml.safe_dump(tree).replace(f"learning_rate: {tree['trainer']['learning_rate']}", "learning_rate: 1e-4")
+    (tmp_path / "r.yaml").write_text(text)
+    assert yaml.safe_load(text)["trainer"]["learning_rate"] == "1e-4"  # YAML 1.1: a string
+    assert load_recipe(str(tmp_path / "r.yaml")).trainer.learning_rate == 1e-4

@@ -73,6 +73,26 @@ class ModelArgs:
             raise ValueError("model.init is empty: name a hub id or a local folder")
         if self.lora is not None and not isinstance(self.lora, dict):
             raise ValueError(f"model.lora must be a mapping of LoraConfig keywords or null, got {self.lora!r}")
+        if self.lora == {}:
+            raise ValueError(
+                "model.lora is empty, which would train every weight: give LoraConfig keywords "
+                "(e.g. {r: 8, lora_alpha: 16, target_modules: all-linear}) or null to train all"
+            )
+        if self.lora:
+            try:
+                from peft import LoraConfig
+            except ImportError:
+                pass
+            else:
+                try:
+                    LoraConfig(task_type="CAUSAL_LM", **self.lora)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"model.lora: {err}") from err
+        if self.dtype != "auto":
+            import torch
+
+            if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+                raise ValueError(f"model.dtype {self.dtype!r} is not a torch dtype (auto, float32, bfloat16, ...)")
 
 
 @dataclass
@@ -290,6 +310,61 @@ def _parse_value(text: str):
     return value
 
 
+def _type_ok(value, hint) -> bool | None:
+    """Whether ``value`` fits the type hint ``hint``; ``None`` when the hint is not one this check reads."""
+    import types
+    import typing
+
+    if hint is Any:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_type_ok(value, arg) for arg in typing.get_args(hint)]
+        return True if any(v is True for v in verdicts) else (None if None in verdicts else False)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, list | tuple)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return None
+
+
+def _check_types(cls: type, values: dict, section: str, source: str) -> None:
+    """Refuse values of the wrong type (``trainer.max_steps=ten``): ``HfArgumentParser.parse_dict`` builds the
+    dataclass without converting or checking them, so they would fail, or train wrong, after the model loads."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - a hint that does not resolve is not checked, not an error of the recipe
+        hints = {f.name: f.type for f in dataclasses.fields(cls) if not isinstance(f.type, str)}
+    bad = []
+    for key, value in values.items():
+        if key in hints and isinstance(value, str) and _type_ok(value, hints[key]) is not True:
+            try:  # YAML 1.1 reads `1e-4` in a recipe file as a string: a number field takes it as the number
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if _type_ok(number, hints[key]) is True:
+                    values[key] = value = number
+        if key in hints and _type_ok(value, hints[key]) is False:
+            bad.append(f"{section}.{key}={value!r} (expected {getattr(hints[key], '__name__', hints[key])})")
+    if bad:
+        raise RecipeError(f"{source}: wrong type: {', '.join(bad)}")
+
+
 def _parse_section(cls: type, values: dict, section: str, source: str):
     """One section through ``HfArgumentParser.parse_dict``; unknown keys and refused values name ``section.key``."""
     from transformers import HfArgumentParser
@@ -304,6 +379,7 @@ def _parse_section(cls: type, values: dict, section: str, source: str):
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hints.append(f"{section}.{key}" + (f" (did you mean {section}.{close[0]}?)" if close else ""))
         raise RecipeError(f"{source}: unknown key(s) {', '.join(hints)}; {cls.__name__} has no such field")
+    _check_types(cls, values, section, source)
     try:
         (parsed,) = HfArgumentParser(cls).parse_dict(values, allow_extra_keys=False)
     except (TypeError, ValueError, KeyError) as err:
@@ -352,6 +428,11 @@ def recipe_from_dict(
             raise RecipeError(f"{source}: {err.args[0]}") from err
     elif rewards:
         raise RecipeError(f"{source}: a {recipe_kind} recipe trains no reward; drop the `rewards:` section")
+    if tree["trainer"].get("reward_weights") is not None:
+        raise RecipeError(
+            f"{source}: trainer.reward_weights would silently replace the weights of the rewards section, which "
+            "the recipe records; set them there (rewards: {name: weight})"
+        )
     trainer = _parse_section(config_cls, tree["trainer"], "trainer", source)
     return Recipe(kind=recipe_kind, trainer=trainer, rewards={k: float(v) for k, v in rewards.items()},
                   source=source, tree=tree, **sections)  # fmt: skip
