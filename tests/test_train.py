@@ -384,3 +384,39 @@ def test_a_recipe_file_writing_1e_4_gets_the_number(tmp_path):
     (tmp_path / "r.yaml").write_text(text)
     assert yaml.safe_load(text)["trainer"]["learning_rate"] == "1e-4"  # YAML 1.1: a string
     assert load_recipe(str(tmp_path / "r.yaml")).trainer.learning_rate == 1e-4
+
+
+def test_a_run_resumed_with_more_steps_follows_the_new_schedule_from_its_first_step(tmp_path, TINY):
+    from transformers import TrainerCallback
+
+    from zoomvlm.train.common import resume_checkpoint
+    from zoomvlm.train.grpo import build_grpo_trainer
+
+    def lrs(out, steps):
+        recipe = load_recipe("tiny_cpu_grpo", TINY + [f"data.file={demo_data_path()}", "data.limit=4",
+                             f"trainer.max_steps={steps}", "trainer.per_device_train_batch_size=4",
+                             "trainer.num_generations=2", "trainer.max_completion_length=4", "trainer.save_steps=2",
+                             "trainer.lr_scheduler_type=cosine", "trainer.warmup_steps=0",
+                             "trainer.learning_rate=1e-4"])  # fmt: skip
+        def length_reward(prompts=None, completions=(), **_):  # varies across samples: the steps do learn
+            return [float(len(completion_text(c))) for c in completions]
+
+        used = {}
+
+        class RecordLr(TrainerCallback):  # the rate the optimiser steps with, not only what the log says
+            def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+                used[state.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+        trainer, _ = build_grpo_trainer(recipe, out, reward_funcs=[length_reward], reward_weights=[1.0])
+        trainer.add_callback(RecordLr())
+        trainer.train(resume_from_checkpoint=resume_checkpoint(out))
+        logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+        return logged, used
+
+    straight, straight_used = lrs(tmp_path / "straight", 4)
+    first, _ = lrs(tmp_path / "resumed", 2)  # a finished 2-step cosine: its optimiser state ends at lr 0
+    resumed, resumed_used = lrs(tmp_path / "resumed", 4)
+    assert first[1] == pytest.approx(straight[1])
+    assert resumed[3] == pytest.approx(straight[3]) and resumed[3] > 0  # was 0.0: a step without learning
+    assert resumed[4] == pytest.approx(straight[4])
+    assert resumed_used == pytest.approx({3: straight_used[3], 4: straight_used[4]}) and resumed_used[3] > 0

@@ -68,7 +68,14 @@ from zoomvlm.awares.protocol import (
 from zoomvlm.awares.rewards import AwaResReward
 from zoomvlm.core.geometry import Budget
 from zoomvlm.data.samples import load_image_cached
-from zoomvlm.train.common import TrainerDefaults, build_cropper, resume_checkpoint, save_final, trajectory_records
+from zoomvlm.train.common import (
+    TrainerDefaults,
+    build_cropper,
+    resume_checkpoint,
+    resumed_schedule_callback,
+    save_final,
+    trajectory_records,
+)
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.trl_compat import MultiTurnGRPOTrainer, Rollout
 
@@ -358,7 +365,8 @@ def build_awares_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = No
             args.reward_weights = weights
     model, processor, peft_config = build_cropper(recipe.model)
     trainer = AwaResGRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
-                                processing_class=processor, peft_config=peft_config)  # fmt: skip
+                                processing_class=processor, peft_config=peft_config,
+                                callbacks=[resumed_schedule_callback()])  # fmt: skip
     return trainer, processor
 
 

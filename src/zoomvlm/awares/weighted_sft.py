@@ -34,7 +34,13 @@ from trl import SFTConfig, SFTTrainer
 
 from zoomvlm.awares.protocol import ToolCallError, parse_get_crops
 from zoomvlm.core.geometry import Budget
-from zoomvlm.train.common import build_cropper, resume_checkpoint, save_final, trajectory_records
+from zoomvlm.train.common import (
+    build_cropper,
+    resume_checkpoint,
+    resumed_schedule_callback,
+    save_final,
+    trajectory_records,
+)
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.sft import CropperSFTConfig
 from zoomvlm.train.trl_compat import KeepColumnsMixin, weighted_fused_model
@@ -371,7 +377,7 @@ def build_weighted_sft_trainer(recipe: Recipe, output_dir: str | Path | None = N
     dataset = trajectory_dataset(recipe.data.file, recipe.data.high, recipe.data.limit)
     model, processor, peft_config = build_cropper(recipe.model)
     trainer = ToolWeightedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                                     peft_config=peft_config)  # fmt: skip
+                                     peft_config=peft_config, callbacks=[resumed_schedule_callback()])  # fmt: skip
     return trainer, processor
 
 

@@ -165,6 +165,43 @@ def cropper_views(paths, budget: Budget, desc: str = "loading images") -> list[I
     return out
 
 
+def _new_schedule_lr(lr_scheduler) -> list[float] | None:
+    """The learning rates the scheduler's CURRENT lambdas give at its step (``LambdaLR``: HF's warmup / cosine /
+    linear schedules), or None for another scheduler."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return None
+    return [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas, strict=True)]
+
+
+def resumed_schedule_callback():
+    """A ``TrainerCallback`` that sets the first step after a resume to the learning rate of the schedule the run
+    NOW has. Resuming with another ``max_steps`` (README: runs extended 20 -> 80 -> 60 steps) restores the
+    optimiser's learning rate as the OLD schedule left it at the checkpoint (0 at the end of a finished cosine);
+    the scheduler follows the new length only from the next step, so that first step was wasted."""
+    from transformers import TrainerCallback
+
+    class ResumedSchedule(TrainerCallback):
+        def __init__(self):
+            self.checked = False
+
+        def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            if self.checked:
+                return
+            self.checked = True
+            if state.global_step == 0 or optimizer is None or lr_scheduler is None:
+                return  # a fresh run: the optimiser's lr is the schedule's already
+            lrs = _new_schedule_lr(lr_scheduler)
+            if lrs is not None:
+                for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr
+                # what get_last_lr() reports, and the Trainer logs as this step's learning_rate (torch keeps it in
+                # _last_lr; the checkpoint restored the old schedule's value)
+                lr_scheduler._last_lr = list(lrs)
+
+    return ResumedSchedule()
+
+
 def resume_checkpoint(output_dir: str | Path) -> str | None:
     """The newest ``checkpoint-N`` folder in ``output_dir`` (HF Trainer layout), to resume a crashed run; ``None``
     when there is none. Only folders named exactly ``checkpoint-<digits>`` count (a copied ``checkpoint-20-backup``

@@ -20,7 +20,14 @@ from trl import GRPOConfig, GRPOTrainer
 
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.prompts import cropper_prompt
-from zoomvlm.train.common import TrainerDefaults, build_cropper, cropper_views, resume_checkpoint, save_final
+from zoomvlm.train.common import (
+    TrainerDefaults,
+    build_cropper,
+    cropper_views,
+    resume_checkpoint,
+    resumed_schedule_callback,
+    save_final,
+)
 from zoomvlm.train.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -127,7 +134,8 @@ def build_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, rew
         args.reward_weights = [float(w) for w in reward_weights]
     model, processor, peft_config = build_cropper(recipe.model)
     trainer = GRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
-                          processing_class=processor, peft_config=peft_config)  # fmt: skip
+                          processing_class=processor, peft_config=peft_config,
+                          callbacks=[resumed_schedule_callback()])  # fmt: skip
     return trainer, processor
 
 

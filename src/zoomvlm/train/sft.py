@@ -12,7 +12,14 @@ from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig, SFTTrainer
 
 from zoomvlm.core.geometry import Box, Budget, crop_image, format_percent_box, parse_percent_box
-from zoomvlm.train.common import TrainerDefaults, build_cropper, cropper_views, resume_checkpoint, save_final
+from zoomvlm.train.common import (
+    TrainerDefaults,
+    build_cropper,
+    cropper_views,
+    resume_checkpoint,
+    resumed_schedule_callback,
+    save_final,
+)
 from zoomvlm.train.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -177,6 +184,6 @@ def run_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     )
     model, processor, peft_config = build_cropper(recipe.model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                         peft_config=peft_config)  # fmt: skip
+                         peft_config=peft_config, callbacks=[resumed_schedule_callback()])  # fmt: skip
     trainer.train(resume_from_checkpoint=resume_checkpoint(args.output_dir))
     return save_final(trainer, processor, args.output_dir, recipe)
