@@ -398,6 +398,7 @@ def test_a_run_resumed_with_more_steps_follows_the_new_schedule_from_its_first_s
                              "trainer.num_generations=2", "trainer.max_completion_length=4", "trainer.save_steps=2",
                              "trainer.lr_scheduler_type=cosine", "trainer.warmup_steps=0",
                              "trainer.learning_rate=1e-4"])  # fmt: skip
+
         def length_reward(prompts=None, completions=(), **_):  # varies across samples: the steps do learn
             return [float(len(completion_text(c))) for c in completions]
 
