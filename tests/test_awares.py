@@ -353,3 +353,9 @@ def test_shipped_crop_set_policy_answers_with_the_ocr_target(tmp_path, demo_samp
     record = json.loads(out.read_text())
     keys = [k for k, b in CROP_SET.items() if [b.x0, b.y0, b.x1, b.y1] in record["boxes"]]
     assert record["rtr"] == pytest.approx(0.25 + crop_set_sent_area(keys), abs=0.02)  # low view + crops, vs 768 px
+
+
+@pytest.mark.parametrize("spec", ["crop-set-oracle:2", "crop-set-oracle:0", "crop-set-oracle:-1"])
+def test_a_crop_set_oracle_threshold_outside_0_1_is_refused_when_the_policy_loads(spec):
+    with pytest.raises(ValueError, match="threshold must be in"):
+        load_policy(spec)

@@ -238,3 +238,24 @@ def test_budget_parse_takes_every_form_including_a_budget():
     assert Budget.parse(None) == Budget.parse("native") == Budget()
     with pytest.raises(ValueError, match="cannot read budget"):
         Budget.parse("huge")
+
+
+def test_budget_strings_are_unique_and_parse_back_and_a_bool_is_not_a_budget():
+    both = Budget(max_side=384, max_pixels=1_000_000)
+    assert str(both) == "side:384,pixels:1000000" and Budget.parse(str(both)) == both
+    assert str(both) != str(Budget(max_pixels=1_000_000))  # the response cache keys on it
+    for spec in ("384", "side:384", "pixels:200000", "native"):
+        assert Budget.parse(str(Budget.parse(spec))) == Budget.parse(spec)
+    for bad in (True, "side:384,side:512"):
+        with pytest.raises(ValueError):
+            Budget.parse(bad)
+    with pytest.raises(ValueError):
+        Budget(max_side=True)
+
+
+def test_a_box_takes_numpy_scalars_but_not_bools():
+    import numpy as np
+
+    assert Box(*np.array([0.1, 0.2, 0.5, 0.6], np.float32)).x1 == 0.5
+    with pytest.raises(BoxFormatError):
+        Box(True, 0.0, 1.0, 1.0)

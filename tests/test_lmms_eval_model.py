@@ -79,6 +79,22 @@ def test_bad_requests_and_args_are_clear():
         ZoomVLM(target=EchoTarget(), batch_size=0)
     with pytest.raises(ValueError, match="unknown policy"):
         ZoomVLM(target=EchoTarget(), policy="zoom-everything")
+    # lmms-eval splits model_args on commas: a policy option after a comma must not be dropped silently
+    with pytest.raises(ValueError, match="separate a policy's options with @"):
+        ZoomVLM(target=EchoTarget(), policy="vlm@boxes=2", t=0.7)
+    ZoomVLM(target=EchoTarget(), policy="none", device="cuda", max_batch_size=8)  # lmms-eval's own flags
+    assert ZoomVLM(target=EchoTarget(), policy="crop-set-fixed:0+1").policy.keys == ["0", "1"]
+
+
+def test_the_plugin_counts_rtr_as_zoomvlm_eval_does(tiny_vlms):
+    """An hf: target counts RTR in its own visual tokens: `full` is 1.0 there, not the pixel share of its view."""
+    from zoomvlm.targets.hf import HFTarget
+
+    model, processor = tiny_vlms["llava"]
+    plugin = ZoomVLM(target=HFTarget("tiny-llava", model=model, processor=processor, max_new_tokens=1), policy="full")
+    plugin.task_dict = DOCS
+    plugin.generate_until([FakeInstance("Is it white?", {"until": []}, _visual, 0, "mytask", "test")])
+    assert plugin.usage[0]["rtr"] == pytest.approx(1.0) and plugin.usage[0]["rtr_unit"] == "tokens"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed here")

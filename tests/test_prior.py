@@ -45,3 +45,9 @@ def test_load_policy_knows_prior_and_proposals(tmp_path):
         load_policy(f"prior:{tmp_path}")
     with pytest.raises(FileNotFoundError):
         load_policy(f"proposals:{tmp_path}")
+
+
+def test_encoding_no_question_gives_no_rows():
+    from zoomvlm.policies.perception import QuestionEncoder
+
+    assert QuestionEncoder().encode([]).shape == (0, QuestionEncoder.dim)

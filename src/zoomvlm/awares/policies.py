@@ -120,6 +120,8 @@ class OracleCropSet:
     """
 
     def __init__(self, high: Budget | int | str | None = None, iou_threshold: float = DEFAULT_IOU_THRESHOLD):
+        if not 0 < iou_threshold <= 1:  # checked here, not at the first batch after the target has loaded
+            raise ValueError(f"crop-set-oracle threshold must be in (0, 1], got {iou_threshold}")
         self.high = _as_budget(high, DEFAULT_HIGH)
         self.iou_threshold = iou_threshold
         self.name = f"crop-set-oracle:{iou_threshold:g}"

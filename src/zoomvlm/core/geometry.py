@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ class Box:
 
     def __post_init__(self) -> None:
         coords = (self.x0, self.y0, self.x1, self.y1)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in coords):
+        # numbers.Real: numpy scalars out of a model's arrays are numbers too; a bool is not a coordinate
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in coords):
             raise BoxFormatError(f"box coordinates must be finite numbers, got {coords}")
         if not all(-_EPS <= v <= 1 + _EPS for v in coords):
             raise BoxFormatError(f"normalised box coordinates must lie in [0, 1], got {coords}")
@@ -388,7 +390,7 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("max_side", "max_pixels"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"Budget.{name} must be a positive integer or None, got {v!r}")
 
     @property
@@ -406,11 +408,20 @@ class Budget:
         """
         if isinstance(spec, Budget):  # Budget.parse(Budget(max_side=384)) is Budget(max_side=384)
             return spec
+        if isinstance(spec, bool):
+            raise ValueError(f"cannot read budget {spec!r}: use e.g. 384, side:384, pixels:200000 or native")
         if spec is None or isinstance(spec, int):
             return cls(max_side=spec)
         s = str(spec).strip().lower()
         if s in ("native", "full", "none", ""):
             return cls()
+        if "," in s:  # both caps, as __str__ writes them: "side:384,pixels:200000"
+            parts = [cls.parse(part) for part in s.split(",")]
+            sides = [b.max_side for b in parts if b.max_side is not None]
+            pixels = [b.max_pixels for b in parts if b.max_pixels is not None]
+            if len(parts) == 2 and len(sides) == 1 and len(pixels) == 1:
+                return cls(max_side=sides[0], max_pixels=pixels[0])
+            raise ValueError(f"cannot read budget {spec!r}: two caps are written side:N,pixels:M")
         kind, _, value = s.rpartition(":")
         if value.isdigit() and kind in ("", "side"):
             return cls(max_side=int(value))
@@ -419,9 +430,15 @@ class Budget:
         raise ValueError(f"cannot read budget {spec!r}: use e.g. 384, side:384, pixels:200000 or native")
 
     def __str__(self) -> str:
+        """``native``, ``side:N``, ``pixels:M`` or, with both caps, ``side:N,pixels:M`` (what :meth:`parse` reads back;
+        the response cache and ``run.json`` key on it, so two different budgets never share a string)."""
         if self.is_native:
             return "native"
-        return f"side:{self.max_side}" if self.max_pixels is None else f"pixels:{self.max_pixels}"
+        if self.max_pixels is None:
+            return f"side:{self.max_side}"
+        if self.max_side is None:
+            return f"pixels:{self.max_pixels}"
+        return f"side:{self.max_side},pixels:{self.max_pixels}"
 
     def fit(self, width: int, height: int) -> tuple[int, int]:
         """The size ``(w, h)`` an image of ``width x height`` takes under this budget (aspect kept)."""

@@ -95,9 +95,11 @@ def _reference_pixels(width: int, height: int, reference: Budget | None) -> int:
     return w * h
 
 
-def _rtr(target: Target, image: Image.Image, usage, width: int, height: int, reference: Budget | None):
-    """``(rtr, unit)``: visual tokens over the reference's visual tokens where the target counts both (the model's
-    own currency, AwaRes sec. 3.1), else processed pixels over the reference's pixels."""
+def rtr_of(target: Target, image: Image.Image, usage, width: int, height: int, reference: Budget | None = None):
+    """``(rtr, unit)`` of one answered request: visual tokens over the reference's visual tokens where the target
+    counts both (the model's own currency, AwaRes sec. 3.1; ``unit`` ``"tokens"``), else processed pixels over the
+    reference's pixels (``"pixels"``). ``image`` is the original image of ``width x height`` pixels; ``reference``
+    ``None`` = that image at native resolution (else e.g. AwaRes's high view)."""
     count = getattr(target, "reference_visual_tokens", None)
     if usage.visual_tokens is not None and count is not None:
         full = count(image, reference)
@@ -163,7 +165,7 @@ def run_batch(
         names = dict.fromkeys([*GENERIC_METRICS, name])
         scores = {m: score_answer(m, gen.text, sample.answers, sample.meta) for m in names} if sample.answers else {}
         usage = gen.usage
-        rtr, rtr_unit = _rtr(target, images[i], usage, sample.width, sample.height, rtr_reference)
+        rtr, rtr_unit = rtr_of(target, images[i], usage, sample.width, sample.height, rtr_reference)
         hit = evidence_hit(prop.boxes, sample.evidence_boxes)
         if prop.error and prop.boxes and hit is not None:
             hit = 0.0  # the whole-image fallback of an invalid output covers everything; it found nothing

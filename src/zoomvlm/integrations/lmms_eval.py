@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+LMMS_EVAL_PASSED = frozenset({"device", "max_batch_size"})
+"""model_args lmms-eval adds from its own flags (``--device``, ``--batch_size``'s max); accepted and unused."""
+
 try:  # lmms-eval's base class validates plugins (issubclass(cls, lmms)); without it, a stand-in
     from lmms_eval.api.model import lmms as _LmmsBase
 except ImportError:  # pragma: no cover - depends on the environment
@@ -117,9 +120,15 @@ class ZoomVLM(_LmmsBase):
         from zoomvlm.policies import load_policy
         from zoomvlm.targets import load_target
 
-        if kwargs:
-            # lmms-eval passes e.g. device/batch_size from its own flags; unknown ones are not fatal there.
-            logger.warning("zoomvlm lmms-eval model ignores model_args %s", sorted(kwargs))
+        unknown = sorted(set(kwargs) - LMMS_EVAL_PASSED)
+        if unknown:
+            # lmms-eval splits model_args on commas, so "policy=vlm@boxes=2,t=0.7" arrives as policy + t: a policy
+            # option after a comma would be dropped while the run went on without it
+            raise ValueError(
+                f"unknown model_args {unknown}: zoomvlm takes target, policy, budget, crop_budget, batch_size and "
+                "greedy_check; lmms-eval splits model_args on commas, so separate a policy's options with @ "
+                "(policy=vlm@boxes=2@t=0.7, policy=crop-set-fixed:0+1)"
+            )
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
@@ -166,6 +175,8 @@ class ZoomVLM(_LmmsBase):
             One answer per request, in order: lmms-eval ``GenerationResult`` (text + token counts) when
             lmms-eval is installed, else the text.
         """
+        from zoomvlm.core.pipeline import rtr_of
+
         out = []
         for start in range(0, len(requests), self.batch_size):
             chunk = [r.args for r in requests[start : start + self.batch_size]]
@@ -182,9 +193,11 @@ class ZoomVLM(_LmmsBase):
                     if stop:
                         text = text.split(stop)[0]
                 u = gen.usage
+                rtr, unit = rtr_of(self.target, img, u, img.width, img.height)  # as zoomvlm eval counts it
                 self.usage.append(
-                    {"rtr": u.pixels / (img.width * img.height), "view_pixels": list(u.view_pixels),
-                     "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}
+                    {"rtr": rtr, "rtr_unit": unit, "visual_tokens": u.visual_tokens,
+                     "view_pixels": list(u.view_pixels), "prompt_tokens": u.prompt_tokens,
+                     "completion_tokens": u.completion_tokens}
                 )  # fmt: skip
                 out.append(_result(text, u.prompt_tokens, u.completion_tokens))
         return out

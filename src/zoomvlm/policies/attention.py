@@ -125,8 +125,13 @@ def attention_heatmap(boxes: Sequence[Box | None], weights: torch.Tensor, cells:
 
 
 def best_window(heat: torch.Tensor, fraction: float) -> Box:
-    """The window of ``fraction`` x the image width and height with the largest summed ``heat`` (normalised).
-    Ties go to the first window in row-major order."""
+    """The window of about ``fraction`` x the image width and height with the largest summed ``heat``.
+
+    ``heat``: ``[rows, cols]`` attention over the image's token grid. The window is made of whole grid cells, so
+    its sides are ``round(fraction x rows)`` and ``round(fraction x cols)`` cells (at least one): on a 48 x 48 grid
+    ``fraction`` 0.3 gives 14 cells, 0.2917 of the image. Returned normalised to the image; ties go to the first
+    window in row-major order.
+    """
     rows, cols = heat.shape
     kh, kw = max(1, round(fraction * rows)), max(1, round(fraction * cols))
     sums = torch.nn.functional.avg_pool2d(heat[None, None], (kh, kw), stride=1)[0, 0]

@@ -588,7 +588,7 @@ class QuestionEncoder:
         """Embeddings ``[len(texts), 384]`` (float32, unit norm; the empty string maps to zeros)."""
         zero = np.zeros(self.dim, dtype=np.float32)
         if not texts:
-            return zero[None, :0]
+            return np.zeros((0, self.dim), dtype=np.float32)
         # this call's embeddings are read from ``found``, not the memo: a call with more distinct texts than
         # ``cache_size`` would otherwise evict some of its own embeddings before reading them back
         found = {t: self._cache[t] for t in set(texts) if t and t in self._cache}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from zoomvlm.policies.base import ZoomPolicy
 from zoomvlm.policies.baselines import CenterCrop, FullResolution, NoZoom, OracleCrop
 
@@ -27,7 +29,7 @@ POLICY_SPECS = {
     "with an ocr target reading the same low view) + the proposals scorer find the answer's region; a small head "
     "trained by GRPO on R_ans - C_tool picks NO_CROPS or the crops covering it (AwaRes's set, or the finer text "
     "set if the checkpoint says so); no CKPT: the hand-set initial head",
-    "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3)",
+    "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3 or 0+1+2+3)",
     "crop-set-oracle[:T][@HIGH]": "low-res view + the crops whose IoU with the human box is >= T (EVALUATION ONLY)",
     "self-zoom[:PROTOCOL][@HIGH]": "hf: targets: the target itself decides (AwaRes): low view, optional GET_CROPS, "
     "answer with the crops and the reused KV cache. PROTOCOL awares (the released AwaRes model's, default) or "
@@ -140,7 +142,7 @@ def _crop_set_policy(kind: str, arg: str, **kwargs) -> ZoomPolicy:
             return CropSetPolicy(default_crop_set_path(), high=high, name="crop-set", **kwargs)
         return CropSetPolicy(arg, high=high, **kwargs)
     if kind == "crop-set-fixed" and arg:
-        return FixedCropSet(arg.split(","), high=high)
+        return FixedCropSet(re.split(r"[,+]", arg), high=high)  # "+" too: lmms-eval splits model_args on commas
     if kind == "crop-set-oracle":
         return OracleCropSet(high=high, iou_threshold=float(arg)) if arg else OracleCropSet(high=high)
     raise ValueError(f"unknown crop-set policy {kind!r}")
