@@ -118,3 +118,84 @@ def test_a_non_finite_retry_after_is_ignored_and_the_client_gets_a_clean_429(val
     with client:
         reply = client.post("/v1/chat/completions", json=chat(url))
     assert reply.status_code == 429 and reply.headers["retry-after"].isdigit()
+
+
+# -- local mode -------------------------------------------------------------------------------------------------
+
+
+class NoZoom:
+    name = "none"
+
+    def propose(self, images, questions, evidence=None):
+        return [Proposal() for _ in images]
+
+
+def local_client(target, policy=None, **options) -> TestClient:
+    config = ServeConfig(target="hf:tiny", policy="none", **options)
+    config.validate()
+    return TestClient(create_app(ZoomService(config, policy or NoZoom(), target=target)),
+                      raise_server_exceptions=False)  # fmt: skip
+
+
+def test_local_rtr_is_counted_as_zoomvlm_eval_counts_it_for_an_hf_target(tiny_smolvlm_init, tmp_path):
+    """An hf: target counts visual tokens: without zoom RTR is 1.0, as in `zoomvlm eval`, not the pixels its
+    processor made of the view over the image's pixels."""
+    from zoomvlm.core.pipeline import run_batch
+    from zoomvlm.data.samples import Sample
+    from zoomvlm.targets import load_target
+
+    target = load_target(f"hf:{tiny_smolvlm_init}", budget=None)
+    image = Image.new("RGB", (600, 400), "white")
+    image.save(tmp_path / "a.png")
+    record = run_batch([Sample("a", tmp_path / "a.png", "total?", ("x",), 600, 400)], NoZoom(), target)[0]
+    with local_client(target) as client:
+        reply = client.post("/v1/chat/completions", json=chat(image_url(image), max_tokens=2))
+    assert reply.status_code == 200 and record.rtr_unit == "tokens"
+    assert float(reply.headers["x-zoomvlm-rtr"]) == pytest.approx(record.rtr) == pytest.approx(1.0)
+    assert reply.json()["zoomvlm"]["rtr_unit"] == "tokens"
+
+
+def test_an_unhandled_error_is_counted_as_500_not_as_a_client_that_left(tiny_smolvlm_init, monkeypatch):
+    from zoomvlm.targets import load_target
+
+    target = load_target(f"hf:{tiny_smolvlm_init}", budget=None)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ZoomService, "answer_local", fail)
+    with local_client(target) as client:
+        reply = client.post("/v1/chat/completions", json=chat(image_url(Image.new("RGB", (64, 64), "white"))))
+        metrics = client.get("/metrics").text
+    assert reply.status_code == 500
+    assert 'status="500"} 1.0' in metrics and 'status="499"' not in metrics
+
+
+def test_a_lone_surrogate_is_refused_before_any_model_work():
+    calls = []
+    client, _ = client_for(lambda r: calls.append(r) or httpx.Response(200, json=_answer()))
+    body = json.dumps(chat(image_url(Image.new("RGB", (64, 64), "white"))))
+    body = body.replace('"model": "m"', '"model": "\\ud800"')  # valid JSON, not valid text
+    with client:
+        reply = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_json" and calls == []
+
+
+def test_target_ms_is_the_batched_call_the_client_waited_for_not_its_share(tiny_smolvlm_init):
+    """A micro-batch of 4 that takes 1.5 s: each client waited 1.5 s (Usage.seconds, 0.375 s, is its share)."""
+    from zoomvlm.targets import load_target
+    from zoomvlm.targets.base import Generation, Usage
+
+    config = ServeConfig(target="hf:tiny", policy="none")
+    config.validate()
+    service = ZoomService(config, NoZoom(), target=load_target(f"hf:{tiny_smolvlm_init}", budget=None))
+
+    async def batched(request):
+        return Generation("ok", Usage(view_pixels=(64 * 64,), seconds=0.375)), 1.5
+
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        service.target_batcher.submit = batched
+        reply = client.post("/v1/chat/completions", json=chat(image_url(Image.new("RGB", (64, 64), "white"))))
+        metrics = client.get("/metrics").text
+    assert reply.json()["zoomvlm"]["target_ms"] == 1500.0
+    assert "zoomvlm_upstream_seconds_sum 1.5" in metrics

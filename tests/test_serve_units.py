@@ -148,6 +148,7 @@ def test_micro_batcher_batches_concurrent_requests():
         ({"target": "ocr", "on_policy_error": "maybe"}, "open or fail"),
         ({"target": "ocr", "upstream_model": "m"}, "needs --upstream"),
         ({"target": "ocr", "max_images": 0}, "max-images"),
+        ({"target": "ocr", "upstream_max_images": 1}, "needs --upstream"),
     ],
 )
 def test_config_validation(kwargs, match):

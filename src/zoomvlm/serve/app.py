@@ -127,6 +127,10 @@ class _Gate:
                 response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, counting_send)
             return await self.app(scope, receive, counting_send)
+        except Exception:  # an unhandled error: the outer middleware answers 500, which this gate never sees sent
+            if status[0] == 499:
+                status[0] = 500
+            raise
         finally:
             self.metrics.requests.labels(path if path in _V1_PATHS else "other", str(status[0])).inc()
 
@@ -312,6 +316,19 @@ class ZoomService:
         info.boxes = [[b.as_list() for b in p.boxes] for p in proposals]
         return proposals, info
 
+    def _local_rtr(self, zoomed: list[RequestImage], usage) -> tuple[float | None, str]:
+        """``(rtr, unit)`` of a local answer, as ``zoomvlm eval`` counts it (:func:`~zoomvlm.core.pipeline.rtr_of`):
+        the target's visual tokens over those of the zoomed images at native resolution where the target counts
+        tokens (``hf:``: its processor tiles, squares or resizes, so pixels would mislead), else processed pixels
+        over the images' native pixels."""
+        count = getattr(self.target, "reference_visual_tokens", None)
+        if count is not None and usage.visual_tokens is not None and zoomed:
+            full = sum(count(img.image, None) or 0 for img in zoomed)
+            if full:
+                return usage.visual_tokens / full, "tokens"
+        native = sum(img.image.width * img.image.height for img in zoomed)
+        return (usage.pixels / native if native else None), "pixels"
+
     async def answer_local(self, typed: ChatRequest, images: list[RequestImage], question: str) -> Response:
         """Local mode: the target answers the last user message's images + crops."""
         from zoomvlm.core.pipeline import build_request
@@ -326,7 +343,11 @@ class ZoomService:
             budgets.extend(part.view_budgets or (None,) * len(part.images))
         request = TargetRequest(tuple(views), question, view_budgets=tuple(budgets) if views else None)
         try:
-            generation, _ = await asyncio.wait_for(self.target_batcher.submit(request), self.config.upstream_timeout)
+            # the seconds of the batched call that computed this answer: what the client waited for the target
+            # (usage.seconds is that call split over the batch, as Usage defines it for throughput)
+            generation, call_seconds = await asyncio.wait_for(
+                self.target_batcher.submit(request), self.config.upstream_timeout
+            )
         except asyncio.TimeoutError as err:
             raise ServeError(
                 504, f"target did not answer within {self.config.upstream_timeout:g} s", "target_timeout"
@@ -337,10 +358,9 @@ class ZoomService:
             logger.exception("target %s failed", self.target.name)
             raise ServeError(502, f"target failed: {type(err).__name__}", "target_error") from err
         usage = generation.usage
-        self.metrics.upstream_seconds.observe(usage.seconds)
+        self.metrics.upstream_seconds.observe(call_seconds)
         info.crops = sum(len(p.boxes) for p in proposals)
-        native = sum(img.image.width * img.image.height for img in zoomed)
-        info.rtr = usage.pixels / native if native else None
+        info.rtr, rtr_unit = self._local_rtr(zoomed, usage)
         self._observe(info)
         created = int(time.time())
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -353,8 +373,9 @@ class ZoomService:
             "boxes": info.boxes,
             "rtr": info.rtr,
             "view_pixels": list(usage.view_pixels),
+            "rtr_unit": rtr_unit,
             "policy_ms": round(info.policy_seconds * 1000, 1),
-            "target_ms": round(usage.seconds * 1000, 1),
+            "target_ms": round(call_seconds * 1000, 1),
         }
         if not typed.stream:
             body = {

@@ -80,6 +80,11 @@ def parse_chat_request(body: bytes) -> tuple[dict, ChatRequest]:
         raise ServeError(400, f"request body is not valid JSON: {str(err)[:200]}", "invalid_json") from err
     if not isinstance(raw, dict):
         raise ServeError(400, "request body must be a JSON object", "invalid_json")
+    try:  # a lone surrogate ("\ud800") is valid JSON but no text: it would fail only when echoed in the reply
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        message = "request holds a string that is not valid Unicode (a lone surrogate)"
+        raise ServeError(400, message, "invalid_json") from err
     try:
         typed = ChatRequest.model_validate(raw)
     except ValidationError as err:

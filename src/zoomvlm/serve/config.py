@@ -150,6 +150,8 @@ class ServeConfig:
             raise ValueError("--max-queue and --upstream-retries must be >= 0")
         if self.upstream_max_images is not None and self.upstream_max_images < 1:
             raise ValueError("--upstream-max-images must be >= 1")
+        if self.upstream_max_images is not None and self.mode != "proxy":
+            raise ValueError("--upstream-max-images needs --upstream (proxy mode); a local target takes every crop")
 
     @property
     def allowed_domains(self) -> tuple[str, ...]:
