@@ -199,3 +199,26 @@ def test_target_ms_is_the_batched_call_the_client_waited_for_not_its_share(tiny_
         metrics = client.get("/metrics").text
     assert reply.json()["zoomvlm"]["target_ms"] == 1500.0
     assert "zoomvlm_upstream_seconds_sum 1.5" in metrics
+
+
+def test_an_answer_cut_by_the_generation_limit_finishes_with_length():
+    from zoomvlm.core.geometry import Budget
+    from zoomvlm.targets.base import Generation, Usage
+
+    class Limited:  # a local target with a generation limit of 8 tokens
+        name, budget, max_new_tokens = "limited", Budget(), 8
+
+        def __init__(self, used):
+            self.used = used
+
+        def generate(self, requests):
+            return [Generation("x", Usage(view_pixels=(64 * 64,), prompt_tokens=5, completion_tokens=self.used))
+                    for _ in requests]  # fmt: skip
+
+    image = image_url(Image.new("RGB", (64, 64), "white"))
+    for used, finish in ((3, "stop"), (8, "length")):
+        with local_client(Limited(used)) as client:
+            body = client.post("/v1/chat/completions", json=chat(image)).json()
+            stream = client.post("/v1/chat/completions", json=chat(image, stream=True)).text
+        assert body["choices"][0]["finish_reason"] == finish
+        assert f'"finish_reason": "{finish}"' in stream

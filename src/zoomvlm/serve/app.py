@@ -362,6 +362,11 @@ class ZoomService:
         info.crops = sum(len(p.boxes) for p in proposals)
         info.rtr, rtr_unit = self._local_rtr(zoomed, usage)
         self._observe(info)
+        # "length" when the target's generation limit cut the answer (its completion filled max_new_tokens), as
+        # OpenAI clients expect to detect truncation; targets without a limit or a token count say "stop"
+        limit = getattr(self.target, "max_new_tokens", None)
+        cut = limit is not None and usage.completion_tokens is not None and usage.completion_tokens >= limit
+        finish = "length" if cut else "stop"
         created = int(time.time())
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         usage_json = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
@@ -387,7 +392,7 @@ class ZoomService:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": generation.text},
-                        "finish_reason": "stop",
+                        "finish_reason": finish,
                         "logprobs": None,
                     }
                 ],
@@ -402,7 +407,7 @@ class ZoomService:
                 | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
             ),
             _sse(base | {"choices": [{"index": 0, "delta": {"content": generation.text}, "finish_reason": None}]}),
-            _sse(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            _sse(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}),
             b"data: [DONE]\n\n",
         ]
         return Response(b"".join(chunks), media_type="text/event-stream", headers=info.headers())
