@@ -359,3 +359,22 @@ def test_shipped_crop_set_policy_answers_with_the_ocr_target(tmp_path, demo_samp
 def test_a_crop_set_oracle_threshold_outside_0_1_is_refused_when_the_policy_loads(spec):
     with pytest.raises(ValueError, match="threshold must be in"):
         load_policy(spec)
+
+
+@pytest.mark.parametrize(
+    "verdict, scores, unreadable",
+    [('{"A": false, "B": true}', (0.0, 1.0), 0), ('{"A": "false", "B": "true"}', (0.0, 1.0), 0),
+     ('{"A": "no", "B": true}', None, 1), ("I think A is wrong", None, 1)],
+)  # fmt: skip
+def test_the_llm_judge_reads_quoted_booleans_as_they_say(verdict, scores, unreadable):
+    from zoomvlm.awares.curation import LLMJudge, MetricJudge
+
+    class Scripted:  # the endpoint's reply, without an endpoint
+        def chat(self, prompts, max_tokens=32):
+            return [verdict]
+
+    judge = LLMJudge.__new__(LLMJudge)
+    judge.client, judge.fallback, judge.n_unreadable, judge.name = Scripted(), MetricJudge("contains"), 0, "llm:x"
+    out = judge.judge(["q?"], [["12"]], ["low says 7"], ["high says 12"])
+    assert judge.n_unreadable == unreadable
+    assert out == [scores if scores is not None else (0.0, 1.0)]  # the fallback: contains on each answer

@@ -112,6 +112,21 @@ def test_curation_refuses_to_resume_with_another_grounder(demo_samples, tmp_path
     assert len(_rows(tmp_path / "raw.jsonl")) == 3
 
 
+def test_curation_refuses_to_resume_with_another_reading_budget_or_threshold(demo_samples, tmp_path):
+    from zoomvlm.cropvlm.curation import OCRGrounder, grounder_settings
+
+    class Fixed(OCRGrounder):  # the OCR grounder's settings, without reading
+        def ground(self, image, question, answers, key=""):
+            return SeedBox(Box(0.1, 0.1, 0.5, 0.2), True)
+
+    curate_boxes(demo_samples[:1], Fixed(budget="side:2048", threshold=90), tmp_path, progress=False)
+    assert grounder_settings(Fixed()) == {"grounder": "ocr", "budget": "side:2048", "threshold": 90.0}
+    with pytest.raises(ValueError, match="budget: 'side:2048' -> 'side:1024'"):
+        curate_boxes(demo_samples[:2], Fixed(budget="side:1024", threshold=90), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="threshold: 90"):
+        curate_boxes(demo_samples[:2], Fixed(budget="side:2048", threshold=50), tmp_path, progress=False)
+
+
 def test_curation_rejects_samples_without_answers(demo_samples, tmp_path):
     with pytest.raises(ValueError, match="no answer"):
         curate_boxes([replace(demo_samples[0], answers=())], SpyGrounder(), tmp_path, progress=False)

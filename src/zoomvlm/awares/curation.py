@@ -47,7 +47,7 @@ from zoomvlm.awares.protocol import (
 from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.core.pipeline import build_request
-from zoomvlm.cropvlm.curation import start_curation
+from zoomvlm.cropvlm.curation import grounder_settings, start_curation
 from zoomvlm.data.samples import iter_jsonl
 from zoomvlm.policies.base import Proposal
 
@@ -118,11 +118,21 @@ class LLMJudge:
             match = re.search(r"\{.*\}", verdict, flags=re.DOTALL)
             try:
                 parsed = json.loads(match.group(0)) if match else None
-                out.append((float(bool(parsed["A"])), float(bool(parsed["B"]))))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                out.append((_verdict(parsed["A"]), _verdict(parsed["B"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 self.n_unreadable += 1
                 out += self.fallback.judge([questions[i]], [answers[i]], [low_texts[i]], [high_texts[i]])
         return out
+
+
+def _verdict(value) -> float:
+    """1.0 / 0.0 from a judge's JSON verdict: a boolean, or the strings "true" / "false" ("false" is a non-empty
+    string, so bool() would read it as true). Anything else raises ValueError (the sample falls back)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return float(value.strip().lower() == "true")
+    raise ValueError(f"not a verdict: {value!r}")
 
 
 def load_judge(spec: str):
@@ -183,7 +193,7 @@ def curate_awares(
     """
     out_dir = Path(out_dir)
     settings = {"target": getattr(target, "name", type(target).__name__), "high": str(high), "judge": judge.name,
-                "grounder": grounder.name, "iou_threshold": iou_threshold}  # fmt: skip
+                **grounder_settings(grounder), "iou_threshold": iou_threshold}  # fmt: skip
     samples, raw_path, done, todo = start_curation(samples, out_dir, settings)  # drops every human box first
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="AwaRes curation", unit="q",
                disable=not progress)  # fmt: skip
@@ -266,6 +276,12 @@ class SeedReplayGrounder:
                      for r in _jsonl(d / "sft.jsonl") if r["id"] in seeds}  # fmt: skip
         self.fallback = fallback
         self.name = f"replay:{seeds[next(iter(seeds))]['grounder'] if seeds else '?'}"
+        self.curation_dir = str(d.resolve())
+
+    def settings(self) -> dict:
+        """The replayed curation and the fallback's settings (what a resumed ``curate awares`` must match)."""
+        fallback = None if self.fallback is None else grounder_settings(self.fallback)
+        return {"curation": self.curation_dir, "fallback": fallback}
 
     def ground(self, image, question, answers, key=""):
         """The replayed :class:`~zoomvlm.cropvlm.curation.SeedBox` of (``key`` = the image path, ``question``), box

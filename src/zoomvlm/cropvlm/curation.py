@@ -106,6 +106,10 @@ class OCRGrounder:
         self._reader = reader
         self._cache: dict[str, list] = {}
 
+    def settings(self) -> dict:
+        """What makes this grounder's boxes (a resumed curation must match them, :func:`start_curation`)."""
+        return {"budget": str(self.budget), "threshold": self.threshold}
+
     @property
     def reader(self):
         if self._reader is None:
@@ -177,7 +181,12 @@ class VLMGrounder:
         if model is None or processor is None:
             model, processor = load_vlm(model_id, device=device)
         self.model, self.processor = model, processor
+        self.model_id = model_id
         self.max_new_tokens = max_new_tokens
+
+    def settings(self) -> dict:
+        """What makes this grounder's boxes (a resumed curation must match them, :func:`start_curation`)."""
+        return {"model": self.model_id, "max_new_tokens": self.max_new_tokens}
 
     def ground(self, image: Image.Image, question: str, answers: Sequence[str], key: str = "") -> SeedBox:
         """The seed box the VLM outputs for ``question`` (``answers`` unused: CropVLM's prompt has no answer)."""
@@ -257,6 +266,13 @@ def _read_done(path: Path) -> dict[str, dict]:
     return {row["id"]: row for row in read_appended_jsonl(path, repair=True)}
 
 
+def grounder_settings(grounder) -> dict:
+    """``{"grounder": name, **grounder.settings()}``: its name and what makes its boxes (budget, threshold, model),
+    for the settings a resumed curation must match."""
+    own = getattr(grounder, "settings", None)
+    return {"grounder": grounder.name, **(own() if callable(own) else {})}
+
+
 def _check_settings(out_dir: Path, settings: dict, resuming: bool) -> None:
     """Keep ``out_dir/settings.json`` = the settings the rows of ``raw.jsonl`` were made with; refuse to resume
     with others (they would mix into one curation while ``curation.json`` reported only the new ones)."""
@@ -321,7 +337,7 @@ def curate_boxes(samples, grounder, out_dir: str | Path, progress: bool = True) 
             of another grounder.
     """
     out_dir = Path(out_dir)
-    settings = {"grounder": grounder.name}
+    settings = grounder_settings(grounder)
     samples, raw_path, done, todo = start_curation(samples, out_dir, settings)  # drops every human box first
     with raw_path.open("a", encoding="utf-8") as f:
         for s in tqdm(todo, desc=f"grounding ({grounder.name})", unit="q", disable=not progress):
