@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from PIL import Image
+
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.pipeline import build_request
 from zoomvlm.data.samples import load_jsonl
@@ -30,7 +32,9 @@ def main() -> None:
 
     samples = load_jsonl(args.data)[: args.limit]
     target = OCRTarget(Budget.parse(args.budget))
-    target.generate([TargetRequest([samples[0].load_image()], "warm-up")])  # model load is not per-question cost
+    # model load is not per-question cost; warm up on a blank image, NOT a measured one, whose view the reader
+    # would then answer from its memo (the first receipt's questions would cost no reading)
+    target.generate([TargetRequest([Image.new("RGB", (64, 64), "white")], "warm-up")])
     rows = []
     for name in args.policies.split(","):
         policy = load_policy(name)
