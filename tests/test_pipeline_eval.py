@@ -93,6 +93,60 @@ def test_eval_refuses_to_mix_runs(tmp_path):
         run_eval(samples, load_policy("center"), EchoTarget(), tmp_path / "run", progress=False)
 
 
+def test_eval_refuses_a_policy_whose_checkpoint_changed_under_the_same_name(tmp_path, monkeypatch, caplog):
+    """A checkpoint retrained in place keeps the policy's name: the files' digest tells the two policies apart."""
+    import zoomvlm.evaluation.run as run_module
+
+    samples = _samples(tmp_path, 4)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "scorer.pt").write_bytes(b"weights v1")
+    policy = load_policy("center")
+    policy.checkpoints = (str(ckpt), "HuggingFaceTB/not-a-local-path")  # a hub id is skipped, not an error
+    out = tmp_path / "run"
+    run_eval(samples[:2], policy, EchoTarget(), out, progress=False)
+    (first,) = json.loads((out / "run.json").read_text())["provenance"]
+    assert first["policy_files"] and first["code"]
+    # same files (a hidden file added, the folder renamed): resumes
+    (ckpt / ".lock").write_text("x")
+    ckpt.rename(tmp_path / "moved")
+    policy.checkpoints = (str(tmp_path / "moved"),)
+    target = EchoTarget()
+    run_eval(samples[:3], policy, target, out, progress=False)
+    assert target.calls == 1
+    # another code version: allowed, recorded, warned
+    monkeypatch.setattr(run_module, "code_version", lambda: "9.9.9+gdeadbeef")
+    run_eval(samples[:3], policy, EchoTarget(), out, progress=False)
+    history = json.loads((out / "run.json").read_text())["provenance"]
+    assert [h["code"] for h in history] == [first["code"], "9.9.9+gdeadbeef"]
+    assert "resumed with 9.9.9+gdeadbeef" in caplog.text
+    # retrained in place: refused before any question is answered
+    (tmp_path / "moved" / "scorer.pt").write_bytes(b"weights v2")
+    target = EchoTarget()
+    with pytest.raises(RunMismatchError, match="checkpoint files changed since"):
+        run_eval(samples, policy, target, out, progress=False)
+    assert target.calls == 0 and len(read_results(out / "results.jsonl")) == 3
+    # a run.json from before provenance was recorded resumes and gains it
+    old = tmp_path / "old"
+    run_eval(samples[:1], load_policy("none"), EchoTarget(), old, progress=False)
+    config = json.loads((old / "run.json").read_text())
+    del config["provenance"]
+    (old / "run.json").write_text(json.dumps(config))
+    run_eval(samples[:2], load_policy("none"), EchoTarget(), old, progress=False)
+    assert len(json.loads((old / "run.json").read_text())["provenance"]) == 1
+
+
+def test_learned_policies_name_their_checkpoint_files(tmp_path):
+    from zoomvlm.core.resume import files_digest
+    from zoomvlm.cropvlm.proposals import default_proposals_path
+
+    proposals = load_policy("proposals")
+    assert proposals.checkpoints == (str(default_proposals_path()),)
+    assert files_digest(proposals.checkpoints) is not None
+    assert len(load_policy("proposals+prior").checkpoints) == 2
+    assert files_digest(["no/such/path"]) is None
+
+
 def test_resume_after_kill_9(tmp_path):
     """A real SIGKILL in the middle of a run, then a resume: every sample exactly once."""
     samples = _samples(tmp_path, 40)

@@ -459,11 +459,14 @@ class ReaderCropSetPolicy:
     ):
         from zoomvlm.cropvlm.proposals import ProposalCropper, default_proposals_path, load_scorer
 
+        self.checkpoints = () if path is None or head is not None else (str(path),)  # fingerprinted by run_eval
         if head is None:
             head = load_reader(path) if path is not None else hand_set_head(config)
         self.head = head.eval()
         self.config = self.head.config
         self.high = Budget.parse(high if high is not None else self.config.high)
+        if scorer is None:
+            self.checkpoints += (str(self.config.scorer or default_proposals_path()),)
         scorer = scorer if scorer is not None else load_scorer(self.config.scorer or default_proposals_path())
         self.settings = perception_settings(scorer.config, self.config, self.high)
         self.cropper = ProposalCropper(model=scorer, perceiver=perceiver or make_perceiver(self.settings),

@@ -640,6 +640,7 @@ class ProposalCropper:
         prior=None,
     ):
         self.model = model if model is not None else load_scorer(path or default_proposals_path())
+        self.checkpoints = () if model is not None else (str(path or default_proposals_path()),)  # see run_eval
         self.config = self.model.config
         if k is not None:
             if k < 1:
@@ -658,6 +659,8 @@ class ProposalCropper:
         # Optional non-reading prior (a QuestionPrior): its box is emitted first and the scorer's candidates
         # fill the other k - 1 places (a wide, question-placed region + precise lines the reader found).
         self.prior = prior
+        if prior is not None:
+            self.checkpoints += tuple(getattr(prior, "checkpoints", ()))
 
     def bind_target(self, target) -> bool:
         """Share the perception pass with ``target`` where possible (see :meth:`Perceiver.bind`)."""

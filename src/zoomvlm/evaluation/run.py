@@ -2,8 +2,9 @@
 
 A run directory holds:
 
-- ``run.json``: what was run (data, target, policy, budgets, metric). Resuming with a different
-  configuration is refused, so one file never mixes two runs.
+- ``run.json``: what was run (data, target, policy, budgets, metric), and the ``provenance`` of each invocation
+  (code version, digest of the policy's checkpoint files). Resuming with a different configuration, or with
+  policy files that changed under the same name, is refused, so one file never mixes two runs.
 - ``results.jsonl``: one :class:`~zoomvlm.core.pipeline.Record` per line, written and flushed as each batch
   finishes. A rerun skips ids already there; a line torn by ``kill -9`` is cut off and that sample is
   redone, so every sample ends up exactly once.
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.pipeline import run_batch
+from zoomvlm.core.resume import code_version, files_digest
 from zoomvlm.data.samples import Sample, read_appended_jsonl
 from zoomvlm.policies.base import ZoomPolicy
 from zoomvlm.targets.base import Target
@@ -60,16 +62,38 @@ def read_results(path: Path, repair: bool = False) -> list[dict]:
     return read_appended_jsonl(path, repair)
 
 
-def _check_run_config(out_dir: Path, config: dict) -> None:
+def _check_run_config(out_dir: Path, config: dict, provenance: dict) -> None:
+    """Refuse a resume with another ``config`` or other policy files; record the code version of each invocation.
+
+    ``run.json`` = ``config`` + ``provenance``: a list with one ``{"code", "policy_files"}`` entry per invocation
+    that changed them (older runs have none: their first resume adds one). ``policy_files`` differing from the
+    last recorded digest (both known) is a different policy under the same name, refused like a config change;
+    another ``code`` version is allowed (a fix landed mid-run) and recorded, with a warning.
+    """
     path = out_dir / "run.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        diff = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
-        if diff:
-            details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise RunMismatchError(f"{out_dir} holds a different run ({details}); use another --out")
-    else:
-        _write_atomic(path, json.dumps(config, indent=2) + "\n")
+    if not path.exists():
+        _write_atomic(path, json.dumps({**config, "provenance": [provenance]}, indent=2) + "\n")
+        return
+    previous = json.loads(path.read_text())
+    diff = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+    if diff:
+        details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise RunMismatchError(f"{out_dir} holds a different run ({details}); use another --out")
+    history = previous.get("provenance") or []
+    last = history[-1] if history else {}
+    was, now = last.get("policy_files"), provenance["policy_files"]
+    if was is not None and now is not None and was != now:
+        raise RunMismatchError(
+            f"{out_dir} holds a run of {config.get('policy', 'the policy')!r} whose checkpoint files changed since "
+            f"(digest {was} -> {now}: retrained or replaced under the same path); its rows would mix two policies. "
+            "Use another --out, or delete the folder to start again"
+        )
+    if last != provenance:
+        if last.get("code") not in (None, provenance["code"]):
+            logger.warning(
+                "%s was started with zoomvlm %s, resumed with %s", out_dir, last["code"], provenance["code"]
+            )
+        _write_atomic(path, json.dumps({**previous, "provenance": [*history, provenance]}, indent=2) + "\n")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -229,7 +253,8 @@ def run_eval(
         ``shards`` (n) and ``n_expected`` (``len(samples)``; ``n < n_expected`` while shards are missing).
 
     Raises:
-        RunMismatchError: ``out_dir`` holds a run with another configuration, or split differently.
+        RunMismatchError: ``out_dir`` holds a run with another configuration, split differently, or of a policy
+            whose checkpoint files (``policy.checkpoints``) have changed since.
         UnreadableImageError: an image cannot be read; records written so far are kept, so fixing the
             file and rerunning the same command continues where it stopped.
         ValueError: ``batch_size < 1``, or the policy reads human boxes (``needs_evidence``, the oracles) and some
@@ -255,7 +280,9 @@ def run_eval(
     }
     shard = shard or Shard()
     check_shards(out_dir, shard)
-    _check_run_config(out_dir, config)
+    _check_run_config(
+        out_dir, config, {"code": code_version(), "policy_files": files_digest(getattr(policy, "checkpoints", ()))}
+    )
     mine = shard.select(samples)
     results_path = out_dir / shard.filename
     done = {r["id"] for r in read_results(results_path, repair=True)}

@@ -49,6 +49,7 @@ class SmallVLMPolicy:
 
             model, processor = load_vlm(checkpoint, device=device)
         self.model, self.processor = model, processor
+        self.checkpoints = (str(checkpoint),)  # fingerprinted by run_eval (a hub id is not local: skipped)
         self.max_new_tokens = max_new_tokens
         self.name = name
         self.n_invalid = 0

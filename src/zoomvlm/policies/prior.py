@@ -93,6 +93,7 @@ class QuestionPrior:
         self.k, self.lo, self.hi = int(cfg["k"]), float(cfg["lo"]), float(cfg["hi"])
         self.encoder = encoder or QuestionEncoder()
         self.name = name or ("prior" if path is None else f"prior:{path}")
+        self.checkpoints = (str(p),)
 
     def relative_box(self, question: str) -> np.ndarray:
         """The ink-relative box ``[4]`` for ``question``."""
