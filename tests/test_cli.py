@@ -157,3 +157,33 @@ def test_an_api_target_without_a_key_is_one_line_not_a_traceback(monkeypatch, ca
     assert main(["ask", str(image), "total?", "--target", "openai:gpt-4.1-nano", "--policy", "none"]) == 2
     err = capsys.readouterr().err
     assert "OPENAI_API_KEY is not set" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_resume_that_drops_a_setting_or_changes_the_scoring_is_refused(tmp_path, capsys):
+    """A setting the first invocation had and the resume leaves out (--rtr-reference) is a different run; so is an
+    explicit --metric over the samples' own, and a crop-set policy at another high view."""
+    data = tmp_path / "d.jsonl"
+    lines = [json.loads(x) for x in demo_data_path().read_text().splitlines()[:2]]
+    for x in lines:
+        x["image"] = str(demo_data_path().parent / x["image"])
+    data.write_text("".join(json.dumps({**x, "metric": "contains"}) + "\n" for x in lines))
+    base = ["eval", "--data", str(data), "--policy", "none", "--no-progress", "--limit", "1"]
+    assert main([*base, "--rtr-reference", "side:768", "--out", str(tmp_path / "r1")]) == 0
+    capsys.readouterr()
+    assert main([*base[:-1], "2", "--out", str(tmp_path / "r1")]) == 2
+    assert "rtr_reference: was 'side:768', now None" in capsys.readouterr().err
+    # an explicit --metric now scores every sample with it (a JSONL line's own metric used to win), and says so
+    assert main([*base, "--out", str(tmp_path / "r2")]) == 0
+    assert main([*base[:-1], "2", "--metric", "anls", "--out", str(tmp_path / "r2")]) == 2
+    assert "metric_override: was None, now True" in capsys.readouterr().err
+    assert main([*base, "--metric", "anls", "--out", str(tmp_path / "r3")]) == 0
+    assert json.loads((tmp_path / "r3" / "results.jsonl").read_text())["metric"] == "anls"
+    # crop-set@HIGH is part of the policy's name unless it is the default anyway
+    out = str(tmp_path / "r4")
+    fixed = ["eval", "--data", str(data), "--no-progress", "--rtr-reference", "side:768", "--out", out]
+    assert main([*fixed, "--policy", "crop-set-fixed:0,1@side:512", "--limit", "1"]) == 0
+    capsys.readouterr()
+    assert main([*fixed, "--policy", "crop-set-fixed:0,1", "--limit", "2"]) == 2
+    assert "policy: was 'crop-set-fixed:0,1@side:512', now 'crop-set-fixed:0,1'" in capsys.readouterr().err
+    assert main([*fixed[:-1], str(tmp_path / "r5"), "--policy", "crop-set-fixed:0,1@side:768", "--limit", "1"]) == 0
+    assert main([*fixed[:-1], str(tmp_path / "r5"), "--policy", "crop-set-fixed:0,1", "--limit", "2"]) == 0

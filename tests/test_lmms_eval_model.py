@@ -4,6 +4,7 @@ own Instance and model registry when lmms-eval is installed."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 from fakes import EchoTarget
@@ -95,6 +96,30 @@ def test_the_plugin_counts_rtr_as_zoomvlm_eval_does(tiny_vlms):
     plugin.task_dict = DOCS
     plugin.generate_until([FakeInstance("Is it white?", {"until": []}, _visual, 0, "mytask", "test")])
     assert plugin.usage[0]["rtr"] == pytest.approx(1.0) and plugin.usage[0]["rtr_unit"] == "tokens"
+
+
+def test_the_plugin_counts_a_crop_set_policys_rtr_against_its_high_view():
+    """AwaRes counts RTR against the high view (zoomvlm eval does the same by default): the low view alone of a
+    768 px-high crop set is ~1/4 of it, not its share of the native image."""
+    from zoomvlm.core.geometry import Budget
+    from zoomvlm.core.pipeline import run_batch
+    from zoomvlm.data.samples import Sample
+
+    docs = {"t": {"s": {0: {"img": Image.new("RGB", (1600, 1200), "white")}}}}
+    rtrs = []
+    for kwargs in ({}, {"rtr_reference": "native"}):
+        plugin = ZoomVLM(target=EchoTarget(), policy="crop-set-fixed:none", **kwargs)
+        plugin.task_dict = docs
+        plugin.generate_until([FakeInstance("q", {"until": []}, _visual, 0, "t", "s")])
+        rtrs.append(plugin.usage[0]["rtr"])
+    assert rtrs[0] == pytest.approx(0.25, abs=0.01)  # low view 384 x 288 of the 768 x 576 high view
+    assert rtrs[1] == pytest.approx(384 * 288 / (1600 * 1200), rel=0.01)
+    # the same number zoomvlm eval's pipeline gives with the policy's high view as the reference
+    docs["t"]["s"][0]["img"].save("/tmp/_plugin_rtr.png")
+    sample = Sample("x", Path("/tmp/_plugin_rtr.png"), "q", ("a",), 1600, 1200)
+    policy = ZoomVLM(target=EchoTarget(), policy="crop-set-fixed:none").policy
+    (record,) = run_batch([sample], policy, EchoTarget(), rtr_reference=Budget.parse("side:768"))
+    assert record.rtr == pytest.approx(rtrs[0])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed here")

@@ -157,7 +157,10 @@ def cmd_eval(args) -> int:
 
         target = CachedTarget(target, args.cache)
     bench = BENCHMARKS.get(args.data.lower())
-    if bench and args.metric != "auto":  # an explicit --metric overrides the benchmark's own
+    # an explicit --metric overrides the samples' own (a benchmark's, e.g. OCRBench's HME rule, or a JSONL line's);
+    # run.json says so, since "metric" alone would read the same for the auto and the overridden scoring
+    overridden = args.metric != "auto" and any(s.metric for s in samples)
+    if args.metric != "auto":
         samples = [dataclasses.replace(s, metric=args.metric) for s in samples]
     metric = args.metric if args.metric != "auto" else (bench.metric if bench else _default_metric(args.target))
     config = {
@@ -167,6 +170,8 @@ def cmd_eval(args) -> int:
         "crop_budget": str(crop_budget),
         "metric": metric,
     }
+    if overridden:  # only then, so that runs made before this key resume unchanged
+        config["metric_override"] = True
     if bench:  # load_samples(config["data"], split=config["split"]) gives the run's samples back
         config["split"] = args.split or bench.split
     rtr_reference = _rtr_reference(args, policy)
@@ -272,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, policy_default="none")
     p.add_argument("--metric", default="auto", choices=("auto", *METRICS), metavar="METRIC",
                    help="answer metric: contains, anls, exact, relaxed_accuracy, vqa_accuracy, ocrbench, pope, "
-                        "multiple_choice; auto = the benchmark's own, else contains for ocr and anls for "
-                        "other targets")  # fmt: skip
+                        "multiple_choice; auto = the benchmark's (or a JSONL line's) own, else contains for ocr "
+                        "and anls for other targets; an explicit METRIC scores every sample with it")  # fmt: skip
     p.add_argument("--limit", type=positive_int, default=None, help="first N samples only")
     p.add_argument("--batch-size", type=positive_int, default=4,
                    help="samples per policy/target call. Default: %(default)s")  # fmt: skip

@@ -75,7 +75,9 @@ def _check_run_config(out_dir: Path, config: dict, provenance: dict) -> None:
         _write_atomic(path, json.dumps({**config, "provenance": [provenance]}, indent=2) + "\n")
         return
     previous = json.loads(path.read_text())
-    diff = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+    # both ways: a setting the earlier run had and this one leaves out (e.g. an RTR reference) differs too
+    keys = [*config, *(k for k in previous if k not in config and k != "provenance")]
+    diff = {k: (previous.get(k), config.get(k)) for k in keys if previous.get(k) != config.get(k)}
     if diff:
         details = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise RunMismatchError(f"{out_dir} holds a different run ({details}); use another --out")

@@ -98,6 +98,9 @@ class ZoomVLM(_LmmsBase):
         batch_size: requests per policy/target call.
         greedy_check: in ``loglikelihood``, also generate to tell whether the continuation is greedy
             (otherwise ``is_greedy`` is reported False).
+        rtr_reference: the view RTR is counted against (``"side:768"``); None = the policy's high view for
+            crop-set and self-zoom policies (AwaRes counts RTR against it), else the native image, as ``zoomvlm
+            eval --rtr-reference`` does.
 
     Raises:
         ValueError: a bad spec, budget or batch size (from the loaders, with the accepted forms).
@@ -113,6 +116,7 @@ class ZoomVLM(_LmmsBase):
         crop_budget: str | int | None = None,
         batch_size: int | str = 1,
         greedy_check: bool | str = False,
+        rtr_reference: str | int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -125,8 +129,9 @@ class ZoomVLM(_LmmsBase):
             # lmms-eval splits model_args on commas, so "policy=vlm@boxes=2,t=0.7" arrives as policy + t: a policy
             # option after a comma would be dropped while the run went on without it
             raise ValueError(
-                f"unknown model_args {unknown}: zoomvlm takes target, policy, budget, crop_budget, batch_size and "
-                "greedy_check; lmms-eval splits model_args on commas, so separate a policy's options with @ "
+                f"unknown model_args {unknown}: zoomvlm takes target, policy, budget, crop_budget, batch_size, "
+                "greedy_check and rtr_reference; lmms-eval splits model_args on commas, so separate a policy's "
+                "options with @ "
                 "(policy=vlm@boxes=2@t=0.7, policy=crop-set-fixed:0+1)"
             )
         self.batch_size = int(batch_size)
@@ -137,6 +142,9 @@ class ZoomVLM(_LmmsBase):
         self.policy = load_policy(policy) if isinstance(policy, str) else policy
         self.crop_budget = Budget.parse(str(crop_budget)) if crop_budget is not None else None
         self.greedy_check = _as_bool(greedy_check)
+        # as zoomvlm eval: RTR against --rtr-reference, else a crop-set / self-zoom policy's high view, else native
+        self.rtr_reference = (Budget.parse(str(rtr_reference)) if rtr_reference is not None
+                              else getattr(self.policy, "high", None))  # fmt: skip
         self.usage: list[dict] = []
 
     # ---- request unpacking ------------------------------------------------------------------------------
@@ -193,9 +201,10 @@ class ZoomVLM(_LmmsBase):
                     if stop:
                         text = text.split(stop)[0]
                 u = gen.usage
-                rtr, unit = rtr_of(self.target, img, u, img.width, img.height)  # as zoomvlm eval counts it
+                rtr, unit = rtr_of(self.target, img, u, img.width, img.height, self.rtr_reference)
                 self.usage.append(
-                    {"rtr": rtr, "rtr_unit": unit, "visual_tokens": u.visual_tokens,
+                    {"rtr": rtr, "rtr_unit": unit, "rtr_reference": str(self.rtr_reference or "native"),
+                     "visual_tokens": u.visual_tokens,
                      "view_pixels": list(u.view_pixels), "prompt_tokens": u.prompt_tokens,
                      "completion_tokens": u.completion_tokens}
                 )  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from zoomvlm.core.geometry import Budget
 from zoomvlm.policies.base import ZoomPolicy
 from zoomvlm.policies.baselines import CenterCrop, FullResolution, NoZoom, OracleCrop
 
@@ -29,7 +30,8 @@ POLICY_SPECS = {
     "with an ocr target reading the same low view) + the proposals scorer find the answer's region; a small head "
     "trained by GRPO on R_ans - C_tool picks NO_CROPS or the crops covering it (AwaRes's set, or the finer text "
     "set if the checkpoint says so); no CKPT: the hand-set initial head",
-    "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3 or 0+1+2+3)",
+    "crop-set-fixed:KEYS[@HIGH]": "low-res view + always the crop-set regions KEYS (e.g. all, or 0,1,2,3 or 0+1+2+3; "
+    "none = the low view only)",
     "crop-set-oracle[:T][@HIGH]": "low-res view + the crops whose IoU with the human box is >= T (EVALUATION ONLY)",
     "self-zoom[:PROTOCOL][@HIGH]": "hf: targets: the target itself decides (AwaRes): low view, optional GET_CROPS, "
     "answer with the crops and the reused KV cache. PROTOCOL awares (the released AwaRes model's, default) or "
@@ -125,24 +127,38 @@ def load_policy(spec: str, **kwargs) -> ZoomPolicy:
 
 
 def _crop_set_policy(kind: str, arg: str, **kwargs) -> ZoomPolicy:
-    from zoomvlm.awares.policies import CropSetPolicy, FixedCropSet, OracleCropSet
-
     if "@" in kind:  # e.g. "crop-set@side:768" arrives as kind "crop-set@side", arg "768"
         kind, _, high_head = kind.partition("@")
         arg, high = "", f"{high_head}:{arg}" if arg else high_head
     else:
         arg, _, high = arg.partition("@")
     high = high or None
+    policy, default_high = _build_crop_set_policy(kind, arg, high, **kwargs)
+    # "@HIGH" changes the low view and the crops: it is part of the name (records, run.json, reports) unless it is
+    # the policy's default anyway, so that "crop-set@side:512" and "crop-set" never pass for one run
+    if high is not None and "name" not in kwargs and policy.high != default_high:
+        policy.name = f"{policy.name}@{policy.high}"
+    return policy
+
+
+def _build_crop_set_policy(kind: str, arg: str, high: str | None, **kwargs) -> tuple[ZoomPolicy, Budget]:
+    """(the policy, the high budget it would have without ``@HIGH``)."""
+    from zoomvlm.awares.policies import DEFAULT_HIGH, CropSetPolicy, FixedCropSet, OracleCropSet, trained_high
+
     if kind == "crop-set-reader":
         from zoomvlm.awares.reader_policy import ReaderCropSetPolicy
 
-        return ReaderCropSetPolicy(arg or None, high=high, **kwargs)
+        policy = ReaderCropSetPolicy(arg or None, high=high, **kwargs)
+        return policy, Budget.parse(policy.config.high)
     if kind == "crop-set":
+        checkpoint = arg or str(default_crop_set_path())
         if not arg:
-            return CropSetPolicy(default_crop_set_path(), high=high, name="crop-set", **kwargs)
-        return CropSetPolicy(arg, high=high, **kwargs)
+            kwargs.setdefault("name", "crop-set")
+        return CropSetPolicy(checkpoint, high=high, **kwargs), trained_high(checkpoint)
     if kind == "crop-set-fixed" and arg:
-        return FixedCropSet(re.split(r"[,+]", arg), high=high)  # "+" too: lmms-eval splits model_args on commas
+        # "+" too: lmms-eval splits model_args on commas
+        keys = [] if arg == "none" else re.split(r"[,+]", arg)  # "none": the low view only (the policy's own name)
+        return FixedCropSet(keys, high=high), DEFAULT_HIGH
     if kind == "crop-set-oracle":
-        return OracleCropSet(high=high, iou_threshold=float(arg)) if arg else OracleCropSet(high=high)
+        return (OracleCropSet(high=high, iou_threshold=float(arg)) if arg else OracleCropSet(high=high)), DEFAULT_HIGH
     raise ValueError(f"unknown crop-set policy {kind!r}")
