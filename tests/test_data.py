@@ -39,6 +39,9 @@ def test_bundled_demo_is_valid(demo_samples):
         (GOOD | {"width": "100"}, "field 'width' must be int"),
         (GOOD | {"evidence_boxes": [[10, 20, 5, 40]]}, "evidence_boxes[0]"),
         (GOOD | {"image": "missing.png"}, "image not found"),
+        (GOOD | {"evidence_boxes": 5}, "d.jsonl:1: 'evidence_boxes' must be a list"),
+        (GOOD | {"metric": "accuracy"}, "d.jsonl:1: unknown metric 'accuracy'"),
+        (GOOD | {"field": 3}, "d.jsonl:1: field 'field' must be a string"),
     ],
 )
 def test_bad_lines_name_the_line(tmp_path, row, message):
@@ -77,3 +80,18 @@ def test_a_photo_stored_sideways_loads_upright_as_the_server_decodes_it(tmp_path
     url = "data:image/jpeg;base64," + base64.b64encode((tmp_path / "photo.jpg").read_bytes()).decode()
     served = decode_data_url(url, MediaLimits(10_000_000, 10_000_000), "p").image
     assert served.size == image.size and served.tobytes() == image.tobytes()  # ask/eval and serve see one frame
+
+
+def test_a_metric_that_cannot_score_a_sample_fails_before_anything_is_answered(tmp_path):
+    from fakes import EchoTarget
+
+    from zoomvlm.evaluation.run import run_eval
+    from zoomvlm.policies import load_policy
+
+    samples = load_jsonl(_write(tmp_path, [GOOD]))
+    target = EchoTarget()
+    with pytest.raises(ValueError, match="sample 'a_total': POPE answers must be yes or no"):
+        run_eval(samples, load_policy("none"), target, tmp_path / "run", metric="pope", progress=False)
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        run_eval(samples, load_policy("none"), target, tmp_path / "run", metric="f1", progress=False)
+    assert target.calls == 0 and not (tmp_path / "run").exists()

@@ -101,6 +101,27 @@ def test_gallery_rows_mix_right_and_wrong_deterministically():
     assert [b for b, _ in rows] == ["b", "x"] and 4 <= len(rows[0][1]) <= 8
 
 
+def test_runs_on_two_splits_or_under_two_metrics_are_never_one_benchmark(tmp_path):
+    """chartqa ids are row numbers: a val and a test run share ids, not questions; accuracies under two metrics
+    are not one scale."""
+    from zoomvlm.evaluation.report import Run, markdown_table, rtr_groups
+
+    def run(name, split, metric="relaxed_accuracy", data="chartqa"):
+        config = {"data": data, "metric": metric, **({"split": split} if split else {})}
+        return Run(tmp_path / name, name, config, [{"id": "0", "score": 1.0, "rtr": 0.1, "policy_seconds": 0.0,
+                                                    "target_seconds": 0.1}])  # fmt: skip
+
+    runs = [run("val", "val"), run("test", "test"), run("test-anls", "test", "anls")]
+    assert [r.benchmark for r in runs] == ["chartqa (val)", "chartqa (test)", "chartqa (test)"]
+    assert [b for b, _ in gallery_rows(runs, 2)] == ["chartqa (val)", "chartqa (test)"]
+    assert [k[0] for k in rtr_groups(runs)] == ["chartqa (val)", "chartqa (test) · relaxed_accuracy",
+                                                "chartqa (test) · anls"]  # fmt: skip
+    assert "chartqa (test)" in markdown_table(runs)
+    assert list(rtr_groups([run("a", None, data="r.jsonl")])) == [("r.jsonl", "native", "pixels")]
+    with pytest.raises(ValueError, match="per_run must be >= 0"):
+        gallery_rows(runs, -1)
+
+
 def _cells(line: str) -> list[str]:
     """The cells of one markdown table row, stripped."""
     return [c.strip() for c in line.strip().strip("|").split("|")]
@@ -161,6 +182,9 @@ def test_cli_report_and_errors(two_runs, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"report.md", "accuracy_vs_rtr.png", "gallery.html", "gallery"}
     assert main(["report", str(tmp_path), "--out", str(out)]) == 2
     assert "is not a run directory (no run.json)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused when parsed, before any run is read
+        main(["report", *map(str, two_runs), "--out", str(out), "--per-run", "-1"])
+    assert "--per-run: expected an integer >= 0, got -1" in capsys.readouterr().err
 
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

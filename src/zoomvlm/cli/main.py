@@ -15,7 +15,7 @@ import traceback
 from importlib import resources
 from pathlib import Path
 
-from zoomvlm.cli.argtypes import positive_int
+from zoomvlm.cli.argtypes import non_negative_int, positive_int
 from zoomvlm.core.metrics import METRICS
 
 # proposals = the reader-candidate cropper (default of ask: 98.0 % on receipts val vs vlm 79.1 %, docs/proposals.md)
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="zoomvlm-report",
                    help="where report.md, accuracy_vs_rtr.png, gallery.html and gallery/ go. "
                         "Default: %(default)s")  # fmt: skip
-    p.add_argument("--per-run", type=int, default=8,
+    p.add_argument("--per-run", type=non_negative_int, default=8,
                    help="gallery questions per run, right and wrong mixed. Default: %(default)s")  # fmt: skip
     p.set_defaults(func=cmd_report)
 

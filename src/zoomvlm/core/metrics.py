@@ -436,6 +436,20 @@ GENERIC_METRICS = ("contains", "anls", "exact", "relaxed_accuracy", "vqa_accurac
 """Metrics that apply to any free-form answer; every record carries all of them for comparison."""
 
 
+def check_answers(metric: str, answers: Sequence[str]) -> None:
+    """Refuse, before anything is answered, a sample that ``metric`` cannot score.
+
+    Raises:
+        KeyError: unknown metric name (the message lists the known ones).
+        ValueError: ``pope`` with a gold answer other than yes / no (:func:`pope_aggregate` would fail only
+            after the whole run had been answered).
+    """
+    if metric not in METRICS:
+        raise KeyError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if metric == "pope" and (not answers or answers[0].strip().lower() not in ("yes", "no")):
+        raise ValueError(f"POPE answers must be yes or no, got {list(answers)!r}")
+
+
 def score_answer(metric: str, prediction: str, answers: Sequence[str], meta: Mapping | None = None) -> float:
     """Score one prediction with the named metric, passing ``meta["options"]`` to ``multiple_choice``.
 

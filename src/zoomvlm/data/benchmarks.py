@@ -336,7 +336,9 @@ def load_benchmark(
 
     Args:
         name: benchmark name, e.g. ``textvqa``.
-        split: overrides the benchmark's default split (e.g. ``test`` for TextVQA, which has no answers).
+        split: overrides the benchmark's default split (e.g. ``validation``). Only splits with reference answers load:
+            a split without them (TextVQA's ``test``) is refused (``DatasetError``, "no reference answer"), since
+            every sample must be scorable.
         limit: keep the first ``limit`` rows (dataset order, deterministic); the rest is never read.
         data_dir: a local copy of the hub repository (same files, same ``README.md`` configs); ``None`` =
             ``$ZOOMVLM_DATA_DIR/<hub id>`` when that folder exists, else the hub itself.

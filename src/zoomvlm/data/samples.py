@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zoomvlm.core.geometry import Box, BoxFormatError
+from zoomvlm.core.metrics import METRICS
 
 __all__ = [
     "DatasetError",
@@ -143,6 +144,15 @@ def _parse_line(obj: object, root: Path, where: str) -> Sample:
     answers = obj["answers"]
     if not answers or not all(isinstance(a, str) for a in answers):
         raise DatasetError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
+    for key in ("field", "metric"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise DatasetError(f"{where}: field {key!r} must be a string, got {obj[key]!r}")
+    if obj.get("metric") is not None and obj["metric"] not in METRICS:
+        raise DatasetError(f"{where}: unknown metric {obj['metric']!r}; choose from {', '.join(METRICS)}")
+    if not isinstance(obj.get("evidence_boxes") or [], list):
+        raise DatasetError(
+            f"{where}: 'evidence_boxes' must be a list of [x0, y0, x1, y1] pixel boxes, got {obj['evidence_boxes']!r}"
+        )
     boxes = []
     for i, raw in enumerate(obj.get("evidence_boxes") or []):
         try:

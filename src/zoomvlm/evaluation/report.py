@@ -74,9 +74,16 @@ class Run:
     shards_present: int = 1
 
     @property
-    def benchmark(self) -> str:
+    def data(self) -> str:
         """The data spec of ``run.json`` (a JSONL path or a benchmark name); ``?`` when missing."""
         return str(self.config.get("data", "?"))
+
+    @property
+    def benchmark(self) -> str:
+        """What the report groups by: :attr:`data`, plus `` (split)`` for a hub benchmark (``chartqa (test)``): runs
+        on two splits of one benchmark share question ids but not questions, so they are never one group."""
+        split = self.config.get("split")
+        return f"{self.data} ({split})" if split else self.data
 
     def stats(self) -> dict:
         """:func:`~zoomvlm.evaluation.run.summarize` of the records plus ``cached_rate`` (share of answers served
@@ -197,12 +204,17 @@ def rtr_groups(runs: Sequence[Run]) -> dict[tuple[str, str, str], list[Run]]:
     ``reference`` is what RTR divides by (``run.json``'s ``rtr_reference``, e.g. ``side:768`` for AwaRes's high
     view; ``native`` = the whole image at native resolution) and ``unit`` what it counts (``pixels`` or a VLM's
     ``tokens``, from the records). An RTR of 0.4 against a 768 px view and one of 0.4 in tokens are different
-    costs, so they never share a front.
+    costs, so they never share a front. Nor do accuracies under two metrics: where the runs of one benchmark were
+    scored differently, ``benchmark`` names the metric too (``receipts/val.jsonl · anls``).
     """
+    metrics: dict[str, set[str]] = {}
+    for run in runs:
+        metrics.setdefault(run.benchmark, set()).add(str(run.config.get("metric", "?")))
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
         unit = "/".join(sorted({r.get("rtr_unit", "pixels") for r in run.records})) or "pixels"
-        key = (run.benchmark, str(run.config.get("rtr_reference") or "native"), unit)
+        bench = run.benchmark + (f" · {run.config.get('metric', '?')}" if len(metrics[run.benchmark]) > 1 else "")
+        key = (bench, str(run.config.get("rtr_reference") or "native"), unit)
         groups.setdefault(key, []).append(run)
     return groups
 
@@ -284,7 +296,12 @@ def gallery_rows(runs: Sequence[Run], per_run: int = 8) -> list[tuple[str, list[
     filled from the other kind when one runs short, each picked in sha1-of-id order, so the choice is
     deterministic and runs of one benchmark mostly pick the same questions. The ids of all runs of a
     benchmark are then merged (in the same order) so that shared questions appear once, side by side.
+
+    Raises:
+        ValueError: ``per_run < 0``.
     """
+    if per_run < 0:  # a negative count would slice from the end and silently show the wrong questions
+        raise ValueError(f"per_run must be >= 0, got {per_run}")
     out = []
     for bench in dict.fromkeys(r.benchmark for r in runs):
         chosen: set[str] = set()
@@ -372,7 +389,7 @@ def write_gallery(runs: Sequence[Run], out_dir: str | Path, per_run: int = 8) ->
         by_run = [{rec["id"]: rec for rec in run.records} for run in members]
         note = None
         try:
-            samples = load_benchmark_samples(bench, split=members[0].config.get("split"))
+            samples = load_benchmark_samples(members[0].data, split=members[0].config.get("split"))
         except (DatasetError, OSError) as err:
             samples, note = {}, f"images unavailable: {err}"
             logger.warning("gallery: %s", note)

@@ -32,6 +32,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import Budget
+from zoomvlm.core.metrics import check_answers
 from zoomvlm.core.pipeline import run_batch
 from zoomvlm.core.resume import code_version, files_digest
 from zoomvlm.data.samples import Sample, read_appended_jsonl
@@ -259,8 +260,9 @@ def run_eval(
             whose checkpoint files (``policy.checkpoints``) have changed since.
         UnreadableImageError: an image cannot be read; records written so far are kept, so fixing the
             file and rerunning the same command continues where it stopped.
-        ValueError: ``batch_size < 1``, or the policy reads human boxes (``needs_evidence``, the oracles) and some
-            samples have none (named, before anything runs).
+        ValueError: ``batch_size < 1``; a sample its metric cannot score (an unknown metric, POPE with an answer
+            other than yes / no: :func:`~zoomvlm.core.metrics.check_answers`); or the policy reads human boxes
+            (``needs_evidence``, the oracles) and some samples have none (named, before anything runs).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -272,6 +274,11 @@ def run_eval(
                 f"{policy.name} reads the human evidence boxes (evaluation only), but {len(missing)} sample(s) have "
                 f"none: {', '.join(missing[:5])}{more}"
             )
+    for s in samples:  # a metric that cannot score a sample fails now, not after the run has been answered
+        try:
+            check_answers(s.metric or metric, s.answers)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"sample {s.id!r}: {err.args[0]}") from err
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or {
