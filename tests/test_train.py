@@ -369,11 +369,37 @@ def test_a_torn_sft_line_is_named_and_stray_checkpoint_folders_are_not_resumed(s
     sft_file.write_text("\n".join([*lines[:2], lines[2][:40], *lines[3:]]) + "\n")  # a line cut by a crash
     with pytest.raises(ValueError, match=f"{sft_file}:3: not valid JSON"):
         sft_dataset(sft_file, budget=Budget(max_side=64))
-    for name in ("checkpoint-5", "checkpoint-20", "checkpoint-20-backup"):
+    for name in ("checkpoint-5", "checkpoint-20", "checkpoint-20-backup", "checkpoint-30"):
         (tmp_path / "run" / name).mkdir(parents=True)
+        if name != "checkpoint-30":  # killed while saving: the Trainer writes trainer_state.json last
+            (tmp_path / "run" / name / "trainer_state.json").write_text("{}")
     (tmp_path / "run" / "checkpoint-99").write_text("not a folder")
     assert resume_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-20")
     assert resume_checkpoint(tmp_path / "no-run-yet") is None
+
+
+def test_a_trl_run_refuses_to_resume_its_checkpoints_under_another_recipe(tmp_path, TINY, sft_file):
+    """The optimiser state and data order of checkpoint-N belong to the recipe they were trained with: a rerun with
+    another reward or learning rate is refused (before the model loads); a longer run or other save / log settings
+    continue."""
+    from zoomvlm.train.common import RUN_RECIPE, check_resume
+    from zoomvlm.train.sft import run_sft
+
+    out = tmp_path / "run"
+    base = TINY + [f"data.sft_file={sft_file}", "trainer.max_steps=2"]
+    check_resume(out, load_recipe("tiny_cpu_sft", base))  # a fresh run: the recipe is written
+    assert json.loads((out / RUN_RECIPE).read_text())["trainer"]["max_steps"] == 2
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    check_resume(out, load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4", "trainer.save_steps=1",
+                                                   "trainer.gradient_checkpointing=false"]))  # fmt: skip
+    assert json.loads((out / RUN_RECIPE).read_text())["trainer"]["max_steps"] == 4
+    changed = load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4", "trainer.learning_rate=0.5"])
+    with pytest.raises(RecipeError, match=r"trainer\.learning_rate: .* -> 0\.5"):
+        run_sft(changed, out)
+    assert json.loads((out / RUN_RECIPE).read_text())["trainer"]["max_steps"] == 4  # the saved recipe is kept
+    with pytest.raises(RecipeError, match=r"data\.limit"):
+        check_resume(out, load_recipe("tiny_cpu_sft", [*base, "data.limit=1"]))
 
 
 def test_a_recipe_file_writing_1e_4_gets_the_number(tmp_path):

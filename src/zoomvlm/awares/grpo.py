@@ -71,6 +71,7 @@ from zoomvlm.data.samples import load_image_cached
 from zoomvlm.train.common import (
     TrainerDefaults,
     build_cropper,
+    check_resume,
     resume_checkpoint,
     resumed_schedule_callback,
     save_final,
@@ -376,6 +377,7 @@ def run_awares_grpo(recipe: Recipe, output_dir: str | Path | None = None) -> Pat
     Returns:
         ``output_dir/final`` (``save_pretrained`` layout, LoRA merged).
     """
+    check_resume(recipe.trainer_args(output_dir).output_dir, recipe)  # before the model loads
     trainer, processor = build_awares_grpo_trainer(recipe, output_dir)
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.output_dir))
     logger.info("tool calls: %d valid, %d unparseable", trainer.tool_calls, trainer.invalid_tool_calls)

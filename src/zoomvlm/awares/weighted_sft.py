@@ -36,6 +36,7 @@ from zoomvlm.awares.protocol import ToolCallError, parse_get_crops
 from zoomvlm.core.geometry import Budget
 from zoomvlm.train.common import (
     build_cropper,
+    check_resume,
     resume_checkpoint,
     resumed_schedule_callback,
     save_final,
@@ -387,6 +388,7 @@ def run_weighted_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Pa
     Returns:
         The ``output_dir/final`` folder (``save_pretrained`` layout, LoRA merged), the GRPO stage's starting point.
     """
+    check_resume(recipe.trainer_args(output_dir).output_dir, recipe)  # before the model loads
     trainer, processor = build_weighted_sft_trainer(recipe, output_dir)
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.output_dir))
     return save_final(trainer, processor, trainer.args.output_dir, recipe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,13 +203,81 @@ def resumed_schedule_callback():
     return ResumedSchedule()
 
 
-def resume_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` folder in ``output_dir`` (HF Trainer layout), to resume a crashed run; ``None``
-    when there is none. Only folders named exactly ``checkpoint-<digits>`` count (a copied ``checkpoint-20-backup``
-    or a stray file is not the trainer's), as in ``transformers.trainer_utils.get_last_checkpoint``."""
-    from transformers.trainer_utils import get_last_checkpoint
+RESUMABLE_CHANGES = (
+    "source",
+    "trainer.max_steps",
+    "trainer.num_train_epochs",
+    "trainer.save_steps",
+    "trainer.save_total_limit",
+    "trainer.save_strategy",
+    "trainer.logging_steps",
+    "trainer.logging_strategy",
+    "trainer.output_dir",
+    "trainer.gradient_checkpointing",
+    "trainer.report_to",
+    "trainer.run_name",
+    "trainer.dataloader_num_workers",
+)
+"""Recipe settings a resumed run may change: how long it runs, how it saves and logs, where the recipe file lies,
+and memory-only switches. Anything else (reward, learning rate, data, model, target...) would continue the old
+checkpoint's optimiser and data order under settings it was not trained with."""
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+RUN_RECIPE = "zoomvlm_recipe.json"
+
+
+def check_resume(output_dir: str | Path, recipe) -> None:
+    """Before a TRL run starts: refuse to continue ``output_dir``'s checkpoints under other settings.
+
+    The recipe (:meth:`~zoomvlm.train.recipe.Recipe.to_json`) is kept in ``output_dir/zoomvlm_recipe.json``. When
+    ``output_dir`` holds a checkpoint and that file, the two must agree except for :data:`RESUMABLE_CHANGES`
+    (:func:`zoomvlm.core.resume.settings_diff`); then the file is rewritten with the new recipe (a longer
+    ``max_steps`` becomes the run's). A run from before this file existed resumes as it did and gains it.
+
+    Raises:
+        RecipeError: the recipe differs from the one the checkpoints were trained with (the differences listed).
+    """
+    from zoomvlm.core.resume import settings_diff
+    from zoomvlm.train.recipe import RecipeError
+
+    out = Path(output_dir)
+    now = recipe.to_json()
+    path = out / RUN_RECIPE
+    if _checkpoints(out) and path.is_file():
+        saved = json.loads(path.read_text())
+        diff = [d for d in settings_diff(saved, now) if d.split(":")[0] not in RESUMABLE_CHANGES]
+        if diff:
+            raise RecipeError(
+                f"{out} holds checkpoints trained with other settings ({'; '.join(diff)}): resuming would continue "
+                f"them under the new ones while the saved recipe named them. Rerun with the same recipe (only "
+                f"{', '.join(k.removeprefix('trainer.') for k in RESUMABLE_CHANGES[1:])} may change), or use another "
+                "output_dir (or delete its checkpoint-* folders to start over)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # every process of a multi-process run writes the same
+    tmp.write_text(json.dumps(now, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders, newest (largest N) first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def resume_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest COMPLETE ``checkpoint-N`` folder in ``output_dir`` (HF Trainer layout), to resume a crashed run;
+    ``None`` when there is none. Only folders named exactly ``checkpoint-<digits>`` count (a copied
+    ``checkpoint-20-backup`` or a stray file is not the trainer's), as in ``transformers.trainer_utils
+    .get_last_checkpoint``; unlike it, a folder without ``trainer_state.json`` (the Trainer writes it last: the
+    run was killed while saving) is skipped, with a warning, for the newest complete one before it."""
+    for ckpt in _checkpoints(Path(output_dir)):
+        if (ckpt / "trainer_state.json").is_file():
+            return str(ckpt)
+        logger.warning("%s is incomplete (no trainer_state.json: killed while saving?); resuming from an older one",
+                       ckpt)  # fmt: skip
+    return None
 
 
 def run_metrics(trainer) -> dict:

@@ -23,6 +23,7 @@ from zoomvlm.core.prompts import cropper_prompt
 from zoomvlm.train.common import (
     TrainerDefaults,
     build_cropper,
+    check_resume,
     cropper_views,
     resume_checkpoint,
     resumed_schedule_callback,
@@ -145,6 +146,7 @@ def run_grpo(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     Returns:
         ``output_dir/final`` (``save_pretrained`` layout, LoRA merged), loadable as ``vlm:PATH``.
     """
+    check_resume(recipe.trainer_args(output_dir).output_dir, recipe)  # before the model loads
     trainer, processor = build_grpo_trainer(recipe, output_dir)
     trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.output_dir))
     return save_final(trainer, processor, trainer.args.output_dir, recipe)

@@ -15,6 +15,7 @@ from zoomvlm.core.geometry import Box, Budget, crop_image, format_percent_box, p
 from zoomvlm.train.common import (
     TrainerDefaults,
     build_cropper,
+    check_resume,
     cropper_views,
     resume_checkpoint,
     resumed_schedule_callback,
@@ -179,6 +180,7 @@ def run_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     args = recipe.trainer_args(output_dir)
     if not recipe.data.sft_file:
         raise ValueError("an sft recipe needs data.sft_file (written by `zoomvlm curate boxes` or `curate awares`)")
+    check_resume(args.output_dir, recipe)
     dataset = sft_dataset(
         recipe.data.sft_file, recipe.data.view_budget, recipe.data.limit, augment=recipe.data.augment
     )
