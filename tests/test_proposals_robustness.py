@@ -193,6 +193,14 @@ def test_resuming_grpo_with_other_settings_is_refused_and_the_recipe_kept(tmp_pa
     with pytest.raises(ValueError, match=r"recipe\.budget: '384' -> '768'"):
         train_grpo(seed, items, _reward_of(rewards), replace(cfg, steps=4), tmp_path / "g",
                    recipe={**recipe, "budget": "768"}, progress=False)  # fmt: skip
+    train_grpo(seed, items, _reward_of(rewards), cfg, tmp_path / "g2", recipe={**recipe, "data": ["a.jsonl"]},
+               progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"recipe\.data: \['a.jsonl'\] -> \['b.jsonl'\]"):
+        train_grpo(seed, items, _reward_of(rewards), replace(cfg, steps=4), tmp_path / "g2",
+                   recipe={**recipe, "data": ["b.jsonl"]}, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="is at step 2, past --steps 1"):  # final/ would say 1 step, hold 2
+        train_grpo(seed, items, _reward_of(rewards), replace(cfg, steps=1), tmp_path / "g", recipe=recipe,
+                   progress=False)  # fmt: skip
     assert (tmp_path / "g" / "recipe.json").read_text() == before
 
 
@@ -270,3 +278,56 @@ def test_a_perception_with_no_lines_gives_no_zoom_and_says_why():
     cropper = ProposalCropper(model=RegionScorer().eval(), perceiver=_SawPerception(empty), encoder=_ZeroEncoder())
     (proposal,) = cropper.propose([Image.new("RGB", (100, 100), "white")], ["q?"])
     assert proposal.boxes == () and "no text" in proposal.error
+
+
+# -- the on-disk caches of rewards and reads --------------------------------------------------------------------
+
+
+def test_a_reward_cache_cuts_a_torn_line_and_never_reuses_rewards_of_other_settings(tmp_path):
+    from zoomvlm.cropvlm.proposal_grpo import RewardCache
+
+    path = tmp_path / "rewards_accuracy.jsonl"
+    at_384 = {"reward": "accuracy", "target": "ocr@side:384"}
+    cache = RewardCache(path, at_384)
+    cache.add(("q1", "[1, 2, 3, 4]"), 1.0)
+    with path.open("a") as f:
+        f.write('{"id": "q2", "box": "[5, 6')  # killed mid-write
+    cache = RewardCache(path, at_384)
+    cache.add(("q3", "[1, 2, 3, 4]"), 0.0)  # used to be glued onto the torn line, and lost on the next load
+    assert RewardCache(path, at_384).values == {("q1", "[1, 2, 3, 4]"): 1.0, ("q3", "[1, 2, 3, 4]"): 0.0}
+    with pytest.raises(ValueError, match=r"other settings \(target: 'ocr@side:384' -> 'ocr@side:768'\)"):
+        RewardCache(path, {**at_384, "target": "ocr@side:768"})
+    legacy = tmp_path / "old.jsonl"  # written before settings were kept: adopted, and its settings written
+    legacy.write_text('{"id": "q1", "box": "b", "reward": 0.5}\n')
+    assert RewardCache(legacy, at_384).values == {("q1", "b"): 0.5}
+    with pytest.raises(ValueError, match="other settings"):
+        RewardCache(legacy, {**at_384, "reward": "likelihood"})
+
+
+def test_the_reads_cache_cuts_a_torn_line_so_the_next_read_is_kept(tmp_path):
+    from types import SimpleNamespace
+
+    from zoomvlm.cropvlm.proposal_data import cached_rows
+
+    images = []
+    for i in range(3):
+        Image.new("RGB", (64, 64), "white").save(tmp_path / f"{i}.png")
+        images.append(
+            SimpleNamespace(image=tmp_path / f"{i}.png", load_image=lambda i=i: Image.open(tmp_path / f"{i}.png"))
+        )
+
+    class Reader:
+        calls = 0
+
+        def read_all(self, view):
+            Reader.calls += 1
+            return []
+
+    path = tmp_path / "reads.jsonl"
+    cached_rows(images[:1], "64", path, reader=Reader(), progress=False)
+    with path.open("a") as f:
+        f.write('{"image": "torn')
+    cached_rows(images[:2], "64", path, reader=Reader(), progress=False)
+    cached_rows(images, "64", path, reader=Reader(), progress=False)
+    assert Reader.calls == 3  # each image read once: the read after the torn line was not lost
+    assert len(cached_rows(images, "64", path, reader=Reader(), progress=False)) == 3

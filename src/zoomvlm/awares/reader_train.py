@@ -127,7 +127,9 @@ def cmd_train(args) -> int:
     labels = load_awares_labels(args.labels) if args.labels else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    reward = ActionReward(items, target, high, cost, RewardCache(out / "answers.jsonl"), labels)
+    answers = RewardCache(out / "answers.jsonl", {"target": target.name, "high": str(high), "metric": "contains",
+                                                  "crop_set": config.crop_set})  # fmt: skip
+    reward = ActionReward(items, target, high, cost, answers, labels)
     init = hand_set_head(config)
     if (out / "init" / "head.pt").exists():  # a rerun: the KL reference is the initial policy the run started from
         init = load_reader(out / "init")

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from zoomvlm.core.geometry import Box, Budget, resize_to_budget
+from zoomvlm.data.samples import read_appended_jsonl
 from zoomvlm.policies.perception import Perception, QuestionEncoder, perception_from_lines, perception_from_passes
 
 logger = logging.getLogger(__name__)
@@ -78,14 +79,8 @@ def cached_rows(samples, budget: Budget | int | str, path: str | Path, reader=No
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # torn last line of a killed run
-                continue
-            done[row["image"]] = row
+    # a line torn by a kill is cut off before appending (the next row would glue onto it and be lost too)
+    done: dict[str, dict] = {row["image"]: row for row in read_appended_jsonl(path, repair=True)}
 
     def key(s) -> str:
         return str(Path(s.image).resolve())

@@ -202,17 +202,41 @@ def grpo_step(
 
 
 class RewardCache:
-    """Memo of ``(sample id, box text) -> reward`` for one reward, optionally appended to a JSONL file."""
+    """Memo of ``(sample id, box text) -> reward`` for one reward, optionally appended to a JSONL file.
 
-    def __init__(self, path: str | Path | None = None):
+    Args:
+        path: the JSONL file (``None`` = in memory only). A line torn by a kill is cut off before appending, so
+            the next row does not glue onto it (:func:`~zoomvlm.data.samples.read_appended_jsonl`).
+        settings: what the rewards depend on besides the key (target and its budget, reward, metric, crop set...),
+            kept beside the file in ``<path>.settings.json``. Rewards computed under other settings are never
+            reused: a file whose saved settings differ is refused (a file from before settings were saved is
+            adopted as is).
+
+    Raises:
+        ValueError: ``path`` holds rewards computed under other ``settings`` (the differences listed).
+    """
+
+    def __init__(self, path: str | Path | None = None, settings: dict | None = None):
+        from zoomvlm.core.resume import settings_diff
+        from zoomvlm.data.samples import read_appended_jsonl
+
         self.path = Path(path) if path else None
         self.values: dict[tuple[str, str], float] = {}
+        if self.path and settings is not None:
+            sidecar = self.path.with_name(self.path.name + ".settings.json")
+            if sidecar.exists():
+                diff = settings_diff(json.loads(sidecar.read_text()), settings)
+                if diff:
+                    raise ValueError(
+                        f"{self.path} holds rewards computed under other settings ({'; '.join(diff)}): they would be "
+                        "reused as this run's. Use another --out, or delete the file and its .settings.json to "
+                        "compute them again"
+                    )
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                sidecar.write_text(json.dumps(settings, indent=2, default=str) + "\n")
         if self.path and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+            for row in read_appended_jsonl(self.path, repair=True):
                 self.values[(row["id"], row["box"])] = row["reward"]
 
     def add(self, key: tuple[str, str], value: float) -> None:
@@ -395,6 +419,11 @@ def train_grpo(
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         _check_resume(state.get("settings"), settings, ckpt)
+        if config.steps < state["step"]:  # final/ would be the longer-trained model, labelled with fewer steps
+            raise ValueError(
+                f"{ckpt} is at step {state['step']}, past --steps {config.steps}: rerun with --steps >= "
+                f"{state['step']}, or write to another --out"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         rng.bit_generator.state = state["rng"]
@@ -474,7 +503,11 @@ def _check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
     if saved is None:
         logger.warning("%s predates saved run settings: resuming without checking them", ckpt)
         return
-    diff = settings_diff(saved, now)
+    # a checkpoint from before the recipe kept the seed's data apart (its "data" then WAS the seed's): compare
+    # what it recorded
+    recipe_now = {k: v for k, v in now.get("recipe", {}).items()
+                  if k not in ("seed_data", "seed_curation") or k in saved.get("recipe", {})}  # fmt: skip
+    diff = settings_diff(saved, {**now, "recipe": recipe_now})
     if diff:
         raise ValueError(
             f"{ckpt} was trained with other settings; resuming would mix the two runs. Rerun with the run's own "

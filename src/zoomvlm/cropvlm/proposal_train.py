@@ -243,7 +243,8 @@ def cmd_grpo(args) -> int:
     # likelihood-type rewards first: their reads (with log-probabilities) serve the accuracy reward's misses
     order = sorted(mix, key=lambda name: name == "accuracy")
     parts = [
-        (make_target_reward(items, build[name](), seed_model.config, RewardCache(out / f"rewards_{name}.jsonl")),
+        (make_target_reward(items, build[name](), seed_model.config,
+                            RewardCache(out / f"rewards_{name}.jsonl", {"reward": name, "target": target.name})),
          mix[name])
         for name in order
     ]  # fmt: skip
@@ -255,7 +256,10 @@ def cmd_grpo(args) -> int:
     recipe_path = Path(args.init) / "zoomvlm_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     recipe = {**recipe, "earlier_grpo": _earlier_grpo(recipe)} if recipe.get("stage") == "grpo" else recipe
+    if "data" in recipe:  # the stage's own data below; the init's (a seed's) are kept under seed_*
+        recipe = {**recipe, "seed_data": recipe["data"], "seed_curation": recipe.get("curation")}
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "reward_mix": mix,
+              "data": args.data, "curation": args.curation,
               "gate_by_accuracy": bool(args.gate_by_accuracy),
               "target": args.target, "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
               "window_max_area": c.window_max_area, "window_fit": c.window_fit,
