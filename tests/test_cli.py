@@ -48,6 +48,8 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "error: dataset file not found" in capsys.readouterr().err
     assert main(["ask", str(tmp_path / "x.jpg"), "q", "--policy", "oracle"]) == 2
     assert "needs human evidence boxes" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "x.jpg"), "q", "--policy", "crop-set-oracle@side:512"]) == 2
+    assert "crop-set-oracle policy needs human evidence boxes" in capsys.readouterr().err
     assert main(["ask", str(tmp_path / "x.jpg"), "q", "--budget", "huge"]) == 2
     assert "cannot read budget" in capsys.readouterr().err
 
@@ -65,6 +67,24 @@ def test_demo_runs_offline(tmp_path):
     for r in records:
         assert r["policy_error"] is None, r["policy_raw"]
         assert len(r["boxes"]) == 1 and r["boxes"][0] != [0.0, 0.0, 1.0, 1.0]
+
+
+def test_demo_replaces_only_the_run_folders_it_wrote(tmp_path, capsys):
+    """`zoomvlm demo --out runs` next to the user's own runs/none must not wipe it."""
+    from zoomvlm.cli.main import DEMO_MARK, DEMO_POLICIES
+
+    mine = tmp_path / "none"
+    mine.mkdir()
+    (mine / "results.jsonl").write_text('{"id": "x"}\n')
+    assert main(["demo", "--out", str(tmp_path), "--limit", "1", "--no-progress"]) == 2
+    assert "none exists and was not written by zoomvlm demo" in capsys.readouterr().err
+    assert (mine / "results.jsonl").read_text() == '{"id": "x"}\n'
+    for name in DEMO_POLICIES:  # the demo's own folders from an earlier run: replaced
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / DEMO_MARK).write_text("")
+    assert main(["demo", "--out", str(tmp_path), "--limit", "1", "--no-progress"]) == 0
+    assert len((mine / "results.jsonl").read_text().splitlines()) == 1 and (mine / DEMO_MARK).exists()
+    assert '"id": "x"' not in (mine / "results.jsonl").read_text()
 
 
 def test_eval_shards_and_cache(tmp_path, capsys, monkeypatch):

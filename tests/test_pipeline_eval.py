@@ -66,6 +66,8 @@ def test_an_oracle_run_names_the_samples_without_evidence_before_answering_any(t
     target = EchoTarget()
     with pytest.raises(ValueError, match="1 sample\\(s\\) have none: s5"):
         run_eval(samples, load_policy("oracle"), target, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="1 sample\\(s\\) have none: s5"):  # AwaRes's oracle subset too
+        run_eval(samples, load_policy("crop-set-oracle"), target, tmp_path / "run", progress=False)
     assert target.calls == 0 and not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="batch_size"):
         run_eval(samples, load_policy("none"), target, tmp_path / "run", batch_size=0, progress=False)
@@ -278,3 +280,20 @@ def test_sharded_cached_resume_after_kill_9(tmp_path):
     again = {r["id"]: r for r in read_run(tmp_path / "again")}
     assert all(again[r["id"]]["cached"] for r in records)
     assert all(again[r["id"]]["target_seconds"] == r["target_seconds"] for r in records if not r["cached"])
+
+
+def test_a_sample_whose_image_is_not_the_declared_size_is_refused_before_its_boxes_mislead(tmp_path):
+    """Evidence boxes are pixels of the upright image: with width and height swapped (e.g. read from a photo's raw
+    header before its EXIF rotation) the oracle cropped the wrong place and still scored an evidence hit."""
+    from dataclasses import replace
+
+    from zoomvlm.data.samples import DatasetError
+
+    (sample,) = _samples(tmp_path, 1)
+    swapped = replace(sample, width=sample.height, height=sample.width)
+    target = EchoTarget()
+    with pytest.raises(DatasetError, match="is 400x800 px .* but the data says 800x400"):
+        run_batch([swapped], load_policy("oracle"), target)
+    assert target.calls == 0
+    (record,) = run_batch([replace(swapped, evidence_boxes=())], load_policy("none"), target)
+    assert record.rtr == pytest.approx(32 * 64 / (400 * 800))  # RTR from the decoded size

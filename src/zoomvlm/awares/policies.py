@@ -116,8 +116,11 @@ class OracleCropSet:
     """EVALUATION ONLY: the crop subset of the human evidence box(es), by AwaRes's IoU mapping rule.
 
     Each evidence box is mapped with :func:`~zoomvlm.awares.protocol.crops_for_box`; the subsets are merged. A
-    sample without evidence gets the low view only.
+    sample without evidence gets the low view only; ``run_eval`` refuses a benchmark where some sample has none
+    (``needs_evidence``), so that an oracle row never silently holds low-view-only answers.
     """
+
+    needs_evidence = True  # reads the samples' human boxes: run_eval checks every sample has one
 
     def __init__(self, high: Budget | int | str | None = None, iou_threshold: float = DEFAULT_IOU_THRESHOLD):
         if not 0 < iou_threshold <= 1:  # checked here, not at the first batch after the target has loaded

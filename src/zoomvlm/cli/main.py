@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import traceback
@@ -109,8 +110,9 @@ def cmd_ask(args) -> int:
     from zoomvlm.core.viz import draw_crops
     from zoomvlm.data.samples import Sample, load_image
 
-    if args.policy.split(":")[0] == "oracle":
-        raise ValueError("the oracle policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")
+    kind = re.split(r"[:@]", args.policy)[0]
+    if kind in ("oracle", "crop-set-oracle"):
+        raise ValueError(f"the {kind} policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")
     _check_run_args(args)
     image = load_image(args.image)  # an unreadable image fails before any model loads
     policy, target, crop_budget = _build(args)
@@ -211,6 +213,10 @@ def demo_data_path() -> Path:
     return Path(str(resources.files("zoomvlm") / "assets" / "receipts" / "demo.jsonl"))
 
 
+DEMO_MARK = ".zoomvlm-demo"
+"""Marks a run folder the demo wrote (and may replace)."""
+
+
 def cmd_demo(args) -> int:
     from zoomvlm.core.geometry import Box, Budget
     from zoomvlm.core.viz import draw_crops
@@ -224,11 +230,20 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     print(f"zoomvlm demo: {len(samples)} questions on {len({s.image for s in samples})} bundled receipts, "
           f"target {target.name}, policies {', '.join(DEMO_POLICIES)}", file=sys.stderr)  # fmt: skip
+    # a demo always runs afresh, but deletes only folders it made itself (marked): "--out runs" must never wipe
+    # the user's own runs/none or runs/oracle
+    for name in DEMO_POLICIES:
+        run_dir = out / name
+        if run_dir.exists() and not (run_dir / DEMO_MARK).exists():
+            raise ValueError(f"{run_dir} exists and was not written by zoomvlm demo: pass another --out "
+                             "(the demo replaces its own run folders)")  # fmt: skip
     rows = []
     for name in DEMO_POLICIES:
         policy = load_policy(name)
         run_dir = out / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # a demo always runs afresh
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        (run_dir / DEMO_MARK).write_text("written by zoomvlm demo, which replaces this folder on its next run\n")
         summary = run_eval(samples, policy, target, run_dir, metric="contains", progress=not args.no_progress)
         rows.append((name, summary))
         first = json.loads((run_dir / "results.jsonl").read_text().splitlines()[min(args.picture, len(samples) - 1)])
@@ -310,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job offline on bundled receipts: policies side by side")
     p.add_argument("--out", default="zoomvlm-demo", help="where results and pictures go. Default: %(default)s")
     p.add_argument("--budget", default="384", help="the reader's per-view budget. Default: %(default)s")
-    p.add_argument("--picture", type=int, default=2, help="which question (index) to draw. Default: %(default)s")
+    p.add_argument("--picture", type=non_negative_int, default=2, help="which question (index) to draw. Default: %(default)s")
     p.add_argument("--limit", type=positive_int, default=None, help="first N bundled questions only (of 12)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)

@@ -132,10 +132,22 @@ def run_batch(
 
     Raises:
         UnreadableImageError: an image cannot be read (names the file).
+        DatasetError: a sample with evidence boxes whose image's decoded (upright) size differs from its
+            ``width`` x ``height``: the boxes, normalised with the declared size, would land elsewhere and the
+            oracle crop and evidence hit would be wrong without a sign. (RTR always uses the decoded size.)
         KeyError: an unknown metric name.
     """
     if images is None:
         images = [s.load_image() for s in samples]
+    for s, img in zip(samples, images, strict=True):
+        if s.evidence_boxes and img.size != (s.width, s.height):
+            from zoomvlm.data.samples import DatasetError
+
+            raise DatasetError(
+                f"sample {s.id!r}: its image {s.image} is {img.width}x{img.height} px (upright, after EXIF "
+                f"orientation) but the data says {s.width}x{s.height}: fix width/height (they are those of the "
+                "upright image; evidence boxes are pixels of it)"
+            )
     questions = [s.question for s in samples]
     start = time.perf_counter()
     turn_seconds = actions = None
@@ -165,7 +177,7 @@ def run_batch(
         names = dict.fromkeys([*GENERIC_METRICS, name])
         scores = {m: score_answer(m, gen.text, sample.answers, sample.meta) for m in names} if sample.answers else {}
         usage = gen.usage
-        rtr, rtr_unit = rtr_of(target, images[i], usage, sample.width, sample.height, rtr_reference)
+        rtr, rtr_unit = rtr_of(target, images[i], usage, images[i].width, images[i].height, rtr_reference)
         hit = evidence_hit(prop.boxes, sample.evidence_boxes)
         if prop.error and prop.boxes and hit is not None:
             hit = 0.0  # the whole-image fallback of an invalid output covers everything; it found nothing

@@ -50,7 +50,8 @@ class ZoomPolicy(Protocol):
 
     ``propose`` is batched: one :class:`Proposal` per (image, question), in order. Images are the
     native-resolution originals. ``evidence`` carries the human evidence boxes (normalised) of each
-    sample; only the evaluation-only ``oracle`` policy reads it, every other policy must ignore it.
+    sample; only the evaluation-only oracles (``oracle``, ``crop-set-oracle``; they set ``needs_evidence``) read
+    it, every other policy must ignore it.
 
     A policy that loads weights may also list them in ``checkpoints`` (a tuple of local folders or files, or
     hub ids): :func:`~zoomvlm.evaluation.run.run_eval` fingerprints those files and refuses to resume a run
