@@ -325,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job offline on bundled receipts: policies side by side")
     p.add_argument("--out", default="zoomvlm-demo", help="where results and pictures go. Default: %(default)s")
     p.add_argument("--budget", default="384", help="the reader's per-view budget. Default: %(default)s")
-    p.add_argument("--picture", type=non_negative_int, default=2, help="which question (index) to draw. Default: %(default)s")
+    p.add_argument("--picture", type=non_negative_int, default=2,
+                   help="which question (index) to draw. Default: %(default)s")  # fmt: skip
     p.add_argument("--limit", type=positive_int, default=None, help="first N bundled questions only (of 12)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
