@@ -95,3 +95,28 @@ def test_a_metric_that_cannot_score_a_sample_fails_before_anything_is_answered(t
     with pytest.raises(ValueError, match="unknown metric 'f1'"):
         run_eval(samples, load_policy("none"), target, tmp_path / "run", metric="f1", progress=False)
     assert target.calls == 0 and not (tmp_path / "run").exists()
+
+
+def test_16_bit_gray_and_transparent_images_load_as_a_viewer_shows_them(tmp_path):
+    """convert("RGB") alone clips a 16-bit scan to almost white and turns ink on a transparent page solid black."""
+    import numpy as np
+
+    ramp = np.tile(np.arange(0, 256, 16, dtype=np.uint16), (8, 1))  # 8-bit values 0..240
+    Image.fromarray(ramp * 257).save(tmp_path / "gray16.png")  # the same picture at 16 bits
+    with Image.open(tmp_path / "gray16.png") as raw:
+        assert raw.mode.startswith("I")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "gray16.png"))[..., 0], ramp)
+    ink = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    ink.putpixel((2, 2), (0, 0, 0, 255))
+    ink.save(tmp_path / "ink.png")
+    page = load_image(tmp_path / "ink.png")
+    assert page.getpixel((0, 0)) == (255, 255, 255) and page.getpixel((2, 2)) == (0, 0, 0)
+    Image.new("L", (4, 4), 128).save(tmp_path / "gray8.png")  # 8-bit gray, RGB, CMYK: as before
+    assert load_image(tmp_path / "gray8.png").getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_an_image_over_pils_bomb_limit_is_a_clear_unreadable_image_error(tmp_path, monkeypatch):
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 100 x 100 is over twice the limit: PIL refuses it
+    with pytest.raises(UnreadableImageError, match="big.png.*decompression bombs: downscale the image"):
+        load_image(tmp_path / "big.png")

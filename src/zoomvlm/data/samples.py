@@ -41,6 +41,7 @@ __all__ = [
     "load_jsonl",
     "load_samples",
     "read_appended_jsonl",
+    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,40 @@ class Sample:
             try:
                 img = self.image()
                 img.load()
-                return img.convert("RGB")
+                return to_rgb(img)
             except UnreadableImageError:
                 raise
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
                 raise UnreadableImageError(f"cannot read image of sample {self.id!r}: {err}") from err
         return load_image(self.image)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``img`` as a viewer shows it, for every PIL mode.
+
+    A bare ``convert("RGB")`` is right for RGB, CMYK, palette and 8-bit gray, but not for:
+
+    - 16- and 32-bit gray and float (``I;16*``, ``I``, ``F``): PIL clips them to 0 / 255, so a 16-bit scan turns
+      almost white. 16-bit gray maps its full range to 8 bits (``v / 257``, as viewers show it); 32-bit integer
+      and float images are scaled by ``255 / max`` when their values exceed 255 (black stays black).
+    - transparency (``RGBA``, ``LA``, ``PA``, a palette or gray image with a transparent colour): PIL drops the
+      alpha, so ink drawn on a transparent background (RGB 0 there) becomes solid black. It is composited over
+      white, as viewers and browsers show it.
+    """
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if img.mode.startswith("I;16"):
+            a = a / 257.0
+        elif top > 255:
+            a = a * (255.0 / top)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -115,8 +144,13 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             if img.getexif().get(0x0112, 1) not in (1, None):  # stored sideways or mirrored
-                return ImageOps.exif_transpose(img).convert("RGB")
-            return img.convert("RGB")
+                return to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(
+            f"cannot read image {path}: {err} (PIL's guard against decompression bombs: downscale the image, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust it)"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise UnreadableImageError(f"cannot read image {path}: {err}") from err
 

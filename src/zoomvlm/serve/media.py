@@ -33,6 +33,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image, ImageOps
 
+from zoomvlm.data.samples import to_rgb
 from zoomvlm.serve.errors import ServeError
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def decode_image_bytes(data: bytes, limits: MediaLimits, param: str, request_pix
         image.load()  # only now are the pixels decoded; truncated data raises here
         orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation; 1 = stored upright
         upright = ImageOps.exif_transpose(image) if orientation not in (1, None) else image
-        rgb = upright.convert("RGB")
+        rgb = to_rgb(upright)  # 16-bit gray and transparency as a viewer shows them
     except Exception as err:
         raise ServeError(400, f"cannot decode image: {type(err).__name__}: {err}", "invalid_image", param) from err
     return DecodedImage(rgb, image.format or "", len(data), oriented=orientation not in (1, None))
