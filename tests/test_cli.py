@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from fakes import EchoTarget
 from PIL import Image
 
@@ -30,6 +31,17 @@ def test_ask_prints_answer_cost_and_saves_picture(tmp_path, capsys):
         assert img.width == 1200 * 835 // 2333 or img.width > 100
 
 
+def test_ask_json_is_strict_json_and_a_bad_save_path_fails_before_anything_runs(tmp_path, capsys):
+    image = demo_data_path().parent / "images" / "sroie_017.jpg"
+    assert main(["ask", str(image), "How much was paid in total?", "--policy", "none", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert record["score"] is None  # no --answer: unscored (was NaN, which JSON parsers refuse)
+    for save, says in (("x.txt", "unknown picture format '.txt'"), ("no/such/folder/x.png", "does not exist")):
+        assert main(["ask", str(image), "q", "--policy", "none", "--save", str(tmp_path / save)]) == 2
+        err = capsys.readouterr()
+        assert says in err.err and err.out == ""  # refused before the target answered
+
+
 def test_eval_writes_results_and_resumes(tmp_path, capsys):
     args = ["eval", "--data", str(demo_data_path()), "--policy", "oracle", "--limit", "2", "--out", str(tmp_path),
             "--no-progress"]  # fmt: skip
@@ -50,6 +62,9 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "needs human evidence boxes" in capsys.readouterr().err
     assert main(["ask", str(tmp_path / "x.jpg"), "q", "--policy", "crop-set-oracle@side:512"]) == 2
     assert "crop-set-oracle policy needs human evidence boxes" in capsys.readouterr().err
+    image = demo_data_path().parent / "images" / "sroie_017.jpg"
+    assert main(["ask", str(image), "q", "--policy", "crop-set-fixed:0", "--budget", "200"]) == 2
+    assert "do not apply to crop-set policies" in capsys.readouterr().err
     assert main(["ask", str(tmp_path / "x.jpg"), "q", "--budget", "huge"]) == 2
     assert "cannot read budget" in capsys.readouterr().err
 

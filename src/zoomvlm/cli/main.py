@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import shutil
 import sys
@@ -74,6 +75,14 @@ def _check_run_args(args):
         Budget.parse(args.rtr_reference)
     check_target_spec(args.target)
     check_policy_spec(args.policy)
+    if args.policy.startswith("crop-set") and (budget is not None or crop_budget is not None):
+        # the crop-set views are the policy's own (low = HIGH halved, crops at HIGH's scale): the budgets would be
+        # ignored while the target's name, and so run.json and the reports, carried them
+        raise ValueError(
+            "--budget and --crop-budget do not apply to crop-set policies: they send their own low view (the high "
+            "view halved) and crops at the high view's scale; choose the high view with @HIGH, e.g. "
+            "--policy crop-set-fixed:0,1@side:1024"
+        )
     return budget, crop_budget
 
 
@@ -104,6 +113,17 @@ def _rtr_reference(args, policy):
     return high
 
 
+def _finite(value):
+    """``value`` with every NaN / infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def cmd_ask(args) -> int:
     from zoomvlm.core.geometry import Box
     from zoomvlm.core.pipeline import run_batch
@@ -114,20 +134,29 @@ def cmd_ask(args) -> int:
     if kind in ("oracle", "crop-set-oracle"):
         raise ValueError(f"the {kind} policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")
     _check_run_args(args)
+    if args.save:  # checked now: the picture must not be lost after the models have loaded and answered
+        from PIL import Image
+
+        save = Path(args.save)
+        if save.suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"--save {args.save}: unknown picture format {save.suffix!r}; use .png, .jpg or .webp")
+        if not save.parent.is_dir():
+            raise ValueError(f"--save {args.save}: folder {save.parent} does not exist")
     image = load_image(args.image)  # an unreadable image fails before any model loads
     policy, target, crop_budget = _build(args)
     sample = Sample("ask", Path(args.image), args.question, tuple(args.answer or ()), image.width, image.height)
     record = run_batch([sample], policy, target, metric=_default_metric(args.target), crop_budget=crop_budget,
                        images=[image], rtr_reference=_rtr_reference(args, policy))[0]  # fmt: skip
-    if args.json:
-        print(json.dumps(record.to_json(), indent=2, ensure_ascii=False))
+    if args.json:  # strict JSON: an unscored answer (no --answer) has score null, not NaN
+        print(json.dumps(_finite(record.to_json()), indent=2, ensure_ascii=False, allow_nan=False))
     else:
         print(record.prediction)
         print("---")
         boxes = ", ".join(str(b) for b in record.boxes) or "none (global view only)"
         print(f"policy {policy.name}: boxes (normalised x0, y0, x1, y1) {boxes}")
         if record.policy_error:
-            print(f"policy output invalid ({record.policy_error}); fell back to the whole image")
+            fallback = "fell back to the whole image" if record.boxes else "answered from the global view alone"
+            print(f"policy output invalid ({record.policy_error}); {fallback}")
         views = " + ".join(str(p) for p in record.view_pixels)
         print(f"target {target.name}: views {views} px, RTR {record.rtr:.3f}, "
               f"policy {record.policy_seconds:.2f} s, target {record.target_seconds:.2f} s")  # fmt: skip
