@@ -88,6 +88,13 @@ def test_recipe_errors_are_clear(tmp_path):
         ("model.lora={rr: 8}", r"model\.lora: .*'rr'"),
         ("model.lora={}", r"model\.lora is empty"),
         ("trainer.reward_weights=[1.0, 5.0]", r"set them there"),
+        # refused when read, not after the model loaded and the first rollout was scored (or run silently)
+        ("trainer.loss_type=dr_grpoo", r"trainer\.loss_type='dr_grpoo' is not one of \[.*'dr_grpo'"),
+        ("trainer.scale_rewards=group_std", r"trainer\.scale_rewards='group_std' is not one of"),
+        ("trainer.learning_rate=-1", r"trainer\.learning_rate must be > 0"),
+        ("trainer.temperature=0", r"trainer\.temperature must be > 0"),
+        ("trainer.num_iterations=0", r"trainer\.num_iterations must be > 0"),
+        ("rewards.format=.nan", r"reward weights must be finite .*rewards\.format"),
     ],
 )
 def test_typed_recipes_refuse_unknown_keys_and_bad_combinations(override, message):

@@ -24,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from zoomvlm.cli.argtypes import group_size, non_negative_float, non_negative_int, positive_float, positive_int
+
 _EPILOG = """\
 example (receipts train, ocr target, AwaRes's crop set and the fine one):
   zoomvlm train crop-set-reader --data ../shared/data/receipts/train.jsonl --out runs/crop_set_reader_lam0.3 \\
@@ -189,9 +191,15 @@ def add_parser(tsub) -> None:
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--crop-set", choices=("awares", "fine"), default="awares",
                    help="AwaRes's 10 regions, or those + bands for text. Default: %(default)s")  # fmt: skip
-    p.add_argument("--lam", type=float, default=0.3, help="C_tool area weight lambda. Default: %(default)s")
-    p.add_argument("--alpha-miss", type=float, default=0.5, help="C_tool of a missed HR sample. Default: %(default)s")
-    p.add_argument("--alpha-use", type=float, default=0.1, help="C_tool of any crop request. Default: %(default)s")
+    p.add_argument(
+        "--lam", type=non_negative_float, default=0.3, help="C_tool area weight lambda. Default: %(default)s"
+    )
+    p.add_argument(
+        "--alpha-miss", type=non_negative_float, default=0.5, help="C_tool of a missed HR sample. Default: %(default)s"
+    )
+    p.add_argument(
+        "--alpha-use", type=non_negative_float, default=0.1, help="C_tool of any crop request. Default: %(default)s"
+    )
     p.add_argument("--labels", action="append", default=None, metavar="DIR",
                    help="`zoomvlm curate awares` folder(s) with LR/HR labels (repeatable). Default: labels are "
                    "computed on the fly from the target's low- vs high-view answers")  # fmt: skip
@@ -208,16 +216,28 @@ def add_parser(tsub) -> None:
     p.add_argument("--detect-budget", default=None,
                    help="two-pass perception detection budget (none = one pass). Default: by --text-view")  # fmt: skip
     p.add_argument("--legible", type=float, default=None, help="two-pass legibility rule. Default: the scorer's")
-    p.add_argument("--max-recognise", type=int, default=None, help="two-pass recognition cap. Default: the scorer's")
-    p.add_argument("--m", type=int, default=3, help="GET_CROPS actions per question. Default: %(default)s")
-    p.add_argument("--hidden", type=int, default=16, help="head MLP width (0 = linear). Default: %(default)s")
-    p.add_argument("--steps", type=int, default=30, help="GRPO steps. Default: %(default)s")
-    p.add_argument("--prompts", type=int, default=16, help="questions per step. Default: %(default)s")
-    p.add_argument("--group", type=int, default=6, help="actions sampled per question (G). Default: %(default)s")
-    p.add_argument("--beta", type=float, default=0.01, help="KL weight to the initial policy. Default: %(default)s")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate. Default: %(default)s")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature. Default: %(default)s")
-    p.add_argument("--save-every", type=int, default=1, help="checkpoint period in steps. Default: %(default)s")
+    p.add_argument(
+        "--max-recognise", type=positive_int, default=None, help="two-pass recognition cap. Default: the scorer's"
+    )
+    p.add_argument("--m", type=positive_int, default=3, help="GET_CROPS actions per question. Default: %(default)s")
+    p.add_argument(
+        "--hidden", type=non_negative_int, default=16, help="head MLP width (0 = linear). Default: %(default)s"
+    )
+    p.add_argument("--steps", type=positive_int, default=30, help="GRPO steps. Default: %(default)s")
+    p.add_argument("--prompts", type=positive_int, default=16, help="questions per step. Default: %(default)s")
+    p.add_argument(
+        "--group", type=group_size, default=6, help="actions sampled per question (G). Default: %(default)s"
+    )
+    p.add_argument(
+        "--beta", type=non_negative_float, default=0.01, help="KL weight to the initial policy. Default: %(default)s"
+    )
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW learning rate. Default: %(default)s")
+    p.add_argument(
+        "--temperature", type=positive_float, default=1.0, help="sampling temperature. Default: %(default)s"
+    )
+    p.add_argument(
+        "--save-every", type=positive_int, default=1, help="checkpoint period in steps. Default: %(default)s"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed. Default: %(default)s")
-    p.add_argument("--limit", type=int, default=None, help="first N questions only (smoke runs)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N questions only (smoke runs)")
     p.set_defaults(func=cmd_train)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomvlm.cli.argtypes import positive_float, positive_int
+from zoomvlm.cli.argtypes import group_size, non_negative_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -456,10 +456,12 @@ def add_parser(tsub) -> None:
             )
             q.add_argument("--target", default="ocr", help="reward target spec. Default: %(default)s")
             q.add_argument("--budget", default="384", help="reward target budget. Default: %(default)s")
-            q.add_argument("--steps", type=int, default=30, help="Default: %(default)s")
+            q.add_argument("--steps", type=positive_int, default=30, help="Default: %(default)s")
             q.add_argument("--prompts", type=positive_int, default=16, help="questions per step. Default: %(default)s")
-            q.add_argument("--group", type=int, default=6, help="actions per question (G). Default: %(default)s")
-            q.add_argument("--beta", type=float, default=0.01, help="KL weight. Default: %(default)s")
+            q.add_argument(
+                "--group", type=group_size, default=6, help="actions per question (G). Default: %(default)s"
+            )
+            q.add_argument("--beta", type=non_negative_float, default=0.01, help="KL weight. Default: %(default)s")
             q.add_argument("--lr", type=positive_float, default=1e-3, help="Default: %(default)s")
             q.add_argument("--temperature", type=positive_float, default=2.0,
                            help="sampling temperature (a confident seed samples one candidate G times at 1.0, "

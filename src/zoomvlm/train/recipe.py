@@ -22,6 +22,8 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -387,6 +389,39 @@ def _parse_section(cls: type, values: dict, section: str, source: str):
     return parsed
 
 
+def _trl_choices(cls: type, name: str) -> set[str] | None:
+    """The values TRL's help for field ``name`` lists after "Supported values are" (``None`` if it lists none):
+    read from the installed TRL, so the check follows its version."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    text = (field.metadata.get("help") or "") if field is not None else ""
+    m = re.search(r"Supported values are:?(.*?)(?:\.\s|$)", text, re.S)
+    return set(re.findall(r"[`']+([A-Za-z_]+)[`']+", m.group(1))) if m else None
+
+
+def _check_trainer_values(trainer, source: str) -> None:
+    """Refuse, when the recipe is read, trainer values TRL would refuse only after the model has loaded and the
+    first rollout was scored (an unknown ``loss_type``) or would run with silently (a learning rate <= 0).
+
+    Raises:
+        RecipeError: naming ``trainer.<key>`` and the accepted values.
+    """
+    positive = ("learning_rate", "temperature", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "num_iterations", "num_generations")  # fmt: skip
+    for key in positive:
+        value = getattr(trainer, key, None)
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise RecipeError(f"{source}: trainer.{key} must be > 0, got {value!r}")
+    for key in ("loss_type", "importance_sampling_level", "scale_rewards"):
+        value = getattr(trainer, key, None)
+        if value is None or isinstance(value, bool):
+            continue
+        choices = _trl_choices(type(trainer), key)
+        if key == "scale_rewards":
+            choices = (choices or set()) | {"group", "batch", "none"}
+        if choices and str(value) not in choices:
+            raise RecipeError(f"{source}: trainer.{key}={value!r} is not one of {sorted(choices)}")
+
+
 def recipe_from_dict(
     tree: dict, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None, source: str = "<dict>"
 ) -> Recipe:
@@ -417,6 +452,9 @@ def recipe_from_dict(
         rewards = {"awares": 1.0}  # self-zoom GRPO's one reward, R = R_ans - C_tool
     if not isinstance(rewards, dict) or not all(isinstance(w, int | float) for w in rewards.values()):
         raise RecipeError(f"{source}: rewards must be a mapping {{name: weight}}, got {rewards!r}")
+    bad = {k: w for k, w in rewards.items() if not math.isfinite(w)}
+    if bad:
+        raise RecipeError(f"{source}: reward weights must be finite numbers, got {bad} (rewards.{next(iter(bad))})")
     if recipe_kind in ("grpo", "awares_grpo"):
         if not rewards:
             raise RecipeError(f"{source}: a {recipe_kind} recipe needs `rewards: {{name: weight}}`")
@@ -434,6 +472,7 @@ def recipe_from_dict(
             "the recipe records; set them there (rewards: {name: weight})"
         )
     trainer = _parse_section(config_cls, tree["trainer"], "trainer", source)
+    _check_trainer_values(trainer, source)
     return Recipe(kind=recipe_kind, trainer=trainer, rewards={k: float(v) for k, v in rewards.items()},
                   source=source, tree=tree, **sections)  # fmt: skip
 
