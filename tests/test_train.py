@@ -354,6 +354,13 @@ def test_sft_dataset_augment_rewrites_the_box_in_the_crop_frame(sft_file):
     assert abs((new.x1 - new.x0) * aug["image"].width - (old.x1 - old.x0) * row["image"].width) <= 2
     assert abs((new.y1 - new.y0) * aug["image"].height - (old.y1 - old.y0) * row["image"].height) <= 2
     assert aug["image"].size != row["image"].size or new != old
+    # a row's crop is a function of (seed, epoch, row): the same again, new in the next epoch
+    transform = augmented.format["format_kwargs"]["transform"]
+    first = [augmented[i]["image"].size for i in range(4)]
+    assert [augmented[i]["image"].size for i in range(4)] == first
+    transform.epoch = 1
+    assert [augmented[i]["image"].size for i in range(4)] != first
+    assert "row" not in augmented[0]  # consumed by the transform
 
 
 def test_a_bf16_recipe_on_cpu_loads_float32_weights_as_the_trainer_trains(tiny_smolvlm_init):
@@ -454,3 +461,60 @@ def test_a_run_resumed_with_more_steps_follows_the_new_schedule_from_its_first_s
     assert resumed[3] == pytest.approx(straight[3]) and resumed[3] > 0  # was 0.0: a step without learning
     assert resumed[4] == pytest.approx(straight[4])
     assert resumed_used == pytest.approx({3: straight_used[3], 4: straight_used[4]}) and resumed_used[3] > 0
+
+
+def test_an_augmented_sft_run_resumed_from_a_checkpoint_ends_where_the_straight_run_does(tmp_path, TINY, sft_file):
+    """The augmentation draws from torch's generator, which checkpoints save and restore: a private stream restarted
+    on resume gave the rows after it the first rows' crops (weights 0.0155 apart after 4 steps)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from zoomvlm.train.sft import run_sft
+
+    # 4 rows in batches of 2: 2 steps per epoch, 6 steps = 3 epochs; resumed in the middle of the second
+    sets = TINY + [f"data.sft_file={sft_file}", "data.limit=4", "data.augment=1.0", "trainer.max_steps=6",
+                   "trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=1",
+                   "trainer.save_steps=1", "trainer.learning_rate=1e-2", "trainer.lr_scheduler_type=constant",
+                   "trainer.warmup_steps=0", "trainer.save_total_limit=null", "trainer.dataloader_num_workers=0",
+                   "trainer.logging_steps=1"]  # fmt: skip
+    straight = run_sft(load_recipe("tiny_cpu_sft", sets), tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for name in ("checkpoint-4", "checkpoint-5", "checkpoint-6", "final"):  # killed in step 4: resumes from 3
+        shutil.rmtree(tmp_path / "resumed" / name)
+    resumed = run_sft(load_recipe("tiny_cpu_sft", sets), tmp_path / "resumed")
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+
+
+def test_a_grpo_run_resumed_after_its_first_epoch_sees_the_prompts_the_straight_run_saw(tmp_path, TINY):
+    """TRL's sampler draws every epoch's order from one generator seeded once; a resumed run built a fresh one and
+    replayed epoch 1's order in epoch 3. The order now depends on (seed, epoch) only."""
+    import shutil
+
+    from zoomvlm.train.common import resume_checkpoint
+    from zoomvlm.train.grpo import build_grpo_trainer
+
+    seen: list[list[str]] = []
+
+    def recording_reward(prompts=None, completions=(), question=None, image_path=None, **_):
+        seen.append([f"{i}|{q}" for i, q in zip(image_path, question, strict=True)])
+        return [float(len(completion_text(c))) for c in completions]
+
+    def run(out, resume=False):
+        recipe = load_recipe("tiny_cpu_grpo", TINY + [f"data.file={demo_data_path()}", "data.limit=4",
+                             "trainer.max_steps=6", "trainer.per_device_train_batch_size=4",
+                             "trainer.num_generations=2", "trainer.max_completion_length=4", "trainer.save_steps=1",
+                             "trainer.save_total_limit=null", "trainer.learning_rate=1e-2"])  # fmt: skip
+        trainer, _ = build_grpo_trainer(recipe, out, reward_funcs=[recording_reward], reward_weights=[1.0])
+        seen.clear()
+        trainer.train(resume_from_checkpoint=resume_checkpoint(out) if resume else None)
+        return [list(q) for q in seen]
+
+    straight = run(tmp_path / "straight")  # 4 prompts, 2 per step: 3 epochs of 2 steps
+    assert len(straight) == 6 and straight[4:] != straight[:2]  # epoch 3's order is not epoch 1's
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for step in (5, 6):  # killed after step 4, i.e. in the third epoch
+        shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{step}")
+    resumed = run(tmp_path / "resumed", resume=True)
+    assert resumed == straight[4:]

@@ -30,6 +30,7 @@ from zoomvlm.train.common import (
     save_final,
 )
 from zoomvlm.train.recipe import Recipe
+from zoomvlm.train.trl_compat import EpochSeededSamplerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ class CropperGRPOConfig(TrainerDefaults, GRPOConfig):
     gradient_accumulation_steps: int = field(default=8, metadata={"help": "16 prompts x G per update."})
     logging_steps: float = field(default=1, metadata={"help": "Log every step (rewards move fast)."})
     save_steps: float = field(default=25, metadata={"help": "Checkpoint every N steps (resume point)."})
+
+
+class CropperGRPOTrainer(EpochSeededSamplerMixin, GRPOTrainer):
+    """TRL's ``GRPOTrainer`` whose prompt order depends on ``(seed, epoch)`` only, so that a run resumed after its
+    first epoch sees the prompts the uninterrupted run saw
+    (:class:`~zoomvlm.train.trl_compat.EpochSeededSamplerMixin`).
+    """
 
 
 def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
@@ -134,7 +142,7 @@ def build_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, rew
     if reward_weights is not None and args.reward_weights is None:
         args.reward_weights = [float(w) for w in reward_weights]
     model, processor, peft_config = build_cropper(recipe.model)
-    trainer = GRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
+    trainer = CropperGRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
                           processing_class=processor, peft_config=peft_config,
                           callbacks=[resumed_schedule_callback()])  # fmt: skip
     return trainer, processor

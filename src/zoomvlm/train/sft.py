@@ -80,20 +80,19 @@ def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None, 
         if limit and len(rows) >= limit:
             break
     views = cropper_views([r["image"] for r in rows], budget)
-    dataset = datasets.Dataset.from_dict(
-        {
-            "image": views,
-            "prompt": [_text_only(r["prompt"]) for r in rows],
-            "completion": [_text_only(r["completion"]) for r in rows],
-        },
-        features=datasets.Features(
-            {
-                "image": datasets.Image(),
-                "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-                "completion": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-            }
-        ),
-    )
+    columns = {
+        "image": views,
+        "prompt": [_text_only(r["prompt"]) for r in rows],
+        "completion": [_text_only(r["completion"]) for r in rows],
+    }
+    features = {
+        "image": datasets.Image(),
+        "prompt": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "completion": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+    }
+    if augment > 0:  # the row index seeds the row's crops (consumed by the transform, never reaches the trainer)
+        columns["row"], features["row"] = list(range(len(rows))), datasets.Value("int64")
+    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     return dataset.with_transform(_CropAugment(augment)) if augment > 0 else dataset
 
 
@@ -133,28 +132,51 @@ def box_preserving_crop(image: Image.Image, box: Box, rng: random.Random) -> tup
 class _CropAugment:
     """``with_transform`` hook of :func:`sft_dataset`: with probability ``p`` per row read, a box-preserving crop.
 
-    The random stream is reseeded from ``torch.initial_seed()``, which torch sets per dataloader worker and per
-    epoch from the trainer's seed: a run is reproducible and every epoch draws new crops.
+    A row's crop is a function of ``(seed, epoch, row)`` alone (``row`` = its index in the dataset, a column the
+    transform consumes): every epoch draws new crops, and a run resumed from a checkpoint draws exactly the crops
+    the uninterrupted run drew. (A stream of draws does not: a private one restarts on resume and repeated the
+    first rows' crops; torch's global one is saved after the dataloader has already prefetched the next batch.)
+    ``seed`` and ``epoch`` are set by :class:`AugmentEpochCallback` at the start of every epoch.
     """
 
     def __init__(self, p: float):
-        self.p, self._seed, self._rng = p, None, random.Random(0)
+        self.p, self.seed, self.epoch = p, 0, 0
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        import torch
-
-        if self._seed != torch.initial_seed():
-            self._seed = torch.initial_seed()
-            self._rng = random.Random(self._seed)
         images, completions = [], []
-        for image, completion in zip(batch["image"], batch["completion"], strict=True):
-            if self._rng.random() < self.p:
+        for image, completion, row in zip(batch["image"], batch["completion"], batch["row"], strict=True):
+            rng = random.Random(f"{self.seed}:{self.epoch}:{row}")  # str seeds hash with sha512: stable
+            if rng.random() < self.p:
                 box = parse_percent_box(completion[-1]["content"])
-                image, box = box_preserving_crop(image, box, self._rng)
+                image, box = box_preserving_crop(image, box, rng)
                 completion = [*completion[:-1], {"role": "assistant", "content": format_percent_box(box)}]
             images.append(image)
             completions.append(completion)
-        return {**batch, "image": images, "completion": completions}
+        return {**{k: v for k, v in batch.items() if k != "row"}, "image": images, "completion": completions}
+
+
+class AugmentEpochCallback:
+    """Tells an augmented :func:`sft_dataset` the run's seed and the epoch about to start (see ``_CropAugment``).
+
+    The epoch comes from the optimiser step at the epoch's start (``global_step // update steps per epoch``, as the
+    Trainer itself counts epochs when it resumes), so a resumed run gets the same number as the uninterrupted one.
+    A no-op for a dataset without augmentation.
+    """
+
+    def __new__(cls, dataset):
+        from transformers import TrainerCallback
+
+        augment = (dataset.format.get("format_kwargs") or {}).get("transform")
+
+        class _Callback(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+                if not isinstance(augment, _CropAugment) or train_dataloader is None:
+                    return
+                batches = len(train_dataloader)
+                per_epoch = max(1, -(-batches // args.gradient_accumulation_steps))
+                augment.seed, augment.epoch = args.seed, state.global_step // per_epoch
+
+        return _Callback()
 
 
 def _text_only(turns: list[dict]) -> list[dict]:
@@ -186,6 +208,7 @@ def run_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     )
     model, processor, peft_config = build_cropper(recipe.model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                         peft_config=peft_config, callbacks=[resumed_schedule_callback()])  # fmt: skip
+                         peft_config=peft_config,
+                         callbacks=[resumed_schedule_callback(), AugmentEpochCallback(dataset)])  # fmt: skip
     trainer.train(resume_from_checkpoint=resume_checkpoint(args.output_dir))
     return save_final(trainer, processor, args.output_dir, recipe)

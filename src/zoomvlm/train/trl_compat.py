@@ -18,6 +18,11 @@ Why private APIs at all:
   mean copying TRL's forward-input construction, which is worse.
 - The tool-call-weighted SFT keeps its trajectory columns through the Trainer's private
   ``_set_signature_columns_if_needed`` and scales TRL's fused-LM-head log-probs (``fused_lm_head``).
+- A GRPO run resumed in its second epoch or later replayed the FIRST epoch's prompt order: TRL's ``RepeatSampler``
+  draws each epoch's permutation from one generator seeded once, and a resumed run builds a fresh one.
+  :class:`EpochSeededSamplerMixin` overrides the private ``_get_train_sampler`` to give that sampler the
+  ``set_epoch`` the Trainer calls at every epoch (the generator put where an uninterrupted run's is), so the
+  order depends on the epoch alone and equals TRL's own.
 """
 
 from __future__ import annotations
@@ -28,7 +33,43 @@ from dataclasses import dataclass
 import torch
 from trl import GRPOTrainer
 
-__all__ = ["KeepColumnsMixin", "MultiTurnGRPOTrainer", "Rollout", "tool_image_marker", "weighted_fused_model"]
+__all__ = [
+    "EpochSeededSamplerMixin",
+    "KeepColumnsMixin",
+    "MultiTurnGRPOTrainer",
+    "Rollout",
+    "tool_image_marker",
+    "weighted_fused_model",
+]
+
+
+class _EpochSeeded(torch.utils.data.Sampler):
+    """TRL's ``RepeatSampler`` with ``set_epoch``: before epoch ``e`` its generator is put where an uninterrupted
+    run's is (seeded, then ``e`` permutations drawn), so the order is TRL's own and depends on the epoch alone."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def set_epoch(self, epoch: int) -> None:
+        if getattr(self.inner, "shuffle", False) and self.inner.seed is not None:
+            self.inner.generator.manual_seed(self.inner.seed)
+            for _ in range(epoch):  # one randperm per earlier epoch, as RepeatSampler.__iter__ draws
+                torch.randperm(self.inner.num_samples, generator=self.inner.generator)
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class EpochSeededSamplerMixin:
+    """For a ``GRPOTrainer`` subclass: each epoch's prompt order depends on ``(seed, epoch)`` only, so a run resumed
+    in epoch 2 or later sees the order the uninterrupted run saw (TRL's sampler replayed epoch 1's)."""
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        return _EpochSeeded(sampler) if hasattr(sampler, "generator") else sampler
 
 
 def tool_image_marker(crops: list[str]) -> str:
@@ -63,7 +104,7 @@ class Rollout:
     tool_images: list[list]
 
 
-class MultiTurnGRPOTrainer(GRPOTrainer):
+class MultiTurnGRPOTrainer(EpochSeededSamplerMixin, GRPOTrainer):
     """``GRPOTrainer`` whose generation is :meth:`rollout` (written by a subclass), with TRL's loss unchanged.
 
     Subclasses implement ``rollout(prompts, inputs) -> Rollout`` with :meth:`tokenize_prompts` and
