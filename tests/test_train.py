@@ -518,3 +518,20 @@ def test_a_grpo_run_resumed_after_its_first_epoch_sees_the_prompts_the_straight_
         shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{step}")
     resumed = run(tmp_path / "resumed", resume=True)
     assert resumed == straight[4:]
+
+
+def test_an_awares_recipe_without_data_high_records_that_each_trajectory_kept_its_own(tmp_path):
+    """It recorded the 768 px default while the trajectories' own high views (e.g. 1024 px) trained."""
+    from zoomvlm.awares.policies import DEFAULT_HIGH, trained_high
+    from zoomvlm.train.recipe import recipe_from_dict
+
+    tree = {"kind": "awares_sft", "model": {"init": "m"}, "data": {"file": "t.jsonl"},
+            "trainer": {"output_dir": str(tmp_path / "o")}}  # fmt: skip
+    assert recipe_from_dict(tree).to_json()["data"]["high"] == "per record"
+    tree["data"]["high"] = 1024
+    assert recipe_from_dict(tree).to_json()["data"]["high"] == "side:1024"
+    (tmp_path / "ckpt").mkdir()
+    for high, expected in (("per record", DEFAULT_HIGH), ("side:1024", "side:1024")):
+        recipe = {"kind": "awares_sft", "data": {"high": high}}
+        (tmp_path / "ckpt" / "zoomvlm_recipe.json").write_text(json.dumps(recipe))
+        assert str(trained_high(str(tmp_path / "ckpt"))) == str(expected)

@@ -43,8 +43,10 @@ def _as_budget(b: Budget | int | str | None, default: Budget) -> Budget:
 
 
 def trained_high(checkpoint: str) -> Budget:
-    """The high-resolution budget a zoomvlm recipe trained ``checkpoint`` with (``data.high``), else 768 px."""
-    return Budget.parse(trained_setting(checkpoint, "data", "high") or DEFAULT_HIGH)
+    """The high-resolution budget a zoomvlm recipe trained ``checkpoint`` with (``data.high``), else 768 px (also
+    when it trained on each trajectory's own high view, recorded as ``"per record"``)."""
+    high = trained_setting(checkpoint, "data", "high")
+    return Budget.parse(high if high not in (None, "per record") else DEFAULT_HIGH)
 
 
 class CropSetPolicy(SmallVLMPolicy):
