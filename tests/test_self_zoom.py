@@ -185,3 +185,22 @@ def test_consumed_cache_and_unsupported_architecture(qwen, image, monkeypatch):
         self_zoom_generate(qwen.model, qwen.processor, [image], [QUESTION], HIGH)
     (result,) = self_zoom_generate(qwen.model, qwen.processor, [image], [QUESTION], HIGH, reuse_kv=False)
     assert result.reused_tokens == 0
+
+
+def test_the_released_protocol_cuts_views_as_the_authors_adapter_does():
+    """Their lmms-eval adapter halves the ORIGINAL image and crops the original, capping each view at max_pixels on
+    its own; ours halves the capped high view. Above 1.6 MP the released model saw 2-4x fewer pixels than there."""
+    from zoomvlm.awares.protocol import PROTOCOLS, high_res_crops, low_res_view
+
+    high = PROTOCOLS["awares"].high  # pixels:1605632
+    assert PROTOCOLS["awares"].views == "released" and PROTOCOLS["zoomvlm"].views == "same_scale"
+    big = Image.new("RGB", (2246, 1582), "white")
+    assert low_res_view(big, high, "released").size == (1123, 791)  # the original halved: under the cap
+    assert high_res_crops(big, ["3"], high, "released")[0].size == (1123, 791)  # a native quadrant
+    same = low_res_view(big, high)
+    assert same.width * same.height < 0.5 * 1123 * 791  # the capped high view halved
+    huge = high_res_crops(Image.new("RGB", (7680, 4320)), ["all"], high, "released")[0]
+    assert huge.width * huge.height <= 1605632  # still capped, view by view
+    small = Image.new("RGB", (1200, 900), "white")  # within the cap: both protocols cut the same views
+    assert low_res_view(small, high, "released").size == low_res_view(small, high).size == (600, 450)
+    assert high_res_crops(small, ["0"], high, "released")[0].size == high_res_crops(small, ["0"], high)[0].size

@@ -434,27 +434,44 @@ def parse_crop_action(completion) -> tuple[list[str] | None, str | None]:
 
 @dataclass(frozen=True)
 class SelfZoomProtocol:
-    """One named variant of the self-zoom conversation. Both share the crop set, the tool-call grammar of
-    :func:`parse_get_crops`, the 0.5x-per-side low view and the same-scale crops.
+    """One named variant of the self-zoom conversation. Both share the crop set and the tool-call grammar of
+    :func:`parse_get_crops`; they differ in prompts and in how the views are cut (``views``).
 
     Args:
         name: the spec suffix (``--policy self-zoom:NAME``).
         system: turn-1 system prompt.
         crops_text: whether the crops' user turn carries :func:`tool_output_text` after the images (ours) or holds
             ONLY the images (the released AwaRes model).
-        high: the default high-resolution budget (the low view is it halved per side; crops are at its scale).
+        high: the default high-resolution budget.
+        views: ``same_scale`` (ours, what our recipes train: the low view is the ``high`` view halved per side and
+            the crops are at the ``high`` view's scale, so RTR adds up 0.25 + 0.25 per quadrant) or ``released``
+            (the AwaRes authors' lmms-eval adapter: the low view is the ORIGINAL image halved per side and each
+            crop the original region, each image then capped by ``high`` separately, as their processor's
+            ``max_pixels`` does). The two agree for images within ``high``; above it ``released`` shows more.
     """
 
     name: str
     system: str
     crops_text: bool
     high: Budget
+    views: str = "same_scale"
+
+    def __post_init__(self) -> None:
+        if self.views not in VIEW_MODES:
+            raise ValueError(f"views must be one of {VIEW_MODES}, got {self.views!r}")
+
+
+VIEW_MODES = ("same_scale", "released")
+"""How a self-zoom protocol cuts its low view and crops (see :class:`SelfZoomProtocol`)."""
 
 
 PROTOCOLS: dict[str, SelfZoomProtocol] = {
     # The released Kimhi/AWARES-Qwen2.5-VL-7B as its authors run it (NimrodShabtay/AwaRes README and lmms-eval
     # adapter): their system prompt, crops-only user turn, Qwen max_pixels 2048*28*28 for the full-resolution view.
-    "awares": SelfZoomProtocol("awares", AWARES_RELEASED_SYSTEM_PROMPT, False, Budget(max_pixels=2048 * 28 * 28)),
+    # Views as their adapter cuts them: the original halved, crops from the original, each capped separately.
+    "awares": SelfZoomProtocol(
+        "awares", AWARES_RELEASED_SYSTEM_PROMPT, False, Budget(max_pixels=2048 * 28 * 28), views="released"
+    ),
     # zoomvlm's own prompt (what our SFT/GRPO recipes train), with a text naming the returned crops; 768 px high
     # view as on the receipts testbed.
     "zoomvlm": SelfZoomProtocol("zoomvlm", AWARES_SYSTEM_PROMPT, True, Budget(max_side=768)),
@@ -467,9 +484,15 @@ def low_res_budget(image: Image.Image, high: Budget) -> Budget:
     return half_resolution_budget(*image.size, high)
 
 
-def low_res_view(image: Image.Image, high: Budget) -> Image.Image:
-    """The turn-1 low-resolution view of the ORIGINAL ``image`` (RGB)."""
-    return resize_to_budget(image.convert("RGB"), low_res_budget(image, high))
+def low_res_view(image: Image.Image, high: Budget, views: str = "same_scale") -> Image.Image:
+    """The turn-1 low-resolution view of the ORIGINAL ``image`` (RGB): the ``high`` view halved per side
+    (``same_scale``), or the original halved per side and then capped by ``high`` (``released``, the AwaRes
+    authors' adapter; see :class:`SelfZoomProtocol`)."""
+    rgb = image.convert("RGB")
+    if views == "released":
+        half = resize_to_budget(rgb, Budget(max_side=max(1, max(rgb.size) // 2)))
+        return resize_to_budget(half, high)
+    return resize_to_budget(rgb, low_res_budget(image, high))
 
 
 def crop_budgets(image: Image.Image, keys: Sequence[str], high: Budget) -> list[Budget]:
@@ -477,14 +500,19 @@ def crop_budgets(image: Image.Image, keys: Sequence[str], high: Budget) -> list[
     return [same_scale_budget(crop_region(k), *image.size, high) for k in keys]
 
 
-def high_res_crops(image: Image.Image, keys: Sequence[str], high: Budget) -> list[Image.Image]:
-    """The requested crop-set regions cut from the ORIGINAL ``image`` at the ``high`` view's scale (RGB).
+def high_res_crops(
+    image: Image.Image, keys: Sequence[str], high: Budget, views: str = "same_scale"
+) -> list[Image.Image]:
+    """The requested crop-set regions cut from the ORIGINAL ``image`` (RGB): at the ``high`` view's scale
+    (``same_scale``), or each at native resolution capped by ``high`` on its own (``released``).
 
     Raises:
         ToolCallError: a key of neither crop set (:func:`crop_region`; parse tool calls with
             :func:`~zoomvlm.awares.protocol.parse_get_crops` first).
     """
     rgb = image.convert("RGB")
+    if views == "released":
+        return [resize_to_budget(crop_image(rgb, crop_region(k)), high) for k in keys]
     return [
         resize_to_budget(crop_image(rgb, crop_region(k)), b)
         for k, b in zip(keys, crop_budgets(image, keys, high), strict=True)

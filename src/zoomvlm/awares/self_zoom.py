@@ -131,8 +131,8 @@ class Turn1State:
         cache: KV cache of ``cat(prompt_ids, generated_ids)[:cache.get_seq_length()]`` (``generate`` never feeds
             its last token); None once consumed.
         usage: turn-1 usage; full: ``(visual tokens, processed pixels)`` of the whole image under ``high``;
-        seconds: turn-1 wall time. crops_text: the crops' user turn carries the tool text (see
-        :class:`~zoomvlm.awares.protocol.SelfZoomProtocol`).
+        seconds: turn-1 wall time. crops_text: the crops' user turn carries the tool text; views: how the low
+        view and crops are cut (both: see :class:`~zoomvlm.awares.protocol.SelfZoomProtocol`).
     """
 
     target: HFTarget
@@ -149,6 +149,7 @@ class Turn1State:
     full: tuple[int | None, int]
     seconds: float
     crops_text: bool = True
+    views: str = "same_scale"
 
 
 def _encode(processor, text: str, images: list[Image.Image], device) -> dict:
@@ -193,6 +194,7 @@ def start_self_zoom(
     system: str | None = AWARES_SYSTEM_PROMPT,
     forced_text: str | None = None,
     crops_text: bool = True,
+    views: str = "same_scale",
 ) -> Turn1State:
     """Turn 1: the low-resolution view and the question -> greedy text, keeping the KV cache for turn 2.
 
@@ -209,7 +211,7 @@ def start_self_zoom(
     """
     start = time.perf_counter()
     model, processor = target.model, target.processor
-    low = low_res_view(image, high)
+    low = low_res_view(image, high, views)
     prompt = processor.apply_chat_template(_turn1_messages(question, system), add_generation_prompt=True)
     inputs = _encode(processor, prompt, [low], model.device)
     prompt_ids = inputs["input_ids"][0]
@@ -252,6 +254,7 @@ def start_self_zoom(
         full=full_image_cost(target, image, high),
         seconds=seconds,
         crops_text=crops_text,
+        views=views,
     )
 
 
@@ -334,7 +337,7 @@ def continue_with_crops(
     start = time.perf_counter()
     target, keys = state.target, list(keys)
     model, processor = target.model, target.processor
-    crops = high_res_crops(state.image, keys, state.high)
+    crops = high_res_crops(state.image, keys, state.high, state.views)
     text = processor.apply_chat_template(
         _conversation(state.question, state.text, keys, state.system, state.crops_text), add_generation_prompt=True
     )
@@ -433,6 +436,7 @@ def _self_zoom(
     reuse_kv: bool,
     system: str | None,
     crops_text: bool = True,
+    views: str = "same_scale",
 ) -> list[SelfZoomResult]:
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
@@ -440,9 +444,8 @@ def _self_zoom(
         _check_kv_reuse(target.model)
     results = []
     for image, question in zip(images, questions, strict=True):
-        state = start_self_zoom(
-            target, image, question, high, max_new_tokens=max_new_tokens, system=system, crops_text=crops_text
-        )
+        state = start_self_zoom(target, image, question, high, max_new_tokens=max_new_tokens, system=system,
+                                crops_text=crops_text, views=views)  # fmt: skip
         results.append(finish_self_zoom(state, max_new_tokens=max_new_tokens, reuse_kv=reuse_kv))
     n_errors = count_outcomes(results)["tool_error"]
     if n_errors:
@@ -461,6 +464,7 @@ def self_zoom_generate(
     reuse_kv: bool = True,
     system: str | None = AWARES_SYSTEM_PROMPT,
     crops_text: bool = True,
+    views: str = "same_scale",
 ) -> list[SelfZoomResult]:
     """AwaRes self-zoom (sec. 3.1) for each ``(image, question)``: turn 1 on the low view, turn 2 on the crops
     it asks for; greedy, one sample at a time.
@@ -471,6 +475,7 @@ def self_zoom_generate(
         high: the high-resolution view's budget (the turn-1 view is it halved; crops are at its scale).
         max_new_tokens: per turn. reuse_kv: see :func:`continue_with_crops`. system: turn-1 system prompt.
         crops_text: the crops' user turn carries a text naming them (ours) or only the images (released AwaRes).
+        views: ``same_scale`` (ours) or ``released`` (see :class:`~zoomvlm.awares.protocol.SelfZoomProtocol`).
 
     Returns:
         One :class:`SelfZoomResult` per sample, in order.
@@ -490,6 +495,7 @@ def self_zoom_generate(
         reuse_kv=reuse_kv,
         system=system,
         crops_text=crops_text,
+        views=views,
     )
 
 
@@ -561,6 +567,7 @@ class SelfZoomPolicy:
             reuse_kv=self.reuse_kv,
             system=self.protocol.system,
             crops_text=self.protocol.crops_text,
+            views=self.protocol.views,
         )
         out = []
         self.last_turn_seconds = [[u.seconds for u in r.usage] for r in results]
