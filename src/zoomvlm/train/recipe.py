@@ -261,9 +261,12 @@ class Recipe:
             "source": self.source,
             "model": dataclasses.asdict(self.model),
             # awares_* kinds without data.high train on each trajectory's own high view: say so, not the default
-            "data": {**dataclasses.asdict(self.data),
-                     "high": "per record" if self.kind.startswith("awares") and self.data.high is None
-                     else self.data.high_budget},  # fmt: skip
+            "data": {
+                **dataclasses.asdict(self.data),
+                "high": "per record"
+                if self.kind.startswith("awares") and self.data.high is None
+                else self.data.high_budget,
+            },  # fmt: skip
             "trainer": dict(self.tree.get("trainer", {})),
             "rewards": dict(self.rewards),
             "target": dataclasses.asdict(self.target),
