@@ -378,3 +378,32 @@ def test_the_llm_judge_reads_quoted_booleans_as_they_say(verdict, scores, unread
     out = judge.judge(["q?"], [["12"]], ["low says 7"], ["high says 12"])
     assert judge.n_unreadable == unreadable
     assert out == [scores if scores is not None else (0.0, 1.0)]  # the fallback: contains on each answer
+
+
+def test_crop_set_edge_cases_a_review_found():
+    """A degenerate box maps to the crop holding it (it mapped to the top-left crop wherever it lay); a repeated
+    fixed key is one crop (it was sent, and counted in RTR, twice); the prompt's own 'whole image' parses."""
+    from PIL import Image
+
+    from zoomvlm.awares.protocol import covering_crops, crops_for_box, parse_get_crops
+    from zoomvlm.core.geometry import Box
+    from zoomvlm.policies import load_policy
+
+    point = Box(0.9, 0.9, 0.9, 0.95)
+    assert crops_for_box(point, 0.2) == covering_crops(point) == ["3"]
+    (proposal,) = load_policy("crop-set-fixed:3,3").propose([Image.new("RGB", (100, 100))], ["q"])
+    assert len(proposal.boxes) == 1
+    assert parse_get_crops("GET_CROPS: ['whole image']") == ["all"]
+
+
+def test_a_bad_iou_threshold_is_refused_before_curation_writes_anything(tmp_path, capsys):
+    from zoomvlm.awares.curation import curate_awares
+    from zoomvlm.cli.main import main
+
+    with pytest.raises(ValueError, match=r"iou_threshold must be in \(0, 1\], got 1.5"):
+        curate_awares([], None, "side:768", None, None, tmp_path / "out", iou_threshold=1.5)
+    assert not (tmp_path / "out").exists()
+    for flag, value in (("--iou-threshold", "1.5"), ("--limit", "0"), ("--limit", "-1")):
+        with pytest.raises(SystemExit):
+            main(["curate", "awares", "--data", "d.jsonl", "--out", str(tmp_path / "o"), flag, value])
+        assert "expected" in capsys.readouterr().err

@@ -188,9 +188,12 @@ def curate_awares(
         The ``curation.json`` dict.
 
     Raises:
-        ValueError: a sample without an answer, or ``out_dir`` holds rows made with other settings (target,
+        ValueError: ``iou_threshold`` outside ``(0, 1]`` (before anything is written); a sample without an answer,
+            or ``out_dir`` holds rows made with other settings (target,
             ``high``, judge, grounder or ``iou_threshold``; ``settings.json``).
     """
+    if not 0.0 < iou_threshold <= 1.0:  # before settings.json and any row are written (a later fix would be refused)
+        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     out_dir = Path(out_dir)
     settings = {"target": getattr(target, "name", type(target).__name__), "high": str(high), "judge": judge.name,
                 **grounder_settings(grounder), "iou_threshold": iou_threshold}  # fmt: skip

@@ -102,7 +102,7 @@ class FixedCropSet:
     def __init__(self, keys: Sequence[str], high: Budget | int | str | None = None, name: str | None = None):
         from zoomvlm.awares.protocol import format_get_crops
 
-        self.keys = list(keys)
+        self.keys = list(dict.fromkeys(keys))  # a repeated key is one crop (sent once, counted once in RTR)
         if self.keys:
             format_get_crops(self.keys)  # raises ToolCallError on an unknown key
         self.high = _as_budget(high, DEFAULT_HIGH)

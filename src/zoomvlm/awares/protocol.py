@@ -94,7 +94,7 @@ CROP_SET_NAMES: dict[str, str] = {
     "5": "top", "6": "bottom", "7": "left", "8": "right", "all": "all",
 }  # fmt: skip
 _CROP_ALIASES = {v.replace("-", " "): k for k, v in CROP_SET_NAMES.items()} | {
-    "centre": "4", "middle": "4", "full": "all", "whole": "all",
+    "centre": "4", "middle": "4", "full": "all", "whole": "all", "whole image": "all",
 }  # fmt: skip
 
 
@@ -252,6 +252,8 @@ def crops_for_box(box: Box, iou_threshold: float) -> list[str]:
     """
     if not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+    if box.area <= 0:  # a degenerate box (a point, a line): the smallest crop holding its centre, as covering_crops
+        return list(covering_crops(box))
     if box.iou(CROP_SET["all"]) >= 0.999:
         return ["all"]
     crops = {k: c for k, c in CROP_SET.items() if k != "all"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["group_size", "non_negative_float", "non_negative_int", "positive_float", "positive_int"]
+__all__ = ["group_size", "non_negative_float", "non_negative_int", "positive_float", "positive_int", "unit_interval"]
 
 
 def positive_int(text: str) -> int:
@@ -58,4 +58,15 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in ``(0, 1]`` (IoU thresholds, shares)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zoomvlm.cli.argtypes import positive_int, unit_interval
+
 _CURATE_EPILOG = """\
 grounders (--grounder):
   ocr   the OCR reader finds the line(s) holding the answer; their union (offline, CPU)
@@ -101,9 +103,11 @@ def cmd_train(args) -> int:
         from zoomvlm.awares.grpo import run_awares_grpo as run
     final = run(recipe)
     if args.stage.startswith("awares"):
-        print(
-            f"trained self-zoom model saved to {final}; it answers with zoomvlm.awares.self_zoom (--policy self-zoom)"
-        )
+        # our recipes train our prompt and same-scale views: --policy self-zoom:zoomvlm, at the trained high view
+        high = f"@{recipe.data.high_budget}" if recipe.data.high is not None else ""
+        print(f"trained self-zoom model saved to {final}; evaluate it with --target hf:{final} "
+              f"--policy self-zoom:zoomvlm{high}"
+              + ("" if high else " (add @HIGH: it trained on each trajectory's own high view)"))  # fmt: skip
     elif recipe.data.policy == "crop_set":
         print(f"trained crop-set policy saved to {final}; use it with --policy crop-set:{final}")
     else:
@@ -133,7 +137,7 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="grounding VLM for --grounder vlm")
     p.add_argument("--ocr-budget", default="side:2048",
                    help="reading resolution of --grounder ocr (native = no limit). Default: %(default)s")  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N samples only")
     p.add_argument("--out", required=True, help="output folder (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_curate_boxes)
@@ -149,9 +153,9 @@ def add_commands(sub) -> None:
     p.add_argument("--ocr-budget", default="side:2048", help="reading resolution of --grounder ocr")
     p.add_argument("--seeds", default=None, metavar="DIR",
                    help="replay seed boxes from a `zoomvlm curate boxes` output folder (same samples)")  # fmt: skip
-    p.add_argument("--iou-threshold", type=float, default=0.2,
+    p.add_argument("--iou-threshold", type=unit_interval, default=0.2,
                    help="box -> crop subset IoU threshold. Default: %(default)s (README: measured)")  # fmt: skip
-    p.add_argument("--limit", type=int, default=None, help="first N samples only")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N samples only")
     p.add_argument("--out", required=True, help="output folder (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_curate_awares)
