@@ -535,3 +535,23 @@ def test_an_awares_recipe_without_data_high_records_that_each_trajectory_kept_it
         recipe = {"kind": "awares_sft", "data": {"high": high}}
         (tmp_path / "ckpt" / "zoomvlm_recipe.json").write_text(json.dumps(recipe))
         assert str(trained_high(str(tmp_path / "ckpt"))) == str(expected)
+
+
+def test_the_crop_set_policy_trains_on_the_view_it_sees_at_inference(tmp_path):
+    """An image under the high view (640 x 480 under side:768) has a 320 x 240 low view at inference; training used
+    a fixed 384 px view of it."""
+    from PIL import Image
+
+    from zoomvlm.awares.protocol import low_res_view
+    from zoomvlm.data.samples import Sample
+    from zoomvlm.train.grpo import grpo_dataset
+    from zoomvlm.train.recipe import DataArgs
+
+    data = DataArgs(policy="crop_set", high="side:768")
+    for size in ((640, 480), (2000, 1500)):
+        path = tmp_path / f"{size[0]}.png"
+        Image.new("RGB", size, "white").save(path)
+        sample = Sample("s", path, "Total?", ("1",), *size)
+        (row,) = grpo_dataset([sample], data.view_budget, "crop_set", high=data.policy_high)
+        assert row["image"].size == low_res_view(Image.open(path), data.policy_high).size
+    assert row["image"].size == (384, 288) and DataArgs().policy_high is None

@@ -145,14 +145,22 @@ def trajectory_records(
         yield where, row, record_high, image
 
 
-def cropper_view(path: str | Path, budget: Budget) -> Image.Image:
-    """The cropper's input: the image shrunk to ``budget`` (its processor may resize/tile further)."""
+def cropper_view(path: str | Path, budget: Budget, high: Budget | None = None) -> Image.Image:
+    """The policy's input: the image shrunk to ``budget`` (its processor may resize/tile further); with ``high``
+    (the crop-set policy), AwaRes's low view of it instead (:func:`~zoomvlm.awares.protocol.low_res_view`: the
+    ``high`` view halved, SMALLER than ``budget`` for an image under ``high``), exactly what it sees at inference."""
     from zoomvlm.data.samples import load_image
 
+    if high is not None:
+        from zoomvlm.awares.protocol import low_res_view
+
+        return low_res_view(load_image(path), high)
     return resize_to_budget(load_image(path), budget)
 
 
-def cropper_views(paths, budget: Budget, desc: str = "loading images") -> list[Image.Image]:
+def cropper_views(
+    paths, budget: Budget, desc: str = "loading images", high: Budget | None = None
+) -> list[Image.Image]:
     """:func:`cropper_view` of each path, decoding each distinct file once (questions share images)."""
     from tqdm.auto import tqdm
 
@@ -161,7 +169,7 @@ def cropper_views(paths, budget: Budget, desc: str = "loading images") -> list[I
     for p in tqdm(paths, desc=desc, unit="q", leave=False):
         key = str(p)
         if key not in cache:
-            cache[key] = cropper_view(p, budget)
+            cache[key] = cropper_view(p, budget, high)
         out.append(cache[key])
     return out
 

@@ -66,7 +66,7 @@ class CropperGRPOTrainer(EpochSeededSamplerMixin, GRPOTrainer):
     """
 
 
-def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
+def grpo_dataset(samples, budget: Budget, policy: str = "cropper", high: Budget | None = None):
     """A ``datasets.Dataset`` for GRPO from :class:`~zoomvlm.data.samples.Sample` objects (answers required).
 
     Columns: ``image`` (the policy's view, shrunk to ``budget``), ``prompt`` (one user turn, text only: TRL
@@ -77,6 +77,8 @@ def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
     Args:
         policy: ``cropper`` (CropVLM's prompt) or ``crop_set`` (the external AwaRes crop-set policy's prompt;
             ``budget`` is then its low-resolution view, the high budget with sides halved).
+        high: for ``crop_set``, the high view: each image's view is then AwaRes's low view of it, as at
+            inference (smaller than ``budget`` for an image under ``high``).
 
     Raises:
         ValueError: a sample without answers, or an unknown ``policy``.
@@ -92,7 +94,7 @@ def grpo_dataset(samples, budget: Budget, policy: str = "cropper"):
     for s in samples:
         if not s.answers:
             raise ValueError(f"sample {s.id!r} has no answer: GRPO rewards need the gold answer")
-    views = cropper_views([s.image for s in samples], budget)
+    views = cropper_views([s.image for s in samples], budget, high=high if policy == "crop_set" else None)
     return datasets.Dataset.from_dict(
         {
             "image": views,
@@ -136,7 +138,7 @@ def build_grpo_trainer(recipe: Recipe, output_dir: str | Path | None = None, rew
     samples = load_jsonl(recipe.data.file)
     if recipe.data.limit:
         samples = samples[: recipe.data.limit]
-    dataset = grpo_dataset(samples, recipe.data.view_budget, recipe.data.policy)
+    dataset = grpo_dataset(samples, recipe.data.view_budget, recipe.data.policy, high=recipe.data.policy_high)
     if reward_funcs is None:
         reward_funcs, reward_weights = build_rewards(recipe.rewards, recipe_reward_context(recipe))
     if reward_weights is not None and args.reward_weights is None:

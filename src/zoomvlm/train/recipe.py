@@ -159,6 +159,11 @@ class DataArgs:
         return str(Budget.parse(self.high if self.high is not None else DEFAULT_HIGH))
 
     @property
+    def policy_high(self) -> Budget | None:
+        """The crop-set policy's high view (its input is that view halved, per image); None for the cropper."""
+        return Budget.parse(self.high_budget) if self.policy == "crop_set" else None
+
+    @property
     def view_budget(self) -> Budget:
         """The policy's input: ``cropper_budget`` (default 512) or, for ``crop_set``, ``high`` with sides halved."""
         if self.policy == "crop_set":

@@ -47,7 +47,9 @@ class CropperSFTConfig(TrainerDefaults, SFTConfig):
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps (resume point)."})
 
 
-def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None, augment: float = 0.0):
+def sft_dataset(
+    sft_file: str | Path, budget: Budget, limit: int | None = None, augment: float = 0.0, high: Budget | None = None
+):
     """A ``datasets.Dataset`` of ``{image, prompt, completion}`` from ``sft.jsonl`` (``zoomvlm curate boxes``).
 
     ``image`` is the cropper's view (shrunk to ``budget`` once, here, so epochs do not re-decode 6000-px scans);
@@ -58,6 +60,8 @@ def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None, 
             its view with the completion box rewritten in the crop's frame. A receipt's layout moves with every
             crop, so a cropper can no longer fit the boxes from the question alone and must look at the image.
             ``0`` (CropVLM's recipe) = the stored rows as they are.
+        high: the crop-set policy's high view: each view is then AwaRes's low view of the image, as at inference
+            (:func:`~zoomvlm.train.common.cropper_view`); ``None`` = the cropper's ``budget`` view.
 
     Raises:
         FileNotFoundError: no such file. ValueError: a line is not an SFT record (names the line), or
@@ -79,7 +83,7 @@ def sft_dataset(sft_file: str | Path, budget: Budget, limit: int | None = None, 
         rows.append(row)
         if limit and len(rows) >= limit:
             break
-    views = cropper_views([r["image"] for r in rows], budget)
+    views = cropper_views([r["image"] for r in rows], budget, high=high)
     columns = {
         "image": views,
         "prompt": [_text_only(r["prompt"]) for r in rows],
@@ -203,9 +207,8 @@ def run_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     if not recipe.data.sft_file:
         raise ValueError("an sft recipe needs data.sft_file (written by `zoomvlm curate boxes` or `curate awares`)")
     check_resume(args.output_dir, recipe)
-    dataset = sft_dataset(
-        recipe.data.sft_file, recipe.data.view_budget, recipe.data.limit, augment=recipe.data.augment
-    )
+    dataset = sft_dataset(recipe.data.sft_file, recipe.data.view_budget, recipe.data.limit,
+                          augment=recipe.data.augment, high=recipe.data.policy_high)  # fmt: skip
     model, processor, peft_config = build_cropper(recipe.model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config,
