@@ -92,6 +92,15 @@ def test_llava_pads_to_a_square_and_keeps_the_whole_image(real_vlms):
     assert dominant(released, [20, 168, 316]) == [1, 1, 1]  # centre crop: the middle third only
     target = _target(real_vlms, "llava")
     assert target.view_visual_tokens(bands) == target.view_visual_tokens(Image.new("RGB", (40, 30))) == 576
+    # a huge thin native view is shrunk to the encoder's input before padding (it was padded to 20000 x 20000 first)
+    from zoomvlm.targets.hf import encoder_view
+
+    thin = Image.new("RGB", (20000, 200), (255, 0, 0))
+    assert encoder_view(processor, thin).size == (336, 336)
+    assert encoder_view(processor, bands).size == (336, 336)  # 200 x 600: shrunk to 112 x 336, then padded
+    small = Image.new("RGB", (60, 30))
+    assert encoder_view(processor, small).size == (60, 60)  # within the input: padded as before
+    assert target.view_visual_tokens(thin) == 576
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -323,7 +332,7 @@ def test_self_zoom_record_with_a_tool_call(real_vlms, noise, tmp_path, monkeypat
     forced = functools.partial(self_zoom.start_self_zoom, forced_text="GET_CROPS: ['3']")
     monkeypatch.setattr(self_zoom, "start_self_zoom", forced)
     target = _target(real_vlms, "qwen2_5_vl", max_new_tokens=2)
-    policy = load_policy("self-zoom@side:448")
+    policy = load_policy("self-zoom:zoomvlm@side:448")  # same-scale views (the released protocol cuts its own)
     (record,) = run_batch([_sample(tmp_path, noise)], policy, target, metric="anls", rtr_reference=policy.high)
     assert record.action == "crops:3" and record.boxes == [[0.5, 0.5, 1.0, 1.0]] and record.policy_error is None
     assert len(record.turn_seconds) == 2 and record.target_seconds == pytest.approx(sum(record.turn_seconds))

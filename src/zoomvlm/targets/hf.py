@@ -176,6 +176,21 @@ def _pad_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return canvas
 
 
+def _llava_input_side(image_processor) -> int | None:
+    """The side of the square a LLaVA image processor feeds its encoder (``crop_size`` / ``size``), or None."""
+    sizes = []
+    for attr in ("crop_size", "size"):
+        value = getattr(image_processor, attr, None)
+        if isinstance(value, int):
+            sizes.append(value)
+            continue
+        for key in ("height", "width", "shortest_edge"):  # a dict, or transformers' SizeDict
+            v = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+            if isinstance(v, int):
+                sizes.append(v)
+    return max(sizes) if sizes else None
+
+
 def encoder_view(processor, view: Image.Image) -> Image.Image:
     """``view`` (already shrunk to its budget) as the processor must receive it so the budget holds (RGB).
 
@@ -185,7 +200,10 @@ def encoder_view(processor, view: Image.Image) -> Image.Image:
     - ``qwen2_vl``: unchanged (its ``min_pixels``/``max_pixels`` resize already follows the view's size), except
       a view 200 or more times longer than wide (a valid thin crop of a line), which its resize refuses: padded
       with the image mean colour to just under that ratio.
-    - ``llava``: padded to a square with the image mean colour, as LLaVA-1.5's evaluation does.
+    - ``llava``: padded to a square with the image mean colour, as LLaVA-1.5's evaluation does; a view larger
+      than the processor's input (336 px) is first shrunk to it, so the square is never larger than needed (a
+      20000 x 200 native view padded first was a 20000 x 20000 canvas: 4+ GB for one request; the processor
+      shrinks the square to its input either way, so the pixels it sees are the same up to resampling).
     """
     view = view.convert("RGB")
     family = processor_family(processor)
@@ -196,6 +214,9 @@ def encoder_view(processor, view: Image.Image) -> Image.Image:
             view = resize_to_budget(view, Budget(max_side=int(cap)))
     elif family == "llava":
         mean = getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5)
+        side = _llava_input_side(ip)
+        if side and max(view.size) > side:
+            view = resize_to_budget(view, Budget(max_side=side))
         view = _pad_to_square(view, tuple(int(round(255 * m)) for m in mean))
     elif family == "qwen2_vl" and max(view.size) >= QWEN_MAX_ASPECT * min(view.size):
         mean = getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5)
