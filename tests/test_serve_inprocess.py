@@ -222,3 +222,25 @@ def test_an_answer_cut_by_the_generation_limit_finishes_with_length():
             stream = client.post("/v1/chat/completions", json=chat(image, stream=True)).text
         assert body["choices"][0]["finish_reason"] == finish
         assert f'"finish_reason": "{finish}"' in stream
+
+
+def test_the_local_rtr_token_count_runs_in_the_target_worker_not_on_the_event_loop(tiny_smolvlm_init, monkeypatch):
+    """Counting the native reference's visual tokens runs the processor (seconds for a 24 MP photo): on the event
+    loop it stalled every client, and it used the processor beside the target's own thread."""
+    import threading
+
+    from zoomvlm.targets import load_target
+
+    target = load_target(f"hf:{tiny_smolvlm_init}", budget=None)
+    threads = []
+    original = ZoomService._local_rtr
+
+    def recording(self, zoomed, usage):
+        threads.append(threading.current_thread().name)
+        return original(self, zoomed, usage)
+
+    monkeypatch.setattr(ZoomService, "_local_rtr", recording)
+    with local_client(target) as client:
+        reply = client.post("/v1/chat/completions", json=chat(image_url(Image.new("RGB", (64, 64))), max_tokens=2))
+    assert reply.status_code == 200 and len(threads) == 1
+    assert threads[0].startswith("zoomvlm-target"), threads

@@ -360,7 +360,8 @@ class ZoomService:
         usage = generation.usage
         self.metrics.upstream_seconds.observe(call_seconds)
         info.crops = sum(len(p.boxes) for p in proposals)
-        info.rtr, rtr_unit = self._local_rtr(zoomed, usage)
+        # the reference's token count runs the processor: in the target's worker thread, off the event loop
+        info.rtr, rtr_unit = await self.target_batcher.run_in_worker(self._local_rtr, zoomed, usage)
         self._observe(info)
         # "length" when the target's generation limit cut the answer (its completion filled max_new_tokens), as
         # OpenAI clients expect to detect truncation; targets without a limit or a token count say "stop"

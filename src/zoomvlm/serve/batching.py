@@ -69,6 +69,12 @@ class MicroBatcher:
                 fut.set_exception(RuntimeError(f"{self.name} stopped"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def run_in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in this batcher's worker thread, after the calls queued before it: other model work (e.g.
+        the processor counting a reference's visual tokens) never blocks the event loop and never runs beside the
+        batch calls on the same model or processor from another thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     async def submit(self, item: Any) -> tuple[Any, float]:
         """Queue ``item``; returns ``(result, seconds of the call that computed it)``.
 
