@@ -78,3 +78,29 @@ def test_ctc_substring_on_synthetic_frames():
     assert ctc_substring_logprob(frames, [[3], [4]]) < -15  # "cd" are not adjacent
     with pytest.raises(ValueError):
         ctc_substring_logprob(frames, [])
+
+
+def test_a_view_too_thin_for_rapidocrs_upscale_is_padded_not_blown_up(monkeypatch):
+    """RapidOCR upscales a view whose short side is under 30 px; a 383 x 1 view became ~11490 x 30 (47 s, 4.8 GB).
+    Such a view is padded to 30 px instead; an ordinary thin line crop is still upscaled as every README run was."""
+    from PIL import Image
+
+    from zoomvlm.core.geometry import Budget
+    from zoomvlm.targets.ocr import OCRTarget
+
+    target = OCRTarget(budget=Budget.parse("384"))
+    engine = target.engine
+    seen = []
+    original = engine.preprocess_img
+
+    def recording(img):
+        out = original(img)
+        seen.append((img.shape[1], img.shape[0], out[0].shape[1], out[0].shape[0]))
+        return out
+
+    monkeypatch.setattr(engine, "preprocess_img", recording)
+    target.detect(Image.new("RGB", (383, 1), "white"))
+    target.detect(Image.new("RGB", (384, 20), "white"))
+    (w0, h0, dw0, dh0), (_, _, dw1, dh1) = seen
+    assert (w0, h0) == (383, 30) and max(dw0, dh0) <= 4096  # padded, not ~11490 px wide
+    assert dw1 == 576 and dh1 >= 30  # 384 x 20 upscaled by 1.5 (30 px short side), as before

@@ -27,11 +27,16 @@ logger = logging.getLogger(__name__)
 PROB_FLOOR = 1e-8
 """Probabilities are clamped here before the log, so one impossible frame costs log(1e-8) = -18.4 nats."""
 
-# RapidOCR resizes behind the caller's back in two places; both are switched off so the view's own
-# size (already shrunk to the budget) is exactly what the detector and recogniser see:
+# RapidOCR resizes behind the caller's back in three places. Two are switched off so that a view's own size
+# (already shrunk to the budget) is what the detector sees:
 #  - Global.max_side_len (default 2000) shrinks large images before detection;
 #  - Det.limit_type=min / limit_side_len=736 UPSCALES so the short side is 736 px, which would read
 #    a 384 px "low-resolution" view at ~2x the resolution it claims to have.
+# The third, Global.min_side_len (30), is kept: it upscales a view whose SHORT side is under 30 px (a thin crop of
+# one text line, e.g. 384 x 20 read at 576 x 30), which every measurement in the README was made with. A view so
+# thin that this would blow its long side past _MAX_UPSCALED_SIDE (a 383 x 1 view became ~11490 x 30: 47 s and
+# 4.8 GB) is padded with white to 30 px instead (see OCRTarget.detect).
+_MAX_UPSCALED_SIDE = 4096
 _NO_RESIZE = 1_000_000
 _ENGINE_PARAMS = {
     "Global.max_side_len": _NO_RESIZE,
@@ -205,7 +210,14 @@ class OCRTarget:
         from rapidocr.main import RapidOCRError
 
         engine = self.engine
-        img = engine.load_img(np.asarray(view.convert("RGB")))
+        view = view.convert("RGB")
+        floor = int(getattr(engine, "min_side_len", 0) or 0)
+        w, h = view.size
+        if floor and min(w, h) < floor and max(w, h) * floor / max(1, min(w, h)) > _MAX_UPSCALED_SIDE:
+            padded = Image.new("RGB", (max(w, floor), max(h, floor)), "white")  # quads stay in the view's frame
+            padded.paste(view, (0, 0))
+            view = padded
+        img = engine.load_img(np.asarray(view))
         img, op_record = engine.preprocess_img(img)
         try:
             crops, det = engine.detect_and_crop(img, op_record)
