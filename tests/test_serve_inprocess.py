@@ -244,3 +244,28 @@ def test_the_local_rtr_token_count_runs_in_the_target_worker_not_on_the_event_lo
         reply = client.post("/v1/chat/completions", json=chat(image_url(Image.new("RGB", (64, 64))), max_tokens=2))
     assert reply.status_code == 200 and len(threads) == 1
     assert threads[0].startswith("zoomvlm-target"), threads
+
+
+def test_a_stalled_upload_is_cut_off_with_408_instead_of_holding_its_slot():
+    import asyncio
+
+    from zoomvlm.serve.app import _read_body_within
+    from zoomvlm.serve.errors import ServeError
+
+    class Stalled:  # sends one byte of its body, then nothing
+        headers: dict = {}
+
+        async def stream(self):
+            yield b"{"
+            await asyncio.sleep(3600)
+
+    class Whole:
+        headers: dict = {}
+
+        async def stream(self):
+            yield b"{}"
+
+    with pytest.raises(ServeError) as err:
+        asyncio.run(_read_body_within(Stalled(), 1000, 0.1))
+    assert err.value.status == 408 and "within 0.1 s" in str(err.value)
+    assert asyncio.run(_read_body_within(Whole(), 1000, 0.1)) == b"{}"

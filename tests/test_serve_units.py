@@ -149,6 +149,13 @@ def test_micro_batcher_batches_concurrent_requests():
         ({"target": "ocr", "upstream_model": "m"}, "needs --upstream"),
         ({"target": "ocr", "max_images": 0}, "max-images"),
         ({"target": "ocr", "upstream_max_images": 1}, "needs --upstream"),
+        # refused at start-up: a port out of range crashed after the policy loaded; a timeout <= 0 or nan made
+        # every request time out (or go out without crops)
+        ({"target": "ocr", "port": 70000}, "port must be in 0..65535"),
+        ({"target": "ocr", "policy_timeout": -1.0}, "policy-timeout must be a finite number of seconds > 0"),
+        ({"target": "ocr", "upstream_timeout": 0.0}, "upstream-timeout must be"),
+        ({"target": "ocr", "body_timeout": float("nan")}, "body-timeout must be"),
+        ({"target": "ocr", "batch_wait_ms": -1.0}, "batch-wait-ms must be a finite number >= 0"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -151,6 +151,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+async def _read_body_within(request: Request, limit: int, timeout: float) -> bytes:
+    """:func:`_read_body` in at most ``timeout`` seconds, else 408: a client that stalls mid-upload (one byte, then
+    nothing) held its admission slot for ever, and enough of them made the server answer 503 to everyone."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError as err:
+        raise ServeError(408, f"request body not received within {timeout:g} s", "body_timeout") from err
+
+
 async def _race_disconnect(request: Request, work: Awaitable):
     """Run ``work``; if the client disconnects first, cancel it and raise :class:`ClientGone`.
 
@@ -550,7 +559,7 @@ def create_app(service: ZoomService) -> FastAPI:
                     f"Content-Type must be application/json, got {content_type or 'none'!r}",
                     "unsupported_media_type",
                 )
-            body = await _read_body(request, config.max_body_bytes)
+            body = await _read_body_within(request, config.max_body_bytes, config.body_timeout)
             raw, typed = parse_chat_request(body)
             question = question_of(typed)
 

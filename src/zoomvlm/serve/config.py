@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 __all__ = ["ServeConfig"]
@@ -71,6 +72,13 @@ class ServeConfig:
         },
     )
     media_timeout: float = field(default=5.0, metadata={"help": "seconds to fetch one remote image"})
+    body_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds a client may take to send its request body; 408 beyond (a stalled upload would "
+            "otherwise hold an admission slot for ever)"
+        },
+    )
     # ---- faults -----------------------------------------------------------------------------
     policy_timeout: float = field(default=10.0, metadata={"help": "seconds the zoom policy may take per request"})
     upstream_timeout: float = field(
@@ -152,6 +160,16 @@ class ServeConfig:
             raise ValueError("--upstream-max-images must be >= 1")
         if self.upstream_max_images is not None and self.mode != "proxy":
             raise ValueError("--upstream-max-images needs --upstream (proxy mode); a local target takes every crop")
+        for name in ("media_timeout", "body_timeout", "policy_timeout", "upstream_timeout", "drain_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):  # 0 or less: every request would time out (or fail open)
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, got {value}")
+        for name in ("batch_wait_ms", "retry_backoff", "max_retry_after"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
 
     @property
     def allowed_domains(self) -> tuple[str, ...]:
