@@ -269,3 +269,17 @@ def test_a_stalled_upload_is_cut_off_with_408_instead_of_holding_its_slot():
         asyncio.run(_read_body_within(Stalled(), 1000, 0.1))
     assert err.value.status == 408 and "within 0.1 s" in str(err.value)
     assert asyncio.run(_read_body_within(Whole(), 1000, 0.1)) == b"{}"
+
+
+def test_the_upstreams_refusal_of_the_servers_key_on_models_is_a_502_without_its_body():
+    """It was passed through as 401 with the upstream's body (which echoed the server's masked key): the openai
+    client blamed the CLIENT's key."""
+    body = {"error": {"message": "Incorrect API key provided: sk-proj-****Xy9Q", "code": "invalid_api_key"}}
+    client, _ = client_for(lambda r: httpx.Response(401, json=body))
+    with client:
+        reply = client.get("/v1/models")
+    assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_auth"
+    assert "sk-proj" not in reply.text
+    ok, _ = client_for(lambda r: httpx.Response(200, json={"object": "list", "data": []}))
+    with ok:
+        assert ok.get("/v1/models").json() == {"object": "list", "data": []}

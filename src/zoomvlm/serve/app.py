@@ -541,6 +541,11 @@ def create_app(service: ZoomService) -> FastAPI:
             response = await service.upstream.get("/models", timeout=config.upstream_timeout)
         except Exception as err:  # noqa: BLE001
             raise ServeError(502, f"upstream /models failed: {type(err).__name__}", "upstream_error") from err
+        if response.status_code in (401, 403):  # the SERVER's key, as for chat: never the client's fault, and the
+            # upstream's body (which may echo the server's masked key) is not passed on
+            raise ServeError(502, f"the upstream refused the server's key ({response.status_code})", "upstream_auth")
+        if response.status_code >= 500:
+            raise ServeError(502, f"upstream /models answered {response.status_code}", "upstream_error")
         return Response(
             response.content, response.status_code, media_type=response.headers.get("content-type", "application/json")
         )
