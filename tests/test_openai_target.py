@@ -164,3 +164,35 @@ def test_missing_key_for_openai_is_explained(monkeypatch):
 def test_no_loglikelihood():
     with pytest.raises(NotImplementedError, match="accuracy reward"):
         OpenAITarget("m", base_url="http://127.0.0.1:9/v1").loglikelihood([_request()])
+
+
+def test_hostile_or_broken_answers_end_in_clear_errors_not_hangs():
+    """Retry-After inf / 3600 slept for ever / an hour; a 200 with an HTML body raised JSONDecodeError; a server
+    dripping bytes was never cut off (httpx's timeout is per read); max_retries=-1 ended in UnboundLocalError."""
+    import asyncio
+
+    import httpx
+
+    def target(handler, **kw):
+        return OpenAITarget("m", base_url="http://up.test/v1", api_key="k", backoff=0.01,
+                            transport=httpx.MockTransport(handler), **kw)  # fmt: skip
+
+    for value in ("inf", "3600"):
+        t = target(lambda r, v=value: httpx.Response(429, headers={"retry-after": v}), max_retries=3)
+        start = time.perf_counter()
+        with pytest.raises(OpenAIRequestError, match=f"asked to retry after {value} s"):
+            t.generate([_request()])
+        assert time.perf_counter() - start < 5
+    with pytest.raises(OpenAIRequestError, match="200 with a body that is not JSON"):
+        target(lambda r: httpx.Response(200, text="<html>gateway</html>")).generate([_request()])
+
+    async def dripping(request):
+        await asyncio.sleep(5)
+        return httpx.Response(200, json={})
+
+    start = time.perf_counter()
+    with pytest.raises(OpenAIRequestError, match="no answer within 0.2 s"):
+        target(dripping, timeout=0.2, max_retries=1).generate([_request()])
+    assert time.perf_counter() - start < 3
+    with pytest.raises(ValueError, match="max_retries must be >= 0"):
+        target(lambda r: httpx.Response(200, json={}), max_retries=-1)

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import logging
+import math
 import os
 import random
 import time
@@ -57,7 +58,13 @@ class OpenAITarget:
         backoff: first retry delay in seconds; doubles each retry (with jitter), capped at 30 s.
         max_tokens: generation limit; answers are "very brief" by prompt.
         detail: OpenAI's image ``detail`` (``low``/``high``/``auto``); None = omit (other servers).
-        timeout: seconds per HTTP request.
+        timeout: seconds per HTTP request attempt, to the whole answer (a server dripping bytes is cut off too).
+        max_retry_after: the longest ``Retry-After`` honoured, seconds; a longer (or non-finite) one gives up at once
+            rather than sleeping for it (the server's ``Upstream`` does the same).
+
+    Raises:
+        ValueError: ``max_concurrency < 1``, ``max_retries < 0`` or a timeout / backoff that is not a finite
+            number (> 0 for ``timeout``). OpenAIAuthError: OpenAI's endpoint without a key.
 
     ``loglikelihood`` raises NotImplementedError: chat endpoints do not return prompt log-probabilities.
     """
@@ -75,6 +82,7 @@ class OpenAITarget:
         detail: str | None = None,
         timeout: float = 120.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_retry_after: float = 60.0,
     ):
         self.model = model
         self.budget = Budget.parse(budget)
@@ -82,6 +90,11 @@ class OpenAITarget:
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if not (math.isfinite(timeout) and timeout > 0) or not (math.isfinite(backoff) and backoff >= 0):
+            raise ValueError(f"timeout must be a finite number > 0 and backoff >= 0, got {timeout}, {backoff}")
+        self.max_retry_after = max_retry_after
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.backoff = backoff
@@ -119,8 +132,11 @@ class OpenAITarget:
         async with sem:
             start = time.perf_counter()
             for attempt in range(self.max_retries + 1):
-                try:
-                    response = await client.post("/chat/completions", json=payload)
+                try:  # httpx's timeout is per read: bound the whole attempt, or a dripping server never ends
+                    response = await asyncio.wait_for(client.post("/chat/completions", json=payload), self.timeout)
+                except asyncio.TimeoutError:
+                    error, retry_after = f"no answer within {self.timeout:g} s", None
+                    response = None
                 except (httpx.TimeoutException, httpx.TransportError) as err:
                     error = f"{type(err).__name__}: {err}"
                     retry_after = None
@@ -138,15 +154,27 @@ class OpenAITarget:
                             f"HTTP {response.status_code} from {self.base_url}: {response.text[:500]}"
                         )
                     else:
-                        return response.json(), time.perf_counter() - start
+                        try:
+                            return response.json(), time.perf_counter() - start
+                        except ValueError as err:  # e.g. a gateway's HTML page with status 200
+                            raise OpenAIRequestError(
+                                f"{self.base_url} answered 200 with a body that is not JSON: {response.text[:200]!r}"
+                            ) from err
                 if attempt == self.max_retries:
                     break
                 delay = min(30.0, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
                 if retry_after:
                     try:
-                        delay = max(delay, float(retry_after))
+                        wait = float(retry_after)
                     except ValueError:
-                        pass
+                        wait = None
+                    if wait is not None and (not math.isfinite(wait) or wait > self.max_retry_after):
+                        raise OpenAIRequestError(
+                            f"{self.base_url} asked to retry after {retry_after} s, over the "
+                            f"{self.max_retry_after:g} s this target waits: {error}"
+                        )
+                    if wait is not None:
+                        delay = max(delay, wait)
                 logger.warning(
                     "%s (attempt %d/%d); retrying in %.1fs", error, attempt + 1, self.max_retries + 1, delay
                 )
