@@ -191,3 +191,30 @@ def test_processes_opening_one_fresh_cache_at_once_all_start(tmp_path):
                 assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
                 assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 4
     assert not failures, failures
+
+
+def test_palette_images_with_other_palettes_and_a_retrained_hf_checkpoint_never_share_answers(tmp_path):
+    """Palette bytes are indices: red and blue over the same indices hashed alike. An hf: target's name is its path,
+    so a checkpoint retrained in place was answered from the old one's cache."""
+    from zoomvlm.targets.cache import target_identity
+    from zoomvlm.targets.hf import HFTarget
+
+    red, blue = Image.new("P", (4, 4)), Image.new("P", (4, 4))
+    red.putpalette([255, 0, 0] * 256)
+    blue.putpalette([0, 0, 255] * 256)
+    assert red.tobytes() == blue.tobytes() and image_digest(red) != image_digest(blue)
+
+    class Stub:  # an HFTarget's identity without loading a model
+        dtype = "torch.float32"
+        config = object()
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"v1")
+    target = HFTarget(str(folder), model=Stub(), processor=object())
+    before = target_identity(target)
+    (folder / "model.safetensors").write_bytes(b"v2")
+    retrained = HFTarget(str(folder), model=Stub(), processor=object())
+    assert target_identity(retrained) != before and target_identity(retrained)["name"] == before["name"]
+    longer = HFTarget(str(folder), model=Stub(), processor=object(), max_new_tokens=64)
+    assert target_identity(longer) != target_identity(retrained)

@@ -92,12 +92,16 @@ class CachedGeneration(Generation):
 
 
 def image_digest(image: Image.Image) -> str:
-    """Hex sha256 of an image's mode, size and raw pixel bytes (not of any file encoding).
+    """Hex sha256 of an image's mode, size and raw pixel bytes (not of any file encoding), and of its palette for a
+    palette image (whose bytes are only indices: two palettes over the same indices are two pictures).
 
     Two images with the same pixels hash alike whatever file they came from; any pixel change differs.
     """
     h = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
     h.update(image.tobytes())
+    if image.mode in ("P", "PA"):
+        h.update(bytes(image.getpalette() or ()))
+        h.update(repr(image.info.get("transparency")).encode())
     return h.hexdigest()
 
 

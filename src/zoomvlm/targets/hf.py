@@ -336,6 +336,19 @@ class HFTarget:
         self.image_token_id = _image_token_id(model, processor)
         self._token_cache: dict[tuple[int, int], int] = {}
         self.name = f"hf:{model_id}@{self.budget}"
+        self.model_id = model_id
+        self._files_digest: str | None = None
+
+    def cache_identity(self) -> dict:
+        """Settings that change the answers but not :attr:`name` (:func:`~zoomvlm.targets.cache.target_identity`):
+        ``max_new_tokens``, the weights' dtype and, for a LOCAL checkpoint folder, a digest of its files (a model
+        retrained in place under the same path was answered from the cache of the old one)."""
+        if self._files_digest is None:
+            from zoomvlm.core.resume import files_digest
+
+            self._files_digest = files_digest([self.model_id]) or "hub"  # a hub id: its name names it
+        return {"max_new_tokens": self.max_new_tokens, "dtype": str(getattr(self.model, "dtype", "")),
+                "files": self._files_digest}  # fmt: skip
 
     def _prepare(self, requests: Sequence[TargetRequest], with_answers: bool = False):
         views = [r.views(self.budget) for r in requests]

@@ -124,6 +124,11 @@ class OCRTarget:
         """
         return self._lookup(view)[0].rows(self.text_score)
 
+    def cache_identity(self) -> dict:
+        """Settings that change the answers but not :attr:`name` (:func:`~zoomvlm.targets.cache.target_identity`):
+        the confidence a line needs to be kept (``text_score``)."""
+        return {"text_score": self.text_score}
+
     def read_all(self, view: Image.Image) -> list[OCRLine]:
         """Every line the detector found in ``view`` (any confidence, even empty text), detection order.
 
