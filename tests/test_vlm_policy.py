@@ -38,3 +38,6 @@ def test_valid_boxes_are_parsed(checkpoint, noise_images, monkeypatch):
 def test_unknown_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         load_policy(f"vlm:{tmp_path / 'nope'}")
+    # a relative run folder is not a hub id either (it reached the hub client: "Repo id must be in the form ...")
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found: runs/tiny_sft_augment/final"):
+        load_policy("vlm:runs/tiny_sft_augment/final")

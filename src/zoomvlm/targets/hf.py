@@ -62,7 +62,8 @@ def load_vlm(model_id: str, device: str | None = None, dtype: str | torch.dtype 
     rebuilt by :func:`zoomvlm.targets.hf_compat.load_processor`.
 
     Raises:
-        FileNotFoundError: ``model_id`` is a local path (starts with ``/``, ``.`` or ``~``) that does not exist.
+        FileNotFoundError: ``model_id`` is a local path (starts with ``/``, ``.`` or ``~``, or has more than one
+            ``/``, which no hub id ``namespace/name`` has) that does not exist.
         OSError: the model cannot be found (offline and not cached, or a wrong hub id).
     """
     import json
@@ -72,8 +73,9 @@ def load_vlm(model_id: str, device: str | None = None, dtype: str | torch.dtype 
 
     from zoomvlm.targets.hf_compat import load_processor
 
-    if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().exists():
-        raise FileNotFoundError(f"checkpoint folder not found: {model_id}")
+    local = model_id.startswith(("/", ".", "~")) or model_id.strip("/").count("/") > 1  # runs/x/final
+    if local and not Path(model_id).expanduser().exists():
+        raise FileNotFoundError(f"checkpoint folder not found: {model_id} (and it is not a hub id namespace/name)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     adapter = Path(model_id).expanduser() / "adapter_config.json"
     if adapter.is_file():  # a peft LoRA folder: load its base, apply and merge the adapter
