@@ -163,7 +163,12 @@ def main() -> None:
 
     high = Budget.parse(args.high)
     samples = load_jsonl(args.data)[: args.limit]
-    wanted = args.rows.split(",") if args.rows else None
+    wanted = [r.strip() for r in args.rows.split(",")] if args.rows else None
+    known = [name for name, _ in rows(high, args.reader, args.reader_fine)]
+    unknown = [r for r in wanted or () if r not in known]
+    if unknown:  # a typo used to print an empty table and overwrite table.json with {}
+        parser.error(f"unknown row(s) {unknown}; the rows are: {', '.join(known)}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     results, outs = {}, []
     encoder = None  # one MiniLM for every reader row
     for name, policy in rows(high, args.reader, args.reader_fine):
@@ -219,7 +224,10 @@ def main() -> None:
 
         paths = write_report([str(o) for o in outs], Path(args.out) / "report")
         print(f"\nplot and report: {', '.join(str(p) for p in paths.values())}")
-    (Path(args.out) / "table.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    # merged: a run of some --rows updates their entries and keeps the others'
+    table = Path(args.out) / "table.json"
+    previous = json.loads(table.read_text()) if table.exists() else {}
+    table.write_text(json.dumps({**previous, **results}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
