@@ -27,9 +27,9 @@ Results in ``--out/<row>/`` (resumable); ``--out/report`` gets the accuracy-vs-R
     zoomvlm train grpo --config tiny_cpu_crop_set_grpo --set awares.lam=0.1 \
         --set trainer.output_dir=runs/tiny_crop_set_grpo_lam0.1       (same for lam 0.3 and 1.0)
     zoomvlm train crop-set-reader --data ../shared/data/receipts/train.jsonl --lam 0.3 --crop-set awares \
-        --out runs/crop_set_reader_lam0.3
+        --scorer runs/proposals2_seed --steps 12 --prompts 12 --out runs/crop_set_reader_lam0.3
     zoomvlm train crop-set-reader --data ../shared/data/receipts/train.jsonl --lam 0.3 --crop-set fine \
-        --out runs/crop_set_reader_fine_lam0.3
+        --scorer runs/proposals2_seed --steps 12 --prompts 12 --out runs/crop_set_reader_fine_lam0.3
     python benchmarks/receipts_awares.py --out runs/awares_table
 """
 
