@@ -274,8 +274,8 @@ def test_train_proposals_refuses_k_zero_when_the_command_line_is_parsed(capsys):
     # the GRPO settings of both reader-perception trainers, refused before any perception pass or write
     grpo = ["train", "proposals", "grpo", "--data", "d", "--curation", "c", "--out", "o", "--init", "i"]
     reader = ["train", "crop-set-reader", "--data", "d", "--out", "o"]
-    for argv, says in (([*grpo, "--group", "1"], "a GRPO group needs >= 2"), ([*grpo, "--beta", "-1"], ">= 0"),
-                       ([*grpo, "--steps", "0"], ">= 1"), ([*reader, "--group", "1"], "a GRPO group needs >= 2"),
+    for argv, says in (([*grpo, "--group", "1"], "a GRPO group of >= 2"), ([*grpo, "--beta", "-1"], ">= 0"),
+                       ([*grpo, "--steps", "0"], ">= 1"), ([*reader, "--group", "1"], "a GRPO group of >= 2"),
                        ([*reader, "--prompts", "0"], ">= 1"), ([*reader, "--limit", "-3"], ">= 1"),
                        ([*reader, "--lr", "0"], "> 0"), ([*reader, "--lam", "-0.1"], ">= 0")):  # fmt: skip
         with pytest.raises(SystemExit):

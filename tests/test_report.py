@@ -184,7 +184,7 @@ def test_cli_report_and_errors(two_runs, tmp_path, capsys):
     assert "is not a run directory (no run.json)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused when parsed, before any run is read
         main(["report", *map(str, two_runs), "--out", str(out), "--per-run", "-1"])
-    assert "--per-run: expected an integer >= 0, got -1" in capsys.readouterr().err
+    assert "--per-run: expected an integer >= 0, got '-1'" in capsys.readouterr().err
 
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

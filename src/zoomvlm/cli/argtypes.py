@@ -5,68 +5,47 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 __all__ = ["group_size", "non_negative_float", "non_negative_int", "positive_float", "positive_int", "unit_interval"]
 
 
+def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str):
+    """``kind(text)`` if it is a finite number for which ``ok`` holds, else ``ArgumentTypeError("expected ...")``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (batch sizes, limits, boxes per question, steps between checkpoints, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def group_size(text: str) -> int:
     """A GRPO group size: an integer >= 2 (the group-relative advantage of one sample is always 0)."""
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a GRPO group needs >= 2 samples (advantages are relative), got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 2, "a GRPO group of >= 2 samples (advantages are relative)")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (counts where 0 means none: gallery questions per run, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (KL coefficients, costs)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: v >= 0, "a finite number >= 0")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, sampling temperatures)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: v > 0, "a finite number > 0")
 
 
 def unit_interval(text: str) -> float:
     """A number in ``(0, 1]`` (IoU thresholds, shares)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
