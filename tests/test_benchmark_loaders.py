@@ -336,5 +336,11 @@ def test_cli_eval_on_a_benchmark_by_name(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 2 and "pope_f1" in summary
     assert "benchmark: pope_accuracy" in capsys.readouterr().out
+    # an explicit --metric on a benchmark overrode its samples before run.json said so: no new key, so a run made
+    # either way (and before) resumes
+    assert main([*args, "--metric", "pope"]) == 0 and "metric_override" not in json.loads(
+        (out / "run.json").read_text()
+    )
+    capsys.readouterr()
     assert main(["eval", "--data", "pope", "--split", "nosuchsplit", "--out", str(tmp_path / "r2")]) == 2
     assert "cannot load" in capsys.readouterr().err

@@ -99,6 +99,8 @@ def test_demo_replaces_only_the_run_folders_it_wrote(tmp_path, capsys):
     for name in DEMO_POLICIES:  # the demo's own folders from an earlier run: replaced
         (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / DEMO_MARK).write_text("")
+    (mine / DEMO_MARK).unlink()  # ... also one written before the demo marked its folders: its three files only
+    (mine / "run.json").write_text(json.dumps({"policy": "none", "target": "ocr@side:384"}))
     assert main(["demo", "--out", str(tmp_path), "--limit", "1", "--no-progress"]) == 0
     assert len((mine / "results.jsonl").read_text().splitlines()) == 1 and (mine / DEMO_MARK).exists()
     assert '"id": "x"' not in (mine / "results.jsonl").read_text()

@@ -193,11 +193,17 @@ def test_resuming_grpo_with_other_settings_is_refused_and_the_recipe_kept(tmp_pa
     with pytest.raises(ValueError, match=r"recipe\.budget: '384' -> '768'"):
         train_grpo(seed, items, _reward_of(rewards), replace(cfg, steps=4), tmp_path / "g",
                    recipe={**recipe, "budget": "768"}, progress=False)  # fmt: skip
-    train_grpo(seed, items, _reward_of(rewards), cfg, tmp_path / "g2", recipe={**recipe, "data": ["a.jsonl"]},
+    staged = {**recipe, "seed_data": ["seed.jsonl"], "seed_curation": None}  # as train proposals grpo writes it
+    train_grpo(seed, items, _reward_of(rewards), cfg, tmp_path / "g2", recipe={**staged, "data": ["a.jsonl"]},
                progress=False)  # fmt: skip
     with pytest.raises(ValueError, match=r"recipe\.data: \['a.jsonl'\] -> \['b.jsonl'\]"):
         train_grpo(seed, items, _reward_of(rewards), replace(cfg, steps=4), tmp_path / "g2",
-                   recipe={**recipe, "data": ["b.jsonl"]}, progress=False)  # fmt: skip
+                   recipe={**staged, "data": ["b.jsonl"]}, progress=False)  # fmt: skip
+    # a checkpoint from before seed_* were kept recorded the SEED's data as "data": the same command resumes
+    old = tmp_path / "g3"
+    train_grpo(seed, items, _reward_of(rewards), cfg, old, recipe={**recipe, "data": ["seed.jsonl"]}, progress=False)
+    train_grpo(seed, items, _reward_of(rewards), replace(cfg, steps=3), old,
+               recipe={**staged, "data": ["a.jsonl"]}, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="is at step 2, past --steps 1"):  # final/ would say 1 step, hold 2
         train_grpo(seed, items, _reward_of(rewards), replace(cfg, steps=1), tmp_path / "g", recipe=recipe,
                    progress=False)  # fmt: skip

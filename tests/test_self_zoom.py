@@ -204,3 +204,18 @@ def test_the_released_protocol_cuts_views_as_the_authors_adapter_does():
     small = Image.new("RGB", (1200, 900), "white")  # within the cap: both protocols cut the same views
     assert low_res_view(small, high, "released").size == low_res_view(small, high).size == (600, 450)
     assert high_res_crops(small, ["0"], high, "released")[0].size == high_res_crops(small, ["0"], high)[0].size
+
+
+def test_an_eval_of_the_released_protocol_says_its_views_in_run_json(tiny_smolvlm_init, tmp_path, capsys):
+    """The released protocol cut same-scale views before this stop under the same policy name: a run of it records
+    its views, so an older run folder is not resumed with the other views."""
+    import json
+
+    from zoomvlm.cli.main import demo_data_path, main
+
+    base = ["eval", "--data", str(demo_data_path()), "--target", f"hf:{tiny_smolvlm_init}", "--limit", "1",
+            "--no-progress"]  # fmt: skip
+    assert main([*base, "--policy", "self-zoom", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["self_zoom_views"] == "released"
+    assert main([*base, "--policy", "self-zoom:zoomvlm", "--out", str(tmp_path / "b")]) == 0
+    assert "self_zoom_views" not in json.loads((tmp_path / "b" / "run.json").read_text())

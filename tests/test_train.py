@@ -407,6 +407,9 @@ def test_a_trl_run_refuses_to_resume_its_checkpoints_under_another_recipe(tmp_pa
     (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
     check_resume(out, load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4", "trainer.save_steps=1",
                                                    "trainer.gradient_checkpointing=false"]))  # fmt: skip
+    check_resume(
+        out, load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4", "trainer.activation_checkpointing=true"])
+    )
     assert json.loads((out / RUN_RECIPE).read_text())["trainer"]["max_steps"] == 4
     changed = load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4", "trainer.learning_rate=0.5"])
     with pytest.raises(RecipeError, match=r"trainer\.learning_rate: .* -> 0\.5"):

@@ -124,7 +124,8 @@ class Turn1State:
     Args:
         target: the model, processor and pixel/token accounting (:class:`~zoomvlm.targets.hf.HFTarget`).
         image: the ORIGINAL image (crops are cut from it); question, high, system: as given.
-        low_view: the turn-1 view (``high`` with each side halved), RGB.
+        low_view: the turn-1 view, RGB (``same_scale``: ``high`` with each side halved; ``released``: the original
+            halved, then capped by ``high``).
         prompt_ids: ``[P]`` turn-1 prompt token ids (system + user(low view, question) + generation prompt), CPU.
         generated_ids: ``[n]`` turn-1 generated ids, including the end token when generation stopped on one, CPU.
         text: turn-1 text (``generated_ids`` decoded without special tokens, stripped).
@@ -201,10 +202,13 @@ def start_self_zoom(
     Args:
         target: an HF target (its own ``budget`` is ignored: views follow ``high``).
         image: the ORIGINAL image, any mode and size.
-        high: the high-resolution view's budget; the turn-1 view is it with each side halved.
+        high: the high-resolution view's budget; the turn-1 view is it with each side halved (``views``
+            ``same_scale``), or the original halved and capped by it (``released``).
         forced_text: teacher forcing (tests, debugging): skip generation and take this as the model's turn-1
             text, followed by the end-of-turn token; the cache then comes from one forward pass over
             ``prompt + text tokens`` (all but the last, as ``generate`` leaves it).
+        system, crops_text, views: the protocol's (:class:`~zoomvlm.awares.protocol.SelfZoomProtocol`): turn-1
+            system prompt, whether the crops' turn names them, how the low view and crops are cut.
 
     Returns:
         The :class:`Turn1State`; its ``text`` is the direct answer or a tool call.
@@ -472,7 +476,8 @@ def self_zoom_generate(
     Args:
         model, processor: a transformers image-text-to-text model and its processor (eval mode).
         images: ORIGINAL images, any size. questions: one per image, used verbatim.
-        high: the high-resolution view's budget (the turn-1 view is it halved; crops are at its scale).
+        high: the high-resolution view's budget (``same_scale`` views: the turn-1 view is it halved and crops are at
+            its scale; ``released``: see :class:`~zoomvlm.awares.protocol.SelfZoomProtocol`).
         max_new_tokens: per turn. reuse_kv: see :func:`continue_with_crops`. system: turn-1 system prompt.
         crops_text: the crops' user turn carries a text naming them (ours) or only the images (released AwaRes).
         views: ``same_scale`` (ours) or ``released`` (see :class:`~zoomvlm.awares.protocol.SelfZoomProtocol`).

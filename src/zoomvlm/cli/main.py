@@ -192,7 +192,8 @@ def cmd_eval(args) -> int:
     bench = BENCHMARKS.get(args.data.lower())
     # an explicit --metric overrides the samples' own (a benchmark's, e.g. OCRBench's HME rule, or a JSONL line's);
     # run.json says so, since "metric" alone would read the same for the auto and the overridden scoring
-    overridden = args.metric != "auto" and any(s.metric for s in samples)
+    # (benchmarks: the override is what runs made before this key did too, so they do not need it to resume)
+    overridden = not bench and args.metric != "auto" and any(s.metric for s in samples)
     if args.metric != "auto":
         samples = [dataclasses.replace(s, metric=args.metric) for s in samples]
     metric = args.metric if args.metric != "auto" else (bench.metric if bench else _default_metric(args.target))
@@ -205,6 +206,9 @@ def cmd_eval(args) -> int:
     }
     if overridden:  # only then, so that runs made before this key resume unchanged
         config["metric_override"] = True
+    views = getattr(getattr(policy, "protocol", None), "views", "same_scale")
+    if views != "same_scale":  # self-zoom's released protocol cut same-scale views before: not one run
+        config["self_zoom_views"] = views
     if bench:  # load_samples(config["data"], split=config["split"]) gives the run's samples back
         config["split"] = args.split or bench.split
     rtr_reference = _rtr_reference(args, policy)
@@ -248,6 +252,19 @@ DEMO_MARK = ".zoomvlm-demo"
 """Marks a run folder the demo wrote (and may replace)."""
 
 
+def _old_demo_run(run_dir: Path, name: str) -> bool:
+    """A run folder the demo wrote before it marked them: only its three files, a run of policy ``name`` on the
+    bundled demo data."""
+    files = {p.name for p in run_dir.iterdir()}
+    if not files <= {"run.json", "results.jsonl", "summary.json"} or "run.json" not in files:
+        return False
+    try:
+        config = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("policy") == name and str(config.get("target", "")).startswith("ocr@")
+
+
 def cmd_demo(args) -> int:
     from zoomvlm.core.geometry import Box, Budget
     from zoomvlm.core.viz import draw_crops
@@ -265,7 +282,7 @@ def cmd_demo(args) -> int:
     # the user's own runs/none or runs/oracle
     for name in DEMO_POLICIES:
         run_dir = out / name
-        if run_dir.exists() and not (run_dir / DEMO_MARK).exists():
+        if run_dir.exists() and not (run_dir / DEMO_MARK).exists() and not _old_demo_run(run_dir, name):
             raise ValueError(f"{run_dir} exists and was not written by zoomvlm demo: pass another --out "
                              "(the demo replaces its own run folders)")  # fmt: skip
     rows = []

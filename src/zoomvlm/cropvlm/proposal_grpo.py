@@ -503,10 +503,17 @@ def _check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
     if saved is None:
         logger.warning("%s predates saved run settings: resuming without checking them", ckpt)
         return
-    # a checkpoint from before the recipe kept the seed's data apart (its "data" then WAS the seed's): compare
-    # what it recorded
-    recipe_now = {k: v for k, v in now.get("recipe", {}).items()
-                  if k not in ("seed_data", "seed_curation") or k in saved.get("recipe", {})}  # fmt: skip
+    # a checkpoint from before the recipe kept the seed's data apart recorded the SEED's data as "data" (or none,
+    # for an init without a recipe): compare what it recorded, not this stage's own --data
+    recipe_now = dict(now.get("recipe", {}))
+    if "seed_data" not in saved.get("recipe", {}):
+        recipe_now.pop("data", None)
+        recipe_now.pop("curation", None)
+        seed_data, seed_curation = recipe_now.pop("seed_data", None), recipe_now.pop("seed_curation", None)
+        if seed_data is not None:
+            recipe_now["data"] = seed_data
+            if seed_curation is not None:
+                recipe_now["curation"] = seed_curation
     diff = settings_diff(saved, {**now, "recipe": recipe_now})
     if diff:
         raise ValueError(

@@ -256,8 +256,9 @@ def cmd_grpo(args) -> int:
     recipe_path = Path(args.init) / "zoomvlm_recipe.json"
     recipe = json.loads(recipe_path.read_text()) if recipe_path.exists() else {}
     recipe = {**recipe, "earlier_grpo": _earlier_grpo(recipe)} if recipe.get("stage") == "grpo" else recipe
-    if "data" in recipe:  # the stage's own data below; the init's (a seed's) are kept under seed_*
-        recipe = {**recipe, "seed_data": recipe["data"], "seed_curation": recipe.get("curation")}
+    # the stage's own data below; the init's (a seed's; None without a recipe) under seed_*, always present: their
+    # presence tells a resume that "data" is this stage's (see proposal_grpo._check_resume)
+    recipe = {**recipe, "seed_data": recipe.get("data"), "seed_curation": recipe.get("curation")}
     recipe = {**recipe, "stage": "grpo", "init": args.init, "reward": args.reward, "reward_mix": mix,
               "data": args.data, "curation": args.curation,
               "gate_by_accuracy": bool(args.gate_by_accuracy),

@@ -222,6 +222,8 @@ RESUMABLE_CHANGES = (
     "trainer.logging_strategy",
     "trainer.output_dir",
     "trainer.gradient_checkpointing",
+    "trainer.activation_checkpointing",  # transformers' new name for it
+    "trainer.gradient_checkpointing_kwargs",
     "trainer.report_to",
     "trainer.run_name",
     "trainer.dataloader_num_workers",
