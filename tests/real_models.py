@@ -108,7 +108,7 @@ def build_real(family: str, seed: int = 0):
     """``(model, processor)``: the real processor of ``family`` and a random-weight model of its real config
     with only size keys shrunk (float32, eval mode)."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     from zoomvlm.targets.hf_compat import load_processor
 
@@ -118,6 +118,9 @@ def build_real(family: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
     model.name_or_path = str(folder)
+    if (folder / "generation_config.json").exists():  # the released end / padding ids (SmolVLM ends turns with
+        # <end_of_utterance>, not config.json's eos; Qwen2.5-VL pads with <|endoftext|>)
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
     model.generation_config.do_sample = False
     return model, processor
 

@@ -104,3 +104,26 @@ def test_a_view_too_thin_for_rapidocrs_upscale_is_padded_not_blown_up(monkeypatc
     (w0, h0, dw0, dh0), (_, _, dw1, dh1) = seen
     assert (w0, h0) == (383, 30) and max(dw0, dh0) <= 4096  # padded, not ~11490 px wide
     assert dw1 == 576 and dh1 >= 30  # 384 x 20 upscaled by 1.5 (30 px short side), as before
+
+
+def test_line_quads_of_a_wide_view_are_in_the_views_own_pixels(ocr_target):
+    """RapidOCR pads views wider than 8:1 (and at most 30 px high) before detection: the quads ``detect`` returns
+    must be mapped back to the view, or every line of a wide page lands lower than it is (or off the view)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=90)
+    page = Image.new("RGB", (3000, 300), "white")
+    draw = ImageDraw.Draw(page)
+    lines = {"TOTAL 39.80": (100, 20), "DATE 12/03/2019": (1700, 180)}
+    for text, xy in lines.items():
+        draw.text(xy, text, fill="black", font=font)
+    view = page.resize((1024, 102))  # 10:1, as a 1024 px budget leaves it
+    scale = 1024 / 3000
+    read = {ln.text.replace(" ", ""): ln.box for ln in ocr_target.read_all(view)}
+    assert len(read) == 2
+    for text, xy in lines.items():
+        x0, y0, x1, y1 = (v * scale for v in draw.textbbox(xy, text, font=font))
+        quad = read[text.replace(" ", "")]
+        assert quad[:, 1].max() <= view.height  # inside the view
+        cy, cx = quad[:, 1].mean(), quad[:, 0].mean()
+        assert y0 - 3 <= cy <= y1 + 3 and x0 <= cx <= x1, (text, quad, (x0, y0, x1, y1))

@@ -374,3 +374,69 @@ def build_request_for(image, box):
     from zoomvlm.core.pipeline import build_request
 
     return build_request(image, "Total?", Proposal((box,)), None)
+
+
+def test_cropper_side_option_splits_the_real_smolvlm_view(real_vlms, noise, monkeypatch):
+    """``vlm@side=1024`` on the real SmolVLM processor (512 px tiles): the cropper's view is shrunk to its budget
+    BEFORE the processor, so the option must raise a 512 px budget or the view stays one tile (64 tokens)."""
+    import copy
+
+    from zoomvlm.cropvlm.cropper import VLMCropper
+    from zoomvlm.targets import hf
+
+    model, processor = real_vlms["smolvlm"]
+    image_token = model.config.image_token_id
+    seen = []
+    generate_texts = hf.generate_texts
+
+    def spy(model, processor, prompts, images, **kwargs):
+        texts, inputs, n = generate_texts(model, processor, prompts, images, **kwargs)
+        seen.append(int((inputs["input_ids"] == image_token).sum()))
+        return texts, inputs, n
+
+    monkeypatch.setattr(hf, "generate_texts", spy)
+    for side in (None, 1024):  # a copy of the processor: the option changes its splitting settings
+        policy = VLMCropper("real-smolvlm", budget=512, model=model, processor=copy.deepcopy(processor),
+                            image_side=side, max_new_tokens=2)  # fmt: skip
+        policy.propose([noise], ["What is the total?"])
+    assert policy.budget == Budget(max_side=1024)
+    assert seen[0] == 64 and seen[1] == 5 * 64  # 480x640 at 1024 px: 2x2 tiles of 512 px + the global tile
+
+
+def test_generated_token_counts_skip_the_models_padding_not_the_tokenizers(real_vlms, noise):
+    """Qwen2.5-VL as released pads generated rows with <|endoftext|> (generation_config.json) while its tokenizer's
+    padding id is another: a row that ends after one token counts 1 generated token, not the batch's length."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from zoomvlm.targets.hf import generate_texts
+
+    model, processor = real_vlms["qwen2_5_vl"]
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    assert model.generation_config.pad_token_id not in (None, eos)  # the released ids (build_real loads them)
+
+    class EndRowZero(LogitsProcessor):  # row 0 ends at once; row 1 writes token 100 four times, then ends
+        def __call__(self, input_ids, scores):
+            scores = torch.full_like(scores, -1e9)
+            scores[0, eos] = 0.0
+            scores[1, 100 if self.step < 4 else eos] = 0.0
+            self.step += 1
+            return scores
+
+    forced = EndRowZero()
+    forced.step = 0
+    prompts = [chat_prompt(processor, 1, "q")] * 2
+    view = resize_to_budget(noise, Budget(max_side=56))
+    _, _, n = generate_texts(model, processor, prompts, [[view], [view]], max_new_tokens=8,
+                             logits_processor=LogitsProcessorList([forced]))  # fmt: skip
+    assert n == [1, 5]  # each row's end token counts (it is not the padding id)
+    # a model saved without a padding id (generate pads with its end token, the tokenizer's padding id is another)
+    pad = model.generation_config.pad_token_id
+    model.generation_config.pad_token_id = None
+    try:
+        forced.step = 0
+        _, _, n = generate_texts(model, processor, prompts, [[view], [view]], max_new_tokens=8,
+                                 logits_processor=LogitsProcessorList([forced]))  # fmt: skip
+    finally:
+        model.generation_config.pad_token_id = pad
+    assert n == [0, 4]  # padding = end token: not counted (the tokenizer's id would have counted 5 and 5)

@@ -45,8 +45,10 @@ class VLMCropper(SmallVLMPolicy):
         max_boxes: K, the most boxes one answer may hold (default 1, CropVLM's single box).
         temperature: 0 = greedy (default); > 0 samples, as GRPO's rollouts do (CropVLM: 0.8).
         image_side: "see more": the view, capped at this longest side (px, a multiple of the tile), is SPLIT into
-            tiles (each its own image tokens) plus a global tile, instead of one tile (SmolVLM/Idefics3).
-            ``None`` = the checkpoint's processor settings. Raises ValueError for a processor without splitting.
+            tiles (each its own image tokens) plus a global tile, instead of one tile (SmolVLM/Idefics3). A
+            ``budget`` below it is raised to ``side:image_side`` (the view is shrunk to the budget first, so a
+            512 px budget would leave one 512 px tile). ``None`` = the checkpoint's processor settings. Raises
+            ValueError for a processor without splitting.
         device: where to load the checkpoint (default CUDA if available).
         model, processor: an already loaded pair (then ``checkpoint`` is only the name).
         name: the policy's name in results (default ``vlm:CHECKPOINT``).
@@ -79,6 +81,12 @@ class VLMCropper(SmallVLMPolicy):
         self.constrained, self.max_boxes, self.temperature = constrained, max_boxes, temperature
         if image_side is not None:
             _split_images(processor, image_side)
+            if not self.budget.is_native and (self.budget.max_side or 0) < image_side:
+                # the view is shrunk to the budget BEFORE the processor (which then does not resize): a 512 px
+                # view is one 512 px SmolVLM tile whatever image_side says, so "see more" raises the budget
+                logger.info("%s: image_side=%d raises the cropper's view budget %s to side:%d",
+                            self.name, image_side, self.budget, image_side)  # fmt: skip
+                self.budget = Budget(max_side=image_side)
         self.vocabulary = None
         if constrained:
             from zoomvlm.cropvlm.constrained import BoxVocabulary

@@ -290,16 +290,28 @@ def generate_texts(
     Returns:
         ``(texts, inputs, n_generated)``: the decoded continuations (special tokens removed, stripped), the
         processor outputs that were fed to the model, and the number of non-padding tokens generated per
-        row (where padding and end-of-turn share an id, the end token is not counted).
+        row (padding = the id ``generate`` pads with: the model's generation config's, not the tokenizer's;
+        where padding and end-of-turn share an id, the end token is not counted).
     """
     inputs = encode_inputs(processor, prompts, images, model.device)
     gen_kwargs.setdefault("do_sample", False)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]
     texts = processor.batch_decode(new, skip_special_tokens=True)
-    pad_id = processor.tokenizer.pad_token_id
+    pad_id = _generation_pad_id(model, processor)
     n_generated = new.ne(pad_id).sum(-1).tolist() if pad_id is not None else [new.shape[1]] * len(texts)
     return [t.strip() for t in texts], inputs, n_generated
+
+
+def _generation_pad_id(model, processor) -> int | None:
+    """The id ``generate`` pads finished rows with: the model's ``generation_config.pad_token_id``, else its first
+    end token (what ``generate`` falls back to), else the tokenizer's padding id."""
+    config = getattr(model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    return pad if pad is not None else processor.tokenizer.pad_token_id
 
 
 class HFTarget:

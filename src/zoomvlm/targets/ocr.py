@@ -222,13 +222,19 @@ class OCRTarget:
             padded = Image.new("RGB", (max(w, floor), max(h, floor)), "white")  # quads stay in the view's frame
             padded.paste(view, (0, 0))
             view = padded
-        img = engine.load_img(np.asarray(view))
-        img, op_record = engine.preprocess_img(img)
+        from rapidocr.utils.process_img import map_boxes_to_original
+
+        original = engine.load_img(np.asarray(view))
+        img, op_record = engine.preprocess_img(original)
         try:
             crops, det = engine.detect_and_crop(img, op_record)
         except RapidOCRError:  # nothing detected
             return [], []
-        return [np.asarray(b, dtype=np.float32) for b in det.boxes], list(crops)
+        # det.boxes are in the PREPROCESSED frame: RapidOCR pads views wider than 8:1 or at most 30 px high and
+        # rescales small / large ones; its own output maps them back (the crops stay cut from that frame)
+        quads = np.array(det.boxes, dtype=np.float32).reshape(-1, 4, 2)
+        quads = map_boxes_to_original(quads.copy(), op_record, *original.shape[:2])
+        return [np.asarray(q, dtype=np.float32) for q in quads], list(crops)
 
     def recognise_crops(self, crops: list[np.ndarray]) -> tuple[list[str], list[float], list[np.ndarray]]:
         """Angle classifier (when the engine uses one) + recogniser on line crops from :meth:`detect`:
