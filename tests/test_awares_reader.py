@@ -1,6 +1,7 @@
 """The AwaRes reader crop-set policy (``crop-set-reader``): fine crop set, action space, shared first pass, GRPO."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -209,6 +210,11 @@ def test_checkpoint_round_trip_and_registry(tmp_path):
     assert "crop-set-reader[:CKPT][@HIGH]" in POLICY_SPECS
     with pytest.raises(FileNotFoundError, match="not a crop-set-reader checkpoint"):
         load_reader(tmp_path)
+    config = tmp_path / "ckpt" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "future_option": 1}))
+    with pytest.raises(ValueError, match="unknown settings.*future_option") as err:
+        load_policy(f"crop-set-reader:{tmp_path / 'ckpt'}")
+    assert str(config) in str(err.value)
 
 
 def test_the_first_pass_is_shared_with_an_ocr_target_at_the_low_budget(reader_policy, total_sample):

@@ -77,6 +77,13 @@ def test_shared_first_pass_is_read_once_and_charged_to_the_target(receipt_half):
     assert gen.text == fresh.text
     # a target at another budget shares nothing
     assert not Perceiver(384).bind(OCRTarget(512))
+    # the perceiver's memo outlives the target's LRU: a second question about the image re-reads the view for
+    # the target, and those seconds are shared (the pipeline takes them off the policy; the target pays them)
+    target._reads.clear()
+    again = perceiver.perceive(crop)
+    assert again.shared_seconds > 0 and again.seconds == again.shared_seconds
+    (gen,) = target.generate([TargetRequest([crop], "q")])
+    assert gen.usage.seconds >= again.shared_seconds
 
 
 def test_features_are_deterministic_and_fixed_size(receipt_half):

@@ -410,6 +410,32 @@ def test_propose_widens_into_windows_only_when_unsure():
     assert sure.boxes[0] == crop_box(p.regions[0], config)  # a tight crop, no window
 
 
+def test_tight_crops_are_suppressed_on_the_padded_boxes_that_are_cut():
+    """Without windows, two neighbouring lines whose PADDED crops frame one place give one box, not two."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from zoomvlm.cropvlm.proposals import crop_box
+    from zoomvlm.policies.perception import perception_from_lines
+
+    # three lines 10 px apart, then one far away; line_pad 0.5 grows each crop by half a line up and down
+    lines = [(_quad(100, y, 500, y + 20), f"line {i}", 0.9) for i, y in enumerate((300, 330, 360, 800))]
+    p = replace(perception_from_lines(lines, (1000, 1000), image_size=(1000, 1000)), image_size=(1000, 1000))
+    config = ScorerConfig(k=2, line_pad=2.0)
+    crops = [crop_box(r, config) for r in p.regions]
+    first, second = (i for i, r in enumerate(p.regions) if r.kind == "line" and r.text in ("line 0", "line 1"))
+    far = next(i for i, r in enumerate(p.regions) if r.text == "line 3")
+    tight = p.regions[first].box.coverage(p.regions[second].box)
+    assert crops[first].coverage(crops[second]) >= config.suppress > tight
+    logits = np.full(len(p.regions), -np.inf)
+    logits[[first, second, far]] = [3.0, 2.0, 1.0]
+    cropper = ProposalCropper(model=RegionScorer(config).eval(), perceiver=_SawPerception(p), encoder=_ZeroEncoder())
+    cropper.logits = lambda perception, question: logits
+    (proposal,) = cropper.propose([Image.new("RGB", (1000, 1000), "white")], ["q?"])
+    assert proposal.boxes == (crops[first], crops[far])
+
+
 def test_a_window_wider_than_the_target_can_read_is_cut_into_legible_tiles_that_reach_the_target():
     from dataclasses import replace
 

@@ -56,6 +56,15 @@ def test_select_boxes_with_no_places_left_chooses_nothing():
         {"features": 7},
         {"window_max_area": 0.0},
         {"window_line_px": -3.0},
+        {"part_px": 8},
+        {"margin_x": -0.2},
+        {"line_pad": float("nan")},
+        {"legible": 1.5},
+        {"window_below": float("nan")},
+        {"max_recognise": -1},
+        {"window_side": 0},
+        {"view_budget": "huge"},
+        {"detect_budget": "-5"},
     ],  # fmt: skip
 )
 def test_scorer_config_refuses_settings_the_policy_cannot_honour(bad):
@@ -347,3 +356,20 @@ def test_the_reads_cache_cuts_a_torn_line_so_the_next_read_is_kept(tmp_path):
     cached_rows(images, "64", path, reader=Reader(), progress=False)
     assert Reader.calls == 3  # each image read once: the read after the torn line was not lost
     assert len(cached_rows(images, "64", path, reader=Reader(), progress=False)) == 3
+
+
+def test_seed_settings_are_checked_before_any_reader_pass(monkeypatch):
+    """A typo in a scorer setting is reported at once, not after minutes of reader passes over the train set."""
+    import argparse
+
+    from zoomvlm.cropvlm import proposal_train
+
+    parser = argparse.ArgumentParser()
+    proposal_train.add_parser(parser.add_subparsers(dest="cmd"))
+    base = ["proposals", "seed", "--data", "d.jsonl", "--curation", "c", "--out", "o"]
+    monkeypatch.setattr(proposal_train, "_load", lambda args: ([], {}, {"d.jsonl": []}))
+    monkeypatch.setattr(proposal_train, "_items", lambda *a: pytest.fail("the reader ran before the settings"))
+    for extra, says in ((["--window-line-px", "17", "--window-max-area", "2"], "window_max_area"),
+                        (["--repeat", "1", "--repeat", "2"], "--repeat")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            proposal_train.cmd_seed(parser.parse_args([*base, *extra]))

@@ -124,8 +124,9 @@ def seed_cover_rate(model, items, config, k: int, min_cover: float = 0.9) -> flo
         return float("nan")
     hits = 0
     for it, lg in scored:
-        idx = select_boxes(it.perception.regions, lg, config, k)
-        hits += any(crop_box(it.perception.regions[i], config).coverage(it.seed_box) >= min_cover for i in idx)
+        crops = [crop_box(r, config) for r in it.perception.regions]
+        idx = select_boxes(it.perception.regions, lg, config, k, crops)  # suppressed on the padded crops, as cut
+        hits += any(crops[i].coverage(it.seed_box) >= min_cover for i in idx)
     return hits / len(scored)
 
 
@@ -142,10 +143,10 @@ def cmd_seed(args) -> int:
     from zoomvlm.cropvlm.proposals import save_scorer, train_seed
 
     samples, seeds, groups = _load(args)
-    items, _ = _items(args, samples, seeds, groups)
-    config = _config(args, k=args.k)
-    fit, held = split_train(items, holdout=0.2, seed=0)
+    config = _config(args, k=args.k)  # settings are checked BEFORE the reader passes (minutes on a train set)
     repeat = _repeats(args, groups)
+    items, _ = _items(args, samples, seeds, groups)
+    fit, held = split_train(items, holdout=0.2, seed=0)
     data = [(it.q, it.x, it.target) for it in fit for _ in range(repeat[it.sample.id]) if it.target is not None]
     n_lab = sum(it.target is not None for it in items)
     print(f"{len(items)} questions, {n_lab} with a seed label the low-resolution pass can match "

@@ -199,8 +199,33 @@ class ScorerConfig:
             )
         if self.hidden < 1 or self.rank < 1:
             problems.append(f"hidden and rank must be >= 1, got {self.hidden!r} and {self.rank!r}")
+        for name in ("margin_x", "margin_y", "line_pad"):
+            if not _finite_at_least(getattr(self, name), 0.0):
+                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if not _finite_at_least(self.legible, 0.0) or self.legible > 1:
+            problems.append(f"legible must be in [0, 1], got {self.legible!r}")
+        if self.window_below is not None and not (_finite_at_least(self.window_below, 0.0) and self.window_below <= 1):
+            problems.append(f"window_below must be in [0, 1] or None, got {self.window_below!r}")
+        if not isinstance(self.max_recognise, int) or self.max_recognise < 0:
+            problems.append(f"max_recognise must be an integer >= 0, got {self.max_recognise!r}")
+        if not isinstance(self.window_side, int) or self.window_side < 1:
+            problems.append(f"window_side must be an integer >= 1 (px), got {self.window_side!r}")
+        if self.part_px is not None and (not isinstance(self.part_px, int) or self.part_px < 16):
+            problems.append(f"part_px must be an integer >= 16 (original px) or None, got {self.part_px!r}")
+        for name in ("view_budget", "detect_budget"):
+            value = getattr(self, name)
+            if value is not None or name == "view_budget":
+                try:
+                    Budget.parse(value)
+                except ValueError as e:
+                    problems.append(f"{name}: {e}")
         if problems:
             raise ValueError("invalid proposals scorer config: " + "; ".join(problems))
+
+
+def _finite_at_least(value, low: float) -> bool:
+    """``value`` is a real (non-bool) finite number >= ``low``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
 
 
 class RegionScorer(nn.Module):
@@ -699,16 +724,16 @@ class ProposalCropper:
                 continue
             logits = self.logits(p, question)
             crops = self.crops(p, image.size, logits)
-            wide = crops if wants_windows(logits, self.config) else None  # suppress on what is cut
-            if self.prior is None:
-                idx = select_boxes(p.regions, logits, self.config, crops=wide)
+            wide = wants_windows(logits, self.config)
+            if self.prior is None:  # suppress on what is cut (windows, or the padded boxes of tight crops)
+                idx = select_boxes(p.regions, logits, self.config, crops=crops)
                 lead = ()
             else:
                 lead = self.prior.propose([image], [question])[0].boxes
                 covered = np.array([lead[0].coverage(r.box) >= self.config.suppress for r in p.regions])
                 idx = select_boxes(p.regions, np.where(covered, -np.inf, logits), self.config, self.config.k - 1,
-                                   wide)  # fmt: skip
-            if wide is not None and self.config.window_tiles > 1:  # wide windows read as legible tiles
+                                   crops)  # fmt: skip
+            if wide and self.config.window_tiles > 1:  # wide windows read as legible tiles
                 size = p.image_size or image.size
                 boxes = lead + tuple(b for i in idx for b in legible_tiles(p.regions[i], self.config, size))
             else:

@@ -104,7 +104,8 @@ class Perception:
         regions: the candidate regions (:func:`candidate_regions`), lines first.
         ink: union of all line boxes (the page's text outline); ``Box.full()`` when nothing was detected.
         view_size: ``(width, height)`` in pixels of the view that was read.
-        seconds: wall seconds this call spent reading (0.0 on a memoised read).
+        seconds: wall seconds this call spent reading (0.0 on a memoised read, but for a shared first pass the
+            target had dropped since: read again on its behalf, and shared).
         shared_seconds: the part of ``seconds`` that was the target's own first pass (charged to it).
         legibility: share of the detected lines that the text pass read with confidence >= 0.5 (two-pass
             perception, :func:`perception_from_passes`; 1.0 for a single pass).
@@ -319,11 +320,12 @@ class Perceiver:
         if key in self._cache:  # same image object again (another question about it): no new work
             self._cache.move_to_end(key)
             p = self._cache[key]
-            # The memoised read is re-offered to a shared target too, so it still finds it pending.
-            if self.shared:
-                self.reader.read_shared(view)
-            return Perception(p.lines, p.regions, p.ink, p.view_size, legibility=p.legibility,
-                              recognised=p.recognised, image_size=p.image_size)  # fmt: skip
+            # The memoised read is re-offered to a shared target too, so it still finds it pending. If the
+            # target's LRU dropped it since, this reads it AGAIN, on the target's behalf: those seconds are the
+            # target's (charged when it consumes the read), so they are reported as shared, not as the policy's.
+            seconds = self.reader.read_shared(view)[1] if self.shared else 0.0
+            return Perception(p.lines, p.regions, p.ink, p.view_size, seconds=seconds, shared_seconds=seconds,
+                              legibility=p.legibility, recognised=p.recognised, image_size=p.image_size)  # fmt: skip
         start = time.perf_counter()
         if self.shared:
             ocr_lines, shared_seconds = self.reader.read_shared(view)
