@@ -407,3 +407,12 @@ def test_a_bad_iou_threshold_is_refused_before_curation_writes_anything(tmp_path
         with pytest.raises(SystemExit):
             main(["curate", "awares", "--data", "d.jsonl", "--out", str(tmp_path / "o"), flag, value])
         assert "expected" in capsys.readouterr().err
+
+
+def test_judge_specs_are_checked_with_a_clear_error():
+    from zoomvlm.awares.curation import load_judge
+
+    assert load_judge("metric").metric == "contains" and load_judge("metric:anls").metric == "anls"
+    for bad, says in (("metric:bogus", "unknown metric 'bogus'"), ("gpt", "unknown judge"), ("llm:", "unknown judge")):
+        with pytest.raises(ValueError, match=says):  # ValueError: the CLI prints it as one line
+            load_judge(bad)

@@ -344,3 +344,25 @@ def test_cli_eval_on_a_benchmark_by_name(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", "--data", "pope", "--split", "nosuchsplit", "--out", str(tmp_path / "r2")]) == 2
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_a_benchmark_photo_stored_sideways_loads_upright_as_from_a_file(load):
+    """A hub image with an EXIF orientation tag: the lazy sample's size and pixels are the upright frame, as
+    ``load_image`` on a file, ``zoomvlm serve`` and ``datasets`` itself show it."""
+    raw = Image.new("RGB", (80, 40), "white")
+    raw.paste((255, 0, 0), (0, 0, 20, 40))  # red on the stored left: the top once turned upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    raw.save(buf, format="JPEG", exif=exif.tobytes())
+    rows = [{**SCHEMAS["pope"][1](0), "image": {"bytes": buf.getvalue(), "path": None}}]
+    (sample,) = load("pope", rows=rows)
+    image = sample.load_image()
+    assert (sample.width, sample.height) == image.size == (40, 80)
+    assert image.getpixel((20, 3))[0] > 200 and image.getpixel((20, 3))[1] < 80  # red at the top
+
+
+def test_a_benchmark_image_over_pils_pixel_guard_is_a_dataset_error(load, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x48 is now more than twice the guard: a "bomb"
+    with pytest.raises(DatasetError, match="unreadable image.*decompression bomb"):
+        load("pope")

@@ -199,6 +199,11 @@ def test_cropper_options_from_the_spec(checkpoint):
     assert (policy.constrained, policy.max_boxes, policy.temperature) == (True, 3, 0.5)
     with pytest.raises(ValueError, match="unknown cropper option 'fast'"):
         load_policy(f"vlm:{checkpoint}@fast")
+    for bad, says in (("t=nan", "finite number >= 0"), ("t=inf", "finite number >= 0"), ("t=-1", ">= 0"),
+                      ("t=hot", "t= needs a number"), ("side=-5", "side= needs a whole number"),
+                      ("boxes=0", "boxes= needs a whole number")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):  # nan decoded greedily and was recorded as sampled
+            load_policy(f"vlm:{checkpoint}@{bad}")
 
 
 def test_image_side_splits_the_view_into_more_image_tokens(checkpoint, noise_images):

@@ -83,6 +83,22 @@ def test_a_photo_stored_sideways_loads_upright_as_the_server_decodes_it(tmp_path
     assert served.size == image.size and served.tobytes() == image.tobytes()  # ask/eval and serve see one frame
 
 
+def test_run_eval_refuses_repeated_ids_before_anything_is_answered(tmp_path):
+    from dataclasses import replace
+
+    from fakes import EchoTarget
+
+    from zoomvlm.evaluation.run import run_eval
+    from zoomvlm.policies import load_policy
+
+    (sample,) = load_jsonl(_write(tmp_path, [GOOD]))
+    target = EchoTarget()
+    with pytest.raises(ValueError, match="repeated: 'a_total'"):
+        run_eval([sample, replace(sample, question="again?")], load_policy("none"), target, tmp_path / "run",
+                 progress=False)  # fmt: skip
+    assert target.calls == 0 and not (tmp_path / "run").exists()
+
+
 def test_a_metric_that_cannot_score_a_sample_fails_before_anything_is_answered(tmp_path):
     from fakes import EchoTarget
 
@@ -121,3 +137,17 @@ def test_an_image_over_pils_bomb_limit_is_a_clear_unreadable_image_error(tmp_pat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 100 x 100 is over twice the limit: PIL refuses it
     with pytest.raises(UnreadableImageError, match="big.png.*decompression bombs: downscale the image"):
         load_image(tmp_path / "big.png")
+
+
+def test_jsonl_bytes_a_person_may_save_are_read_or_named(tmp_path):
+    """A byte-order mark (Windows editors) is read; a non-UTF-8 byte is an error naming file:line; a question
+    holding U+2028 (a JSON string may) stays one record."""
+    path = _write(tmp_path, [GOOD])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_jsonl(path)[0].id == "a_total"
+    other = {**GOOD, "id": "b", "question": "Total\u2028(incl. tax)?"}
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(other, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [s.question for s in load_jsonl(path)][1] == "Total\u2028(incl. tax)?"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps({**GOOD, "id": "c"}).encode()[:-2] + b'\xff"}\n')
+    with pytest.raises(DatasetError, match=f"{path}:2: not UTF-8"):
+        load_jsonl(path)

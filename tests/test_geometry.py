@@ -120,6 +120,15 @@ def test_pixels_round_trip():
         Box.from_pixels([900, 0, 1000, 10], 835, 2333)
     with pytest.raises(BoxFormatError, match="4 numbers"):
         Box.from_pixels([1, 2, 3], 835, 2333)
+    import numpy as np
+
+    assert Box.from_pixels(np.array([155, 293, 667, 361], np.float32), 835, 2333) == box  # numpy numbers are numbers
+    for bad in (["10", "20", "300", "400"], "1234", [True, 0, 300, 400], [float("-inf"), 0, float("inf"), 100],
+                [0, 0, float("nan"), 10]):  # fmt: skip
+        with pytest.raises(BoxFormatError, match="4 (finite )?numbers"):
+            Box.from_pixels(bad, 835, 2333)
+    with pytest.raises(BoxFormatError, match="looks normalised"):  # a normalised box where pixels are expected
+        Box.from_pixels([0.589, 0.628, 0.715, 0.642], 835, 2333)
 
 
 @given(boxes, st.integers(1, 4000), st.integers(1, 4000))

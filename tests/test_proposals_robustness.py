@@ -373,3 +373,20 @@ def test_seed_settings_are_checked_before_any_reader_pass(monkeypatch):
                         (["--repeat", "1", "--repeat", "2"], "--repeat")):  # fmt: skip
         with pytest.raises(ValueError, match=says):
             proposal_train.cmd_seed(parser.parse_args([*base, *extra]))
+
+
+def test_seed_boxes_survive_a_reader_text_holding_u2028(tmp_path):
+    """``curate boxes`` writes the reader's text unescaped (ensure_ascii=False); U+2028 inside it split the row
+    in two under str.splitlines and its seed box was silently lost. A corrupt row is now an error naming it."""
+    from zoomvlm.cropvlm.proposal_data import load_seed_boxes
+
+    rows = [
+        {"id": "q1", "seed_box": [0.1, 0.2, 0.5, 0.3], "found": True, "raw": "TOTAL\u2028 39.80", "error": None},
+        {"id": "q2", "seed_box": [0.0, 0.0, 1.0, 1.0], "found": False, "raw": "", "error": "not found"},
+    ]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert load_seed_boxes(tmp_path) == {"q1": Box(0.1, 0.2, 0.5, 0.3), "q2": None}
+    raw.write_text(raw.read_text(encoding="utf-8") + '{"id": "q3", "seed_box": [0.1\n' + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=f"{raw}:3"):
+        load_seed_boxes(tmp_path)

@@ -77,11 +77,14 @@ class MetricJudge:
     Args:
         metric: a name in :data:`~zoomvlm.core.metrics.METRICS` (``contains`` for the OCR reader's transcripts).
         correct_at: a score at or above this counts as correct (0.5: ANLS's own cut-off).
+
+    Raises:
+        ValueError: an unknown metric (named, with the known ones).
     """
 
     def __init__(self, metric: str = "contains", correct_at: float = 0.5):
         if metric not in METRICS:
-            raise KeyError(f"unknown metric {metric!r}; choose from {sorted(METRICS)}")
+            raise ValueError(f"unknown metric {metric!r}; choose from {sorted(METRICS)}")
         self.metric, self.correct_at = metric, correct_at
         self.name = f"metric:{metric}"
 

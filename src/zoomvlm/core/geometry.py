@@ -99,13 +99,22 @@ class Box:
         Coordinates outside the image are clipped to it.
 
         Raises:
-            BoxFormatError: not 4 numbers, inverted, or empty after clipping.
+            BoxFormatError: not 4 finite real numbers (strings and booleans are refused, not coerced), inverted,
+                empty after clipping, or every coordinate <= 1 on an image larger than 1 px (a NORMALISED box
+                given where pixels are expected: read as pixels it would be a dot in the top-left corner).
         """
-        if len(box) != 4:
-            raise BoxFormatError(f"a pixel box needs 4 numbers, got {len(box)}: {list(box)}")
+        if isinstance(box, (str, bytes)) or len(box) != 4:
+            raise BoxFormatError(f"a pixel box needs 4 numbers, got {box!r}")
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+            raise BoxFormatError(f"a pixel box needs 4 finite numbers, got {list(box)!r}")
         x0, y0, x1, y1 = (float(v) for v in box)
         if x1 <= x0 or y1 <= y0:
             raise BoxFormatError(f"pixel box is empty or inverted: {[x0, y0, x1, y1]}")
+        if max(x0, y0, x1, y1) <= 1.0 and max(width, height) > 1:
+            raise BoxFormatError(
+                f"pixel box {[x0, y0, x1, y1]} has every coordinate <= 1 on a {width}x{height} image: it looks "
+                "normalised; boxes here are in pixels of the image"
+            )
         x0, x1 = (min(max(v, 0.0), width) / width for v in (x0, x1))
         y0, y1 = (min(max(v, 0.0), height) / height for v in (y0, y1))
         if x1 <= x0 or y1 <= y0:

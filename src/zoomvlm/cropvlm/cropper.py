@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 
@@ -70,8 +71,8 @@ class VLMCropper(SmallVLMPolicy):
     ):
         if max_boxes < 1:
             raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if budget is None:
             budget = _trained_budget(checkpoint)
         self.budget = Budget.parse(budget)
@@ -112,12 +113,15 @@ class VLMCropper(SmallVLMPolicy):
             key, _, value = opt.partition("=")
             if key == "free" and not value:
                 kwargs["constrained"] = False
-            elif key == "boxes" and value.isdigit():
-                kwargs["max_boxes"] = int(value)
-            elif key == "t" and value:
-                kwargs["temperature"] = float(value)
-            elif key == "side" and value.isdigit():
-                kwargs["image_side"] = int(value)
+            elif key in ("boxes", "side"):
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"cropper option {key}= needs a whole number >= 1, got {value!r}")
+                kwargs["max_boxes" if key == "boxes" else "image_side"] = int(value)
+            elif key == "t":
+                try:
+                    kwargs["temperature"] = float(value)
+                except ValueError:
+                    raise ValueError(f"cropper option t= needs a number >= 0, got {value!r}") from None
             else:
                 raise ValueError(f"unknown cropper option {opt!r}; use free, boxes=K, t=TEMPERATURE, side=PX")
         name = f"vlm:{checkpoint}" if checkpoint else "vlm"

@@ -148,13 +148,19 @@ def load_seed_boxes(curation_dir: str | Path) -> dict[str, Box | None]:
     """``{sample id: seed box}`` from a ``curate boxes`` folder (its ``raw.jsonl``: the UNexpanded reader box);
     ``None`` where the reader did not find the answer (``found`` false)."""
     out: dict[str, Box | None] = {}
-    for line in (Path(curation_dir) / "raw.jsonl").read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in _curation_rows(curation_dir):
         out[row["id"]] = Box(*row["seed_box"]) if row["found"] else None
     return out
+
+
+def _curation_rows(curation_dir: str | Path) -> list[dict]:
+    """The rows of a ``curate boxes`` folder's ``raw.jsonl``: split at ``\\n`` only (a reader's text may hold
+    U+2028, which ``str.splitlines`` breaks at: the row was skipped), a torn last line of an interrupted run
+    left out, any other bad line an error naming it (ValueError)."""
+    path = Path(curation_dir) / "raw.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{curation_dir} is not a curate boxes folder: no raw.jsonl")
+    return read_appended_jsonl(path)
 
 
 def refine_seed_boxes(curation_dir: str | Path, samples, part_px: int) -> dict[str, Box | None]:
@@ -173,11 +179,7 @@ def refine_seed_boxes(curation_dir: str | Path, samples, part_px: int) -> dict[s
 
     by_id = {s.id: s for s in samples}
     out = load_seed_boxes(curation_dir)
-    for line in (Path(curation_dir) / "raw.jsonl").read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in _curation_rows(curation_dir):
         s, box = by_id.get(row["id"]), out.get(row["id"])
         raw = row.get("raw") or ""
         if s is None or box is None or " | " in raw or box.width * s.width <= part_px:

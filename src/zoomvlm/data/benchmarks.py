@@ -49,7 +49,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from zoomvlm.data.samples import DatasetError, Sample
+from zoomvlm.data.samples import DatasetError, Sample, upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -296,17 +296,18 @@ class HubImage:
         return _open_cell(self.table[self.row][self.column])
 
     def size(self) -> tuple[int, int]:
-        """Native ``(width, height)`` in pixels from the image header, without decoding pixels."""
+        """Native ``(width, height)`` in pixels from the image header, without decoding pixels; a photo's EXIF
+        orientation applied (the frame :meth:`~zoomvlm.data.samples.Sample.load_image` returns)."""
         cell = self.table[self.row][self.column]
         if isinstance(cell, str) and len(cell) > _B64_HEADER_CHARS:
             # An 8K HR-Bench image is ~6 MB of base64; its JPEG header sits in the first few kB.
             try:
                 with _open_cell(cell[:_B64_HEADER_CHARS]) as img:
-                    return img.size
+                    return upright_size(img)
             except (UnidentifiedImageError, OSError, ValueError):
                 pass
         with _open_cell(cell) as img:
-            return img.size
+            return upright_size(img)
 
     def __repr__(self) -> str:
         return f"HubImage({self.label} row {self.row})"
@@ -388,7 +389,7 @@ def load_benchmark(
         else:
             try:
                 width, height = image.size()
-            except (UnidentifiedImageError, OSError, ValueError) as err:
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
                 raise DatasetError(f"{name} row {i} ({r.id}): unreadable image: {err}") from err
         samples.append(Sample(id=r.id, image=image, question=r.question, answers=r.answers, width=width,
                               height=height, field=r.field, metric=r.metric, meta=dict(r.meta or {})))  # fmt: skip

@@ -94,7 +94,7 @@ class Sample:
             try:
                 img = self.image()
                 img.load()
-                return to_rgb(img)
+                return to_rgb(upright(img))
             except UnreadableImageError:
                 raise
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -130,6 +130,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_EXIF_ORIENTATION = 0x0112
+_TURNED = (5, 6, 7, 8)  # EXIF orientations stored a quarter turn from how the photo is seen: width <-> height
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (as viewers, ``datasets`` and browsers show it); ``img``
+    itself when the tag is absent or 1. Every image zoomvlm reads goes through this, so boxes are in the frame
+    people see."""
+    if img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):  # stored sideways or mirrored
+        return ImageOps.exif_transpose(img)
+    return img
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of :func:`upright` ``(img)`` from the header alone (pixels not decoded)."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(_EXIF_ORIENTATION, 1) in _TURNED else (w, h)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open an image fully (decoded now, not lazily) as RGB, upright: a photo's EXIF orientation tag is applied,
     as viewers, labelling tools and ``zoomvlm serve`` do, so boxes are in the frame people see.
@@ -143,9 +162,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.getexif().get(0x0112, 1) not in (1, None):  # stored sideways or mirrored
-                return to_rgb(ImageOps.exif_transpose(img))
-            return to_rgb(img)
+            return to_rgb(upright(img))
     except Image.DecompressionBombError as err:
         raise UnreadableImageError(
             f"cannot read image {path}: {err} (PIL's guard against decompression bombs: downscale the image, or raise "
@@ -217,14 +234,22 @@ def iter_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
     Yields:
         ``(where, value)``, ``where`` = ``"<path>:<line number>"`` (1-based).
 
+    Lines end at ``\n`` only (a JSON string may hold U+2028 and other characters ``str.splitlines`` breaks at);
+    a UTF-8 byte-order mark at the start (Windows editors) is skipped.
+
     Raises:
-        error: a line is not valid JSON (the message names ``file:line``). OSError: the file cannot be read.
+        error: a line is not UTF-8 or not valid JSON (the message names ``file:line``). OSError: the file cannot
+            be read.
     """
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with Path(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from err
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as err:
@@ -253,7 +278,9 @@ def read_appended_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{lineno} is not a valid record (not UTF-8: {err.reason})") from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{lineno} is not a valid record ({err.msg})") from err
     return records
@@ -307,7 +334,8 @@ def load_samples(
             path of a ``.jsonl`` file.
         split: the benchmark split; ``None`` = the split the field reports (e.g. TextVQA ``validation``).
             JSONL files have no splits.
-        limit: the first ``limit`` samples only (in dataset order; nothing past them is read).
+        limit: the first ``limit`` samples only (in dataset order; a benchmark's rows past them are not
+            converted, a JSONL file is still checked whole).
         data_dir: a local copy of the benchmark's hub repository (see
             :func:`zoomvlm.data.benchmarks.load_benchmark`); ``None`` = ``$ZOOMVLM_DATA_DIR/<hub id>`` if that
             exists, else the hub.

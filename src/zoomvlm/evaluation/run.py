@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,12 +261,18 @@ def run_eval(
             whose checkpoint files (``policy.checkpoints``) have changed since.
         UnreadableImageError: an image cannot be read; records written so far are kept, so fixing the
             file and rerunning the same command continues where it stopped.
-        ValueError: ``batch_size < 1``; a sample its metric cannot score (an unknown metric, POPE with an answer
-            other than yes / no: :func:`~zoomvlm.core.metrics.check_answers`); or the policy reads human boxes
-            (``needs_evidence``, the oracles) and some samples have none (named, before anything runs).
+        ValueError: ``batch_size < 1``; a sample id that appears twice; a sample its metric cannot score (an
+            unknown metric, POPE with an answer other than yes / no: :func:`~zoomvlm.core.metrics.check_answers`);
+            or the policy reads human boxes (``needs_evidence``, the oracles) and some samples have none (named,
+            before anything runs).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    counts = Counter(s.id for s in samples)  # results are keyed by id: a repeat would be answered, then refused
+    repeated = [i for i, n in counts.items() if n > 1]
+    if repeated:
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        raise ValueError(f"sample ids must be unique; repeated: {', '.join(map(repr, repeated[:5]))}{more}")
     if getattr(policy, "needs_evidence", False):
         missing = [s.id for s in samples if not s.evidence_boxes]
         if missing:
