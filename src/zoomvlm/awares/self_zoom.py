@@ -5,7 +5,8 @@ Protocol (AwaRes sec. 3.1; METHODS.md "AwaRes"; layout of :mod:`zoomvlm.awares.p
 - Turn 1: ``[system, user(low-res view, question)]`` -> greedy generation. A text without ``GET_CROPS`` is the
   direct answer. ``GET_CROPS: [...]`` names crop-set regions (:data:`~zoomvlm.awares.protocol.CROP_SET`).
 - Turn 2: the model's own turn-1 text becomes the assistant turn, then ``user(crop * k, tool text)`` with the
-  crops cut from the ORIGINAL image at the ``high`` view's scale; greedy generation gives the answer.
+  crops cut from the ORIGINAL image (``views="same_scale"``: at the ``high`` view's scale; ``"released"``, the
+  ``awares`` protocol's: each crop at native resolution capped by ``high``); greedy generation gives the answer.
 - A tool call that cannot be parsed (:class:`~zoomvlm.awares.protocol.ToolCallError`) is recorded in
   :attr:`SelfZoomResult.tool_error` and logged; the answer is then the turn-1 text as is. It is never replaced
   by the full image (the official AwaRes parser silently does that).

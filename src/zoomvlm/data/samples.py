@@ -144,9 +144,17 @@ def upright(img: Image.Image) -> Image.Image:
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of :func:`upright` ``(img)`` from the header alone (pixels not decoded)."""
+    """``(width, height)`` of :func:`upright` ``(img)`` from the header alone (pixels not decoded: a PNG's
+    ``getexif`` decodes the image to find an eXIf chunk after the pixels, so for PNG only a chunk before them,
+    where writers put it, is read)."""
     w, h = img.size
-    return (h, w) if img.getexif().get(_EXIF_ORIENTATION, 1) in _TURNED else (w, h)
+    if img.format == "PNG":
+        exif = Image.Exif()
+        if img.info.get("exif"):
+            exif.load(img.info["exif"])
+    else:
+        exif = img.getexif()
+    return (h, w) if exif.get(_EXIF_ORIENTATION, 1) in _TURNED else (w, h)
 
 
 def load_image(path: str | Path) -> Image.Image:

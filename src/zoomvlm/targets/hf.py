@@ -39,7 +39,9 @@ __all__ = [
 # a budget on their own: SmolVLM's upscales every view to ``longest_edge`` 2048 and tiles it (9 tiles for a 24x64
 # crop), LLaVA-1.5's centre-crops to 336x336. So the target shrinks each view to its budget FIRST and then tells
 # the processor not to resize it again (:func:`processor_image_kwargs`), capping at the processor's own maximum
-# (:func:`encoder_view`); the vision encoder then sees at most the budget's pixels.
+# (:func:`encoder_view`); the vision encoder then sees at most the budget's pixels, up to Qwen2-VL's rounding of
+# each side to the NEAREST multiple of 28 px (a 758x2118 view becomes 756x2128: 2052 tokens, where the authors'
+# processor with max_pixels = 2048*28*28 on the original rounds down to 2025; about 1 % more at most).
 BUDGET_MEANING = {
     "idefics3": "view shrunk to the budget (capped at size.longest_edge, 2048 as released), then rounded UP to "
     "whole 512 px tiles (max_image_size) and split: 64 tokens per tile, plus one 512 px global tile when split. "
