@@ -272,6 +272,12 @@ def test_curate_awares_on_three_receipts(demo_samples, tmp_path):
         assert r["label"] == ("LR" if r["low_score"] >= 0.5 or r["low_score"] >= r["high_score"] else "HR")
         assert bool(r["crops"]) == (r["label"] == "HR")
         assert all(k in CROP_SET for k in r["crops"])
+    # the reader at the low view misses the small company name and total of sroie_017 that the high view reads
+    # (a swap of the two views' texts labels all three LR: the rule above still holds for the swapped scores)
+    assert [(r["id"], r["label"]) for r in rows] == [
+        ("sroie_017_company", "HR"), ("sroie_017_date", "LR"), ("sroie_017_total", "HR")
+    ]  # fmt: skip
+    assert all(r["high_score"] == 1.0 for r in rows)
     actions = [json.loads(line) for line in (tmp_path / "a" / "actions.jsonl").read_text().splitlines()]
     for a, r in zip(actions, rows, strict=True):
         text = a["completion"][0]["content"][0]["text"]

@@ -226,6 +226,8 @@ def test_crop_set_geometry():
 def test_budget_parse_and_fit():
     assert Budget.parse("384").fit(835, 2333) == (137, 384)
     assert Budget.parse("pixels:10000").fit(200, 100)[0] * Budget.parse("pixels:10000").fit(200, 100)[1] <= 10000
+    assert Budget.parse("pixels:10000").fit(200, 100) == (141, 70)  # each side x sqrt(10000 / 20000): the most
+    assert Budget.parse("pixels:1605632").fit(4492, 3164) == (1509, 1063)  # pixels that fit (AwaRes's high view)
     assert Budget.parse("native").fit(835, 2333) == (835, 2333)
     assert Budget(max_side=4000).fit(835, 2333) == (835, 2333)  # never upscales
     with pytest.raises(ValueError, match="cannot read budget"):

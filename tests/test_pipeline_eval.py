@@ -56,6 +56,9 @@ def test_oracle_needs_evidence_and_takes_smallest(tmp_path):
     assert p.boxes == (Box(0.6, 0.6, 0.7, 0.7),)
     with pytest.raises(ValueError, match="evaluation only"):
         oracle.propose([None], ["q"])
+    # the default oracle (the README's upper bound) pads the human box by 2 % of the image on each side
+    (p,) = load_policy("oracle").propose([None], ["q"], evidence=[[Box(0.4, 0.4, 0.5, 0.5)]])
+    assert p.boxes[0].as_list(6) == [0.38, 0.38, 0.52, 0.52]
 
 
 def test_an_oracle_run_names_the_samples_without_evidence_before_answering_any(tmp_path):
@@ -86,6 +89,25 @@ def test_eval_resume_skips_done_and_repairs_torn_line(tmp_path):
     assert target.calls == 2  # s3 (torn) and s4 only
     ids = [r["id"] for r in read_results(out / "results.jsonl")]
     assert sorted(ids) == ["s0", "s1", "s2", "s3", "s4"] and summary["n"] == 5
+
+
+def test_summary_counts_format_failures_fields_and_only_the_samples_asked_for(tmp_path):
+    from dataclasses import replace
+
+    class HalfInvalid:  # every other proposal is an invalid output the policy fell back from
+        name = "half-invalid"
+
+        def propose(self, images, questions, evidence=None):
+            return [Proposal((Box.full(),), error="bad box" if q[-1] in "02468" else None) for q in questions]
+
+    samples = [replace(s, field="total" if i < 2 else "date") for i, s in enumerate(_samples(tmp_path, 5))]
+    target = EchoTarget(answers_by_question={"q0": "a0", "q1": "?", "q2": "a2", "q3": "a3"})
+    summary = run_eval(samples, HalfInvalid(), target, tmp_path / "run", progress=False)
+    assert summary["format_failures"] == 3 and summary["format_failure_rate"] == pytest.approx(0.6)  # s0, s2, s4
+    assert summary["by_field"] == {"date": pytest.approx(2 / 3), "total": 0.5}
+    # a rerun on fewer samples summarises those only (the run folder still holds all five)
+    summary = run_eval(samples[:3], HalfInvalid(), EchoTarget(), tmp_path / "run", progress=False)
+    assert summary["n"] == 3 and summary["format_failures"] == 2 and summary["n_expected"] == 3
 
 
 def test_eval_refuses_to_mix_runs(tmp_path):

@@ -49,6 +49,77 @@ def toy_items(n=24, n_cand=6, seed=0):
     return items, rewards
 
 
+def test_grpo_step_statistics_are_the_formulas_it_documents():
+    """The returned KL is the exact KL(pi || ref) over the candidates (not KL(ref || pi)); with
+    ``scale_rewards="group"`` the advantage is divided by the group's reward std (GRPO), without it not (Dr-GRPO);
+    with mu > 1 the PPO clip bounds each later update's ratio to [1 - eps, 1 + eps] where the advantage pushes."""
+    from zoomvlm.cropvlm.proposal_grpo import _log_probs
+
+    items, rewards = toy_items(6)
+    torch.manual_seed(0)
+    ref = RegionScorer().eval()
+    model = RegionScorer()
+    model.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # move the policy away from its reference
+        for prm in model.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+        lp, mask = _log_probs(model, items, 1.0)
+        rp, _ = _log_probs(ref, items, 1.0)
+        forward = (lp.exp() * (lp - rp).masked_fill(~mask, 0.0)).sum(-1).mean().item()
+        backward = (rp.exp() * (rp - lp).masked_fill(~mask, 0.0)).sum(-1).mean().item()
+    assert abs(forward - backward) > 0.05  # the two directions differ here, so the check below can tell them apart
+
+    def reward_fn(item_idx, actions):
+        return [float(rewards[i][a]) for i, a in zip(item_idx, actions, strict=True)]
+
+    def step(config, seed=0):
+        m = RegionScorer()
+        m.load_state_dict(model.state_dict())
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the statistics of the step as it starts
+        return grpo_step(m, ref, items, reward_fn, list(range(len(items))), opt, config, np.random.default_rng(seed))
+
+    stats = step(GRPOConfig(group=4, temperature=1.0))
+    assert stats["kl"] == pytest.approx(forward, rel=1e-5)
+    # the same draws (same rng seed), at a temperature that spreads them: Dr-GRPO's |A| and GRPO's
+    # |A| / (std + 1e-4), computed by hand
+    with torch.no_grad():
+        hot, _ = _log_probs(model, items, 8.0)
+    rng = np.random.default_rng(0)
+    probs = hot.exp().numpy()
+    acts = np.stack([rng.choice(probs.shape[1], size=8, p=p / p.sum()) for p in probs])
+    r = np.array([[rewards[i][a] for a in row] for i, row in enumerate(acts)])
+    a = r - r.mean(1, keepdims=True)
+    assert (r.std(1) > 0).sum() >= 2  # groups with a spread: the advantage is not 0 everywhere
+    assert step(GRPOConfig(group=8, temperature=8.0))["advantage_abs"] == pytest.approx(np.abs(a).mean())
+    scaled = np.abs(a / (r.std(1, keepdims=True) + 1e-4)).mean()
+    assert step(GRPOConfig(group=8, temperature=8.0, scale_rewards="group"))["advantage_abs"] == pytest.approx(scaled)
+    # PPO clip: with a large lr and mu = 4, the clipped term of each later update is ratio.clamp(1 +- eps) * A
+    clip_model = RegionScorer()
+    clip_model.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(clip_model.parameters(), lr=50.0)
+    seen = []
+    original = torch.minimum
+
+    def spy(x, y):
+        seen.append((x.detach().clone(), y.detach().clone()))
+        return original(x, y)
+
+    torch.minimum = spy
+    try:
+        clip_config, rng0 = GRPOConfig(group=8, temperature=8.0, mu=4, epsilon=0.2, beta=0.0), np.random.default_rng(0)
+        grpo_step(clip_model, ref, items, reward_fn, list(range(len(items))), opt, clip_config, rng0)
+    finally:
+        torch.minimum = original
+    assert len(seen) == 4  # one surrogate per inner update
+    adv = torch.as_tensor(a, dtype=torch.float32)
+    moved = False
+    for unclipped, clipped in seen[1:]:
+        ratio = torch.where(adv != 0, unclipped / adv, torch.ones_like(unclipped))
+        assert torch.allclose(clipped, ratio.clamp(0.8, 1.2) * adv, atol=1e-5)
+        moved |= bool(((ratio - 1).abs() > 0.2)[adv != 0].any())
+    assert moved  # some ratio left the band, so the clip was exercised
+
+
 def test_scorer_is_deterministic_and_masks_padding():
     items, _ = toy_items(4)
     items[1] = Item(items[1].q, items[1].x[:3])

@@ -169,3 +169,18 @@ def test_text_the_cropper_rejects_at_inference_earns_no_format_reward_and_no_cro
         parse_percent_boxes(text, max_boxes=1)  # what VLMCropper.propose reads: invalid -> the whole image
     assert format_reward(completions=[text]) == [0.0] and _parse(text) is None
     assert format_reward(completions=["[10, 20, 60, 40]."]) == [1.0]
+
+
+def test_semantic_similarity_with_the_real_minilm_scores_each_prediction_against_its_own_answers():
+    """AwaRes's R_ans with the real all-MiniLM-L6-v2 (offline wheel): each prediction against ITS gold answers
+    (the best of several), clipped to [0, 1]."""
+    from zoomvlm.awares.rewards import SemanticSimilarity
+
+    sim = SemanticSimilarity()
+    same, company, unrelated = sim(
+        ["nine dollars", "LIGHTROOM GALLERY", "the weather is cold"],
+        [["9.00", "nine dollars"], ["lightroom gallery sdn bhd"], ["lightroom gallery sdn bhd"]],
+    )
+    assert same == pytest.approx(1.0, abs=1e-4)  # an exact match among several gold answers wins
+    assert company > 0.5 > unrelated >= 0.0  # scored against its own answers, not the first row's
+    assert sim(["x"], ["9.00"]) == sim(["x"], [["9.00"]])  # a bare string is one gold answer

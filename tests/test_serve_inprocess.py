@@ -40,7 +40,8 @@ def client_for(handler, **options) -> tuple[TestClient, list]:
         seen.append(json.loads(request.content) if request.method == "POST" else None)
         return handler(request)
 
-    config = ServeConfig(upstream="http://up.test/v1", policy="center", upstream_retries=0, **options)
+    options.setdefault("upstream_retries", 0)
+    config = ServeConfig(upstream="http://up.test/v1", policy="center", **options)
     config.validate()
     service = ZoomService(config, CentrePolicy())
     service.upstream = Upstream("http://up.test/v1", "", config.upstream_timeout, config.upstream_retries,
@@ -118,6 +119,28 @@ def test_a_non_finite_retry_after_is_ignored_and_the_client_gets_a_clean_429(val
     with client:
         reply = client.post("/v1/chat/completions", json=chat(url))
     assert reply.status_code == 429 and reply.headers["retry-after"].isdigit()
+
+
+def test_a_retry_after_beyond_the_cap_is_passed_on_not_waited_for():
+    """An upstream asking to wait 4 s with --max-retry-after 1: the client gets the 429 (and the wait) at once
+    instead of a request slot held through the retries (an upstream saying 3600 would hold it for an hour)."""
+    import time
+
+    client, seen = client_for(lambda r: httpx.Response(429, headers={"retry-after": "4"}, json={"error": "slow"}),
+                              upstream_retries=2, max_retry_after=1.0, retry_backoff=0.01)  # fmt: skip
+    url = image_url(Image.new("RGB", (64, 64), "white"))
+    with client:
+        start = time.perf_counter()
+        reply = client.post("/v1/chat/completions", json=chat(url))
+        elapsed = time.perf_counter() - start
+    assert reply.status_code == 429 and reply.headers["retry-after"] == "4"
+    assert len(seen) == 1 and elapsed < 3.0
+    # within the cap it is waited for and retried
+    client, seen = client_for(lambda r: httpx.Response(429, headers={"retry-after": "0"}, json={"error": "slow"}),
+                              upstream_retries=2, max_retry_after=1.0, retry_backoff=0.01)  # fmt: skip
+    with client:
+        assert client.post("/v1/chat/completions", json=chat(url)).status_code == 429
+    assert len(seen) == 3
 
 
 # -- local mode -------------------------------------------------------------------------------------------------
