@@ -119,8 +119,11 @@ def build_real(family: str, seed: int = 0):
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
     model.name_or_path = str(folder)
     if (folder / "generation_config.json").exists():  # the released end / padding ids (SmolVLM ends turns with
-        # <end_of_utterance>, not config.json's eos; Qwen2.5-VL pads with <|endoftext|>)
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        # <end_of_utterance>, not config.json's eos; Qwen2.5-VL pads with <|endoftext|>); its sampling settings are
+        # not taken (greedy here, and Qwen's temperature 1e-6 without do_sample would not save)
+        released = GenerationConfig.from_pretrained(str(folder))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(model.generation_config, key, getattr(released, key))
     model.generation_config.do_sample = False
     return model, processor
 

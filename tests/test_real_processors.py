@@ -440,3 +440,21 @@ def test_generated_token_counts_skip_the_models_padding_not_the_tokenizers(real_
     finally:
         model.generation_config.pad_token_id = pad
     assert n == [0, 4]  # padding = end token: not counted (the tokenizer's id would have counted 5 and 5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_built_models_end_and_pad_with_the_released_ids_and_save(real_vlms, family, tmp_path):
+    """The random-weight models stop and pad as released (generation_config.json: SmolVLM ends turns with
+    <end_of_utterance>, not config.json's eos), and a built model saves as a folder ``hf:`` loads."""
+    import real_models
+    from transformers import GenerationConfig
+
+    model, processor = real_vlms[family]
+    released = GenerationConfig.from_pretrained(str(real_models.real_folder(family)))
+    for key in ("eos_token_id", "pad_token_id"):
+        assert getattr(model.generation_config, key) == getattr(released, key)
+    assert model.generation_config.do_sample is False
+    if family == "smolvlm":
+        assert model.generation_config.eos_token_id == processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    folder = real_models.save_real(model, processor, tmp_path / family)
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == released.eos_token_id

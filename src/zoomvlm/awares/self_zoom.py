@@ -95,8 +95,10 @@ class SelfZoomResult:
             recompute: low view + crops again); ``prompt_tokens``: tokens fed; ``seconds``: wall time of the turn.
         visual_tokens: image tokens of the distinct images the model saw: low view + crops (the RTR numerator).
         full_visual_tokens: image tokens of the whole image under ``high``, processed once (the denominator).
-        rtr: ``visual_tokens / full_visual_tokens`` (AwaRes sec. 3.1/4; 0.25-ish for a direct answer, plus
-            0.25-ish per quadrant); None when the model has no image-token id to count.
+        rtr: ``visual_tokens / full_visual_tokens`` (AwaRes sec. 3.1/4; about 0.25 for a direct answer when the
+            high budget does not shrink the image, more when it does under the released views (0.31 for a tall
+            receipt on Qwen2.5-VL) and for tiling models; plus about 0.25 per quadrant); None when the model has
+            no image-token id to count.
         rtr_pixels: the same ratio in processed pixels (low view + crops over the high view).
         reused_tokens: turn-2 prefix tokens taken from the turn-1 KV cache (0: no turn 2, or recomputed).
         seconds: wall time of the whole sample, both turns.
