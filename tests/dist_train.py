@@ -6,7 +6,8 @@ multi-process tests check (``tests/test_distributed.py``).
 Writes into RECORD_DIR: ``params-rank{R}.txt`` (``global_step sha256`` of that rank's parameters when training
 ends, before ``final/`` is saved) and ``final-writes.txt`` (one line per process that wrote ``final/``'s model).
 Only this script patches anything; the library runs unchanged. ``length_reward`` is a user reward for GRPO
-recipes, named by dotted path (``dist_train:length_reward``) like any user's own reward.
+recipes, named by dotted path (``dist_train:length_reward``) like any user's own reward; ``prompt_reward`` also
+records the prompts each rank trained on (``prompts-rank{R}.jsonl``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,21 @@ def length_reward(prompts=None, completions=(), **_) -> list[float]:
     return [float(len(completion_text(c))) for c in completions]
 
 
+def prompt_reward(prompts=None, completions=(), question=(), image_path=(), **_) -> list[float]:
+    """:func:`length_reward`, and each call's prompts appended as one JSON line to ``prompts-rank{R}.jsonl`` in
+    the record folder (which prompts each rank trained on, step by step)."""
+    import json
+
+    rank = os.environ.get("RANK", "0")
+    with (Path(os.environ["ZOOMVLM_TEST_RECORD"]) / f"prompts-rank{rank}.jsonl").open("a") as f:
+        f.write(json.dumps([f"{Path(p).name}|{q}" for p, q in zip(image_path, question, strict=True)]) + "\n")
+    return length_reward(prompts, completions)
+
+
 def main() -> int:
     record, argv = Path(sys.argv[1]), sys.argv[2:]
     record.mkdir(parents=True, exist_ok=True)
+    os.environ["ZOOMVLM_TEST_RECORD"] = str(record)
     rank = int(os.environ.get("RANK", "0"))
 
     import transformers

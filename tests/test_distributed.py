@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,45 @@ def test_grpo_on_two_processes(tmp_path, tiny_smolvlm_init):
     _check(out, record, writes, licence="SROIE 2019")  # the bundled receipts
     run = json.loads((out / "final" / "zoomvlm_run.json").read_text())
     assert run["last_logged"]["reward_std"] > 0 and "rewards/length_reward/mean" in run["last_logged"]
+
+
+def test_grpo_resumed_mid_epoch_two_on_two_processes_trains_on_the_same_prompts(tmp_path, tiny_smolvlm_init):
+    """4 prompts, 2 per step over 2 processes: 2 steps per epoch. A run resumed from checkpoint-3 (in epoch 2) must
+    train step 4 on the prompts the uninterrupted run did; accelerate's shard / skip wrappers did not forward
+    ``set_epoch``, so the resumed epoch followed epoch 1's order (a prompt twice, another never)."""
+    args = ["train", "grpo", "--config", "tiny_cpu_grpo", "--set", f"model.init={tiny_smolvlm_init}",
+            "--set", "data.cropper_budget=64", "--set", f"data.file={demo_data_path()}", "--set", "data.limit=4",
+            "--set", 'rewards={format: 1.0, "dist_train:prompt_reward": 1.0}',
+            "--set", "trainer.per_device_train_batch_size=2", "--set", "trainer.num_generations=2",
+            "--set", "trainer.max_completion_length=4", "--set", "trainer.save_steps=1",
+            "--set", "trainer.save_total_limit=null", "--set", "trainer.max_steps=4"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(tmp_path / "rec_straight", [*args, "--output-dir", str(straight)])
+    resumed.mkdir()
+    for name in ("checkpoint-1", "checkpoint-2", "checkpoint-3", "zoomvlm_recipe.json"):
+        src = straight / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, resumed / name)
+    launch(tmp_path / "rec_resumed", [*args, "--output-dir", str(resumed)])
+    for rank in (0, 1):
+        seen = [
+            json.loads(x)
+            for x in (tmp_path / "rec_straight" / f"prompts-rank{rank}.jsonl").read_text().split("\n")
+            if x
+        ]
+        again = [
+            json.loads(x)
+            for x in (tmp_path / "rec_resumed" / f"prompts-rank{rank}.jsonl").read_text().split("\n")
+            if x
+        ]
+        assert len(seen) == 4 and len(again) == 1  # one reward call per step; the resumed launch ran step 4 only
+        assert again[0] == seen[3], (rank, seen, again)
+    epoch_two = sorted(
+        q
+        for rank in (0, 1)
+        for q in json.loads((tmp_path / "rec_straight" / f"prompts-rank{rank}.jsonl").read_text().split("\n")[2])
+        + json.loads((tmp_path / "rec_straight" / f"prompts-rank{rank}.jsonl").read_text().split("\n")[3])
+    )
+    assert len(set(epoch_two)) == 4  # epoch 2 saw each of the 4 prompts (G = 2 copies of each)
 
 
 @pytest.mark.parametrize("stage", ["awares-sft", "awares-grpo"])

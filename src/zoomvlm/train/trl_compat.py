@@ -65,11 +65,26 @@ class _EpochSeeded(torch.utils.data.Sampler):
 
 class EpochSeededSamplerMixin:
     """For a ``GRPOTrainer`` subclass: each epoch's prompt order depends on ``(seed, epoch)`` only, so a run resumed
-    in epoch 2 or later sees the order the uninterrupted run saw (TRL's sampler replayed epoch 1's)."""
+    in epoch 2 or later sees the order the uninterrupted run saw (TRL's sampler replayed epoch 1's).
+
+    The epoch is set on the sampler itself at the start of every epoch (the private ``_run_epoch``): on several
+    processes accelerate wraps it as ``BatchSamplerShard(BatchSampler(sampler))``, and a resume mid-epoch wraps
+    that again in ``SkipBatchSampler``; neither forwards ``set_epoch``, so the resumed epoch followed epoch 1's
+    order, repeating some prompts and skipping others.
+    """
 
     def _get_train_sampler(self, dataset=None):
         sampler = super()._get_train_sampler(dataset)
-        return _EpochSeeded(sampler) if hasattr(sampler, "generator") else sampler
+        if hasattr(sampler, "generator"):
+            sampler = _EpochSeeded(sampler)
+            self._epoch_seeded = sampler
+        return sampler
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        seeded = getattr(self, "_epoch_seeded", None)
+        if seeded is not None:
+            seeded.set_epoch(int(epoch))
+        return super()._run_epoch(model, epoch, *args, **kwargs)
 
 
 def tool_image_marker(crops: list[str]) -> str:
