@@ -113,26 +113,16 @@ def test_grpo_resumed_mid_epoch_two_on_two_processes_trains_on_the_same_prompts(
         src = straight / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, resumed / name)
     launch(tmp_path / "rec_resumed", [*args, "--output-dir", str(resumed)])
+
+    def calls(record: str, rank: int) -> list[list[str]]:  # the prompts of each reward call (one per step)
+        return [json.loads(x) for x in (tmp_path / record / f"prompts-rank{rank}.jsonl").read_text().splitlines()]
+
     for rank in (0, 1):
-        seen = [
-            json.loads(x)
-            for x in (tmp_path / "rec_straight" / f"prompts-rank{rank}.jsonl").read_text().split("\n")
-            if x
-        ]
-        again = [
-            json.loads(x)
-            for x in (tmp_path / "rec_resumed" / f"prompts-rank{rank}.jsonl").read_text().split("\n")
-            if x
-        ]
-        assert len(seen) == 4 and len(again) == 1  # one reward call per step; the resumed launch ran step 4 only
+        seen, again = calls("rec_straight", rank), calls("rec_resumed", rank)
+        assert len(seen) == 4 and len(again) == 1  # the resumed launch ran step 4 only
         assert again[0] == seen[3], (rank, seen, again)
-    epoch_two = sorted(
-        q
-        for rank in (0, 1)
-        for q in json.loads((tmp_path / "rec_straight" / f"prompts-rank{rank}.jsonl").read_text().split("\n")[2])
-        + json.loads((tmp_path / "rec_straight" / f"prompts-rank{rank}.jsonl").read_text().split("\n")[3])
-    )
-    assert len(set(epoch_two)) == 4  # epoch 2 saw each of the 4 prompts (G = 2 copies of each)
+    epoch_two = {q for rank in (0, 1) for step in calls("rec_straight", rank)[2:] for q in step}
+    assert len(epoch_two) == 4  # epoch 2 (steps 3-4) saw each of the 4 prompts once (G = 2 copies each)
 
 
 @pytest.mark.parametrize("stage", ["awares-sft", "awares-grpo"])

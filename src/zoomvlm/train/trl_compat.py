@@ -21,8 +21,9 @@ Why private APIs at all:
 - A GRPO run resumed in its second epoch or later replayed the FIRST epoch's prompt order: TRL's ``RepeatSampler``
   draws each epoch's permutation from one generator seeded once, and a resumed run builds a fresh one.
   :class:`EpochSeededSamplerMixin` overrides the private ``_get_train_sampler`` to give that sampler the
-  ``set_epoch`` the Trainer calls at every epoch (the generator put where an uninterrupted run's is), so the
-  order depends on the epoch alone and equals TRL's own.
+  ``set_epoch`` (the generator put where an uninterrupted run's is), so the order depends on the epoch alone and
+  equals TRL's own; it overrides the private ``_run_epoch`` to set the epoch on the sampler itself, because the
+  Trainer's own ``set_epoch`` does not reach it through accelerate's multi-process wrappers on a resume.
 """
 
 from __future__ import annotations
