@@ -78,7 +78,7 @@ def test_sft_on_two_processes(tmp_path, demo_samples, tiny_smolvlm_init):
         "--set", "trainer.per_device_train_batch_size=2", "--set", "trainer.dataloader_num_workers=0",
         "--set", "trainer.logging_steps=1",
     ])  # fmt: skip
-    _check(out, record, writes, licence="UNKNOWN: state the data's licence")  # a file outside the bundled data
+    _check(out, record, writes, licence="licence: SROIE")  # a file outside the bundled data, of its receipts' images
 
 
 def test_grpo_on_two_processes(tmp_path, tiny_smolvlm_init):

@@ -390,3 +390,12 @@ def test_seed_boxes_survive_a_reader_text_holding_u2028(tmp_path):
     raw.write_text(raw.read_text(encoding="utf-8") + '{"id": "q3", "seed_box": [0.1\n' + json.dumps(rows[1]) + "\n")
     with pytest.raises(ValueError, match=f"{raw}:3"):
         load_seed_boxes(tmp_path)
+
+
+def test_a_scorer_names_the_licences_of_its_own_training_data():
+    from zoomvlm.cropvlm.proposal_train import _data_licences
+
+    receipts, documents = "../shared/data/receipts/train.jsonl", "../shared/data/documents/train.jsonl"
+    assert "SROIE" in _data_licences([receipts]) and "CC BY-NC" not in _data_licences([receipts])
+    both = _data_licences([receipts, documents, receipts])
+    assert "SROIE" in both and "CC BY-NC 4.0" in both and both.count("SROIE") == 1

@@ -95,6 +95,7 @@ def test_recipe_errors_are_clear(tmp_path):
         ("trainer.temperature=0", r"trainer\.temperature must be > 0"),
         ("trainer.num_iterations=0", r"trainer\.num_iterations must be > 0"),
         ("rewards.format=.nan", r"reward weights must be finite .*rewards\.format"),
+        ("rewards.format=true", r"rewards must be a mapping \{name: weight\}"),  # YAML true is not a weight
     ],
 )
 def test_typed_recipes_refuse_unknown_keys_and_bad_combinations(override, message):
@@ -112,6 +113,15 @@ def test_one_place_for_each_default():
     assert r.trainer.max_grad_norm == 0.1 and r.trainer.temperature == 0.8 and r.trainer.bf16 is False
     assert load_recipe("tiny_cpu_crop_set_grpo").to_json()["data"]["high"] == "side:768"
     assert _trained_budget("/no/such/checkpoint") == 512
+
+
+def test_a_missing_init_folder_is_named_before_the_training_images_are_read(tmp_path, monkeypatch, capsys):
+    from zoomvlm.data import samples
+
+    monkeypatch.setattr(samples, "load_jsonl", lambda *a, **k: pytest.fail("the data was read before the init check"))
+    rc = main(["train", "grpo", "--config", "tiny_cpu_grpo", "--set", f"model.init={tmp_path / 'nonexistent'}",
+               "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert rc == 2 and "model.init folder" in capsys.readouterr().err
 
 
 def test_train_cli_names_an_unknown_key(capsys):
@@ -256,7 +266,7 @@ def _check_publishable(final, capsys, tmp_path):
     run = json.loads((final / "zoomvlm_run.json").read_text())
     assert run["global_step"] == 1 and run["num_processes"] == 1 and run["train_loss"] > 0
     assert f"base_model: {json.loads((final / 'zoomvlm_recipe.json').read_text())['model']['init']}" in card
-    assert "`tiny_cpu_sft` (bundled with zoomvlm)" in card and "UNKNOWN: state the data's licence" in card
+    assert "`tiny_cpu_sft` (bundled with zoomvlm)" in card and "licence: SROIE" in card  # its rows' images: receipts
     assert f"| train_loss | {run['train_loss']:.4g} |" in card
     with (
         mock.patch.object(huggingface_hub.HfApi, "create_repo") as create,
@@ -281,6 +291,37 @@ def test_model_card_names_the_data_licence():
     card = model_card(r, {"global_step": 3, "last_logged": {"rewards/awares/mean": 0.25}})
     assert "`awares` = R_ans - C_tool: R_ans `contains`, alpha_miss 0.5, alpha_use 0.1, lam 0.3" in card
     assert "| last logged rewards/awares/mean | 0.25 |" in card and "crop-set:PATH" in card
+
+
+def test_model_card_keeps_the_licence_of_curated_data_and_of_the_base_model(tmp_path):
+    """A curation of documents kept under runs/ is CC BY-NC by its images; GRPO on receipts from a checkpoint
+    trained on documents inherits that licence; the target line appears only when a reward reads the target."""
+    from pathlib import Path
+
+    from zoomvlm.core.geometry import Box
+    from zoomvlm.cropvlm.curation import sft_record
+    from zoomvlm.train.model_card import data_licence, model_card
+
+    docs = Path("/work/shared/data/documents/images/a.jpg")  # the folder name is what counts, not the file
+    sft = tmp_path / "runs" / "curate" / "sft.jsonl"
+    sft.parent.mkdir(parents=True)
+    sft.write_text(json.dumps(sft_record("a", str(docs), "q?", Box(0.1, 0.1, 0.5, 0.5))) + "\n")
+    assert "CC BY-NC 4.0" in data_licence(str(sft))[1]
+    mixed = tmp_path / "mixed.jsonl"  # documents and an image of unknown origin: both named
+    mixed.write_text(sft.read_text() + json.dumps({"image": "elsewhere/b.png"}) + "\n")
+    assert "CC BY-NC 4.0" in data_licence(str(mixed))[1] and "UNKNOWN" in data_licence(str(mixed))[1]
+    assert data_licence(str(tmp_path / "none.jsonl"))[1].startswith("UNKNOWN")
+    init = tmp_path / "sft_docs" / "final"
+    init.mkdir(parents=True)
+    sft_recipe = load_recipe("tiny_cpu_sft", [f"data.sft_file={sft}"])
+    (init / "README.md").write_text(model_card(sft_recipe, {}))
+    grpo = load_recipe("tiny_cpu_grpo", [f"model.init={init}", "data.file=../shared/data/receipts/train.jsonl"])
+    card = model_card(grpo, {})
+    assert "- licence: SROIE" in card and "- inherited licence: CC BY-NC 4.0" in card
+    assert "reward target `ocr`" in card  # tiny_cpu_grpo's likelihood reward reads the target
+    user_reward = 'rewards={format: 1.0, "dist_train:length_reward": 1.0}'
+    no_target = load_recipe("tiny_cpu_grpo", [f"model.init={init}", user_reward])
+    assert "reward target" not in model_card(no_target, {})
 
 
 def test_gpu_example_configs():
@@ -389,6 +430,9 @@ def test_a_torn_sft_line_is_named_and_stray_checkpoint_folders_are_not_resumed(s
             (tmp_path / "run" / name / "trainer_state.json").write_text("{}")
     (tmp_path / "run" / "checkpoint-99").write_text("not a folder")
     assert resume_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-20")
+    (tmp_path / "run" / "checkpoint-40").mkdir()  # killed WHILE writing trainer_state.json (written in place)
+    (tmp_path / "run" / "checkpoint-40" / "trainer_state.json").write_text('{"best_metric": null, "log_hist')
+    assert resume_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-20")
     assert resume_checkpoint(tmp_path / "no-run-yet") is None
 
 
@@ -410,6 +454,10 @@ def test_a_trl_run_refuses_to_resume_its_checkpoints_under_another_recipe(tmp_pa
     check_resume(
         out, load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4", "trainer.activation_checkpointing=true"])
     )
+    check_resume(  # a nested memory-only setting (compared key by key) may change too
+        out, load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4",
+                                          "trainer.gradient_checkpointing_kwargs={use_reentrant: false}"])
+    )  # fmt: skip
     assert json.loads((out / RUN_RECIPE).read_text())["trainer"]["max_steps"] == 4
     changed = load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4", "trainer.learning_rate=0.5"])
     with pytest.raises(RecipeError, match=r"trainer\.learning_rate: .* -> 0\.5"):
@@ -558,3 +606,40 @@ def test_the_crop_set_policy_trains_on_the_view_it_sees_at_inference(tmp_path):
         (row,) = grpo_dataset([sample], data.view_budget, "crop_set", high=data.policy_high)
         assert row["image"].size == low_res_view(Image.open(path), data.policy_high).size
     assert row["image"].size == (384, 288) and DataArgs().policy_high is None
+
+
+def test_rerunning_a_finished_run_keeps_its_metrics_and_an_extended_run_reports_the_whole_runs_loss(
+    tmp_path, TINY, sft_file
+):
+    """The README's "rerun the same command": a finished run trains no step, and its final/ metrics and card stay
+    the run's (they became zeros); extended from 2 to 4 steps, train_loss is the mean over all 4 logged steps."""
+    from zoomvlm.train.sft import run_sft
+
+    out = tmp_path / "run"
+    base = TINY + [f"data.sft_file={sft_file}", "trainer.save_steps=1", "trainer.logging_steps=1",
+                   "trainer.per_device_train_batch_size=2"]  # fmt: skip
+    run_sft(load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=2"]), out)
+    first = (out / "final" / "zoomvlm_run.json").read_text()
+    card = (out / "final" / "README.md").read_text()
+    assert json.loads(first)["train_loss"] > 0 and json.loads(first)["resumed_from_step"] == 0
+    run_sft(load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=2"]), out)  # the same command again
+    assert (out / "final" / "zoomvlm_run.json").read_text() == first
+    assert (out / "final" / "README.md").read_text() == card
+    run_sft(load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4"]), out)  # extended
+    run = json.loads((out / "final" / "zoomvlm_run.json").read_text())
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert run["global_step"] == 4 and run["resumed_from_step"] == 2 and len(losses) == 4
+    assert run["train_loss"] == pytest.approx(sum(losses) / 4)
+    assert "| resumed_from_step | 2 |" in (out / "final" / "README.md").read_text()
+    # killed after its last checkpoint, before final/: the rerun rebuilds final/ from checkpoint-4, no step 5
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.rmtree(out / "final")
+    run_sft(load_recipe("tiny_cpu_sft", [*base, "trainer.max_steps=4"]), out)
+    assert json.loads((out / "final" / "zoomvlm_run.json").read_text())["global_step"] == 4
+    assert not (out / "checkpoint-5").exists()
+    final, ckpt = load_file(out / "final" / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)

@@ -72,9 +72,9 @@ from zoomvlm.train.common import (
     TrainerDefaults,
     build_cropper,
     check_resume,
-    resume_checkpoint,
     resumed_schedule_callback,
     save_final,
+    train_resumable,
     trajectory_records,
 )
 from zoomvlm.train.recipe import Recipe
@@ -379,6 +379,6 @@ def run_awares_grpo(recipe: Recipe, output_dir: str | Path | None = None) -> Pat
     """
     check_resume(recipe.trainer_args(output_dir).output_dir, recipe)  # before the model loads
     trainer, processor = build_awares_grpo_trainer(recipe, output_dir)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.output_dir))
+    start_step = train_resumable(trainer, trainer.args.output_dir)
     logger.info("tool calls: %d valid, %d unparseable", trainer.tool_calls, trainer.invalid_tool_calls)
-    return save_final(trainer, processor, trainer.args.output_dir, recipe)
+    return save_final(trainer, processor, trainer.args.output_dir, recipe, start_step)

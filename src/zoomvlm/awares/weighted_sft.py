@@ -37,9 +37,9 @@ from zoomvlm.core.geometry import Budget
 from zoomvlm.train.common import (
     build_cropper,
     check_resume,
-    resume_checkpoint,
     resumed_schedule_callback,
     save_final,
+    train_resumable,
     trajectory_records,
 )
 from zoomvlm.train.recipe import Recipe
@@ -390,5 +390,5 @@ def run_weighted_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Pa
     """
     check_resume(recipe.trainer_args(output_dir).output_dir, recipe)  # before the model loads
     trainer, processor = build_weighted_sft_trainer(recipe, output_dir)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.output_dir))
-    return save_final(trainer, processor, trainer.args.output_dir, recipe)
+    start_step = train_resumable(trainer, trainer.args.output_dir)
+    return save_final(trainer, processor, trainer.args.output_dir, recipe, start_step)

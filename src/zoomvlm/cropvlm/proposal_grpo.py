@@ -506,6 +506,9 @@ def _check_resume(saved: dict | None, now: dict, ckpt: Path) -> None:
     # a checkpoint from before the recipe kept the seed's data apart recorded the SEED's data as "data" (or none,
     # for an init without a recipe): compare what it recorded, not this stage's own --data
     recipe_now = dict(now.get("recipe", {}))
+    saved = {**saved, "recipe": dict(saved.get("recipe", {}))}
+    for recipe in (saved["recipe"], recipe_now):  # derived from the data, not a training setting
+        recipe.pop("licence", None)
     if "seed_data" not in saved.get("recipe", {}):
         recipe_now.pop("data", None)
         recipe_now.pop("curation", None)

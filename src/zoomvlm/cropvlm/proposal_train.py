@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,6 +139,19 @@ def _repeats(args, groups) -> dict[str, int]:
     return {s.id: r for (data, subset), r in zip(groups.items(), reps, strict=True) for s in subset}
 
 
+def _data_licences(data: Sequence[str]) -> str:
+    """The licences of the training data files, each named once (:func:`~zoomvlm.train.model_card.data_licence`:
+    the documents' CC BY-NC is never dropped for a mix)."""
+    from zoomvlm.train.model_card import data_licence
+
+    out: list[str] = []
+    for path in data:
+        licence = data_licence(path)[1]
+        if licence not in out:
+            out.append(licence)
+    return "; ".join(out)
+
+
 def cmd_seed(args) -> int:
     from zoomvlm.cropvlm.proposal_data import split_train
     from zoomvlm.cropvlm.proposals import save_scorer, train_seed
@@ -187,7 +201,7 @@ def cmd_seed(args) -> int:
         "repeat": args.repeat,
         "heldout_train_seed_hit": held_rate,
         "labels": "zoomvlm curate boxes --grounder ocr (model-made); no human box",
-        "licence": "trained on documents/ (MMLongBench-Doc, CC BY-NC 4.0): non-commercial research use",
+        "licence": _data_licences(args.data),
     }
     save_scorer(model, args.out, recipe)
     print(f"seed scorer saved to {args.out}; use it with --policy proposals:{args.out}")
@@ -266,6 +280,9 @@ def cmd_grpo(args) -> int:
               "target": args.target, "budget": args.budget, "k": c.k, "window_line_px": c.window_line_px,
               "window_max_area": c.window_max_area, "window_fit": c.window_fit,
               "window_tiles": c.window_tiles, "window_below": c.window_below}  # fmt: skip
+    # the init's licence (a seed on documents is CC BY-NC) and this stage's data, each named once
+    licences = [x for x in (recipe.get("licence"), _data_licences(args.data)) if x]
+    recipe["licence"] = "; ".join(dict.fromkeys(part for x in licences for part in x.split("; ")))
     train_grpo(seed_model, items, reward_fn, config, out, recipe=recipe, grouped=True)
     if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): rank 0 wrote final/
         print(f"GRPO scorer saved to {out / 'final'}; use it with --policy proposals:{out / 'final'}")

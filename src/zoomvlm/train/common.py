@@ -77,12 +77,8 @@ def build_cropper(model_cfg: ModelArgs):
         FileNotFoundError: ``init`` names a local folder (absolute, ``./``, ``runs/...``) that does not exist.
         ImportError: LoRA without peft.
     """
+    check_init(model_cfg)
     init = str(model_cfg.init)
-    if not Path(init).exists() and (Path(init).is_absolute() or init.startswith(".") or init.count("/") != 1):
-        raise FileNotFoundError(
-            f"model.init folder {init!r} not found; for the tiny CPU recipes write it first with "
-            f"`python scripts/make_tiny_init.py --out {init} ...` (see the recipe's comment)"
-        )
     import torch
 
     from zoomvlm.targets.hf import align_training_processor, load_vlm
@@ -235,8 +231,20 @@ checkpoint's optimiser and data order under settings it was not trained with."""
 RUN_RECIPE = "zoomvlm_recipe.json"
 
 
+def check_init(model_cfg) -> None:
+    """Refuse a ``model.init`` that names a local folder (absolute, ``./``, ``runs/...``: not a hub id
+    ``owner/name``) that does not exist (``FileNotFoundError`` with the command that writes the tiny ones)."""
+    init = str(model_cfg.init)
+    if not Path(init).exists() and (Path(init).is_absolute() or init.startswith(".") or init.count("/") != 1):
+        raise FileNotFoundError(
+            f"model.init folder {init!r} not found; for the tiny CPU recipes write it first with "
+            f"`python scripts/make_tiny_init.py --out {init} ...` (see the recipe's comment)"
+        )
+
+
 def check_resume(output_dir: str | Path, recipe) -> None:
-    """Before a TRL run starts: refuse to continue ``output_dir``'s checkpoints under other settings.
+    """Before a TRL run starts (before its data is read or its model loads): refuse a ``model.init`` folder that
+    does not exist (:func:`check_init`), and refuse to continue ``output_dir``'s checkpoints under other settings.
 
     The recipe (:meth:`~zoomvlm.train.recipe.Recipe.to_json`) is kept in ``output_dir/zoomvlm_recipe.json``. When
     ``output_dir`` holds a checkpoint and that file, the two must agree except for :data:`RESUMABLE_CHANGES`
@@ -244,17 +252,21 @@ def check_resume(output_dir: str | Path, recipe) -> None:
     ``max_steps`` becomes the run's). A run from before this file existed resumes as it did and gains it.
 
     Raises:
+        FileNotFoundError: see :func:`check_init`.
         RecipeError: the recipe differs from the one the checkpoints were trained with (the differences listed).
     """
     from zoomvlm.core.resume import settings_diff
     from zoomvlm.train.recipe import RecipeError
 
+    check_init(recipe.model)
     out = Path(output_dir)
     now = recipe.to_json()
     path = out / RUN_RECIPE
     if _checkpoints(out) and path.is_file():
         saved = json.loads(path.read_text())
-        diff = [d for d in settings_diff(saved, now) if d.split(":")[0] not in RESUMABLE_CHANGES]
+        # nested settings are compared key by key ("trainer.gradient_checkpointing_kwargs.use_reentrant"): a key
+        # under an allowed one is allowed
+        diff = [d for d in settings_diff(saved, now) if not _resumable(d.split(":")[0])]
         if diff:
             raise RecipeError(
                 f"{out} holds checkpoints trained with other settings ({'; '.join(diff)}): resuming would continue "
@@ -266,6 +278,10 @@ def check_resume(output_dir: str | Path, recipe) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # every process of a multi-process run writes the same
     tmp.write_text(json.dumps(now, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -281,39 +297,99 @@ def resume_checkpoint(output_dir: str | Path) -> str | None:
     ``None`` when there is none. Only folders named exactly ``checkpoint-<digits>`` count (a copied
     ``checkpoint-20-backup`` or a stray file is not the trainer's), as in ``transformers.trainer_utils
     .get_last_checkpoint``; unlike it, a folder without ``trainer_state.json`` (the Trainer writes it last: the
-    run was killed while saving) is skipped, with a warning, for the newest complete one before it."""
+    run was killed while saving) or with one cut short (it is written in place, not atomically) is skipped, with
+    a warning, for the newest complete one before it."""
     for ckpt in _checkpoints(Path(output_dir)):
-        if (ckpt / "trainer_state.json").is_file():
+        state = ckpt / "trainer_state.json"
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
             return str(ckpt)
-        logger.warning("%s is incomplete (no trainer_state.json: killed while saving?); resuming from an older one",
-                       ckpt)  # fmt: skip
+        except FileNotFoundError:
+            why = "no trainer_state.json"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            why = f"trainer_state.json unreadable: {err}"
+        logger.warning("%s is incomplete (%s: killed while saving?); resuming from an older one", ckpt, why)
     return None
 
 
-def run_metrics(trainer) -> dict:
+def train_resumable(trainer, output_dir: str | Path) -> int:
+    """``trainer.train`` resumed from the newest complete checkpoint of ``output_dir`` (:func:`resume_checkpoint`);
+    returns the step it resumed from (0: from scratch), for :func:`save_final` (read before training: the
+    checkpoint may be rotated away by ``save_total_limit`` during it).
+
+    A run whose checkpoint already reached ``max_steps`` (the same command rerun after it finished) trains nothing:
+    transformers' ``train`` would take one more step past ``max_steps`` (it checks the limit after a step). Its
+    weights and state are loaded from the checkpoint instead, so ``final/`` can be rebuilt if it is missing.
+    """
+    from transformers import TrainerState
+
+    from zoomvlm.train.trl_compat import load_checkpoint_weights
+
+    resumed_from = resume_checkpoint(output_dir)
+    start, max_steps = checkpoint_step(resumed_from), trainer.args.max_steps
+    if resumed_from is not None and max_steps > 0 and start >= max_steps:
+        logger.info("%s already reached max_steps=%d: nothing to train", resumed_from, max_steps)
+        load_checkpoint_weights(trainer, resumed_from)
+        trainer.state = TrainerState.load_from_json(str(Path(resumed_from) / "trainer_state.json"))
+        return start
+    trainer.train(resume_from_checkpoint=resumed_from)
+    return start
+
+
+def run_metrics(trainer, start_step: int = 0) -> dict:
     """What the run measured, from TRL's log history: steps, runtime, steps/s, and the last logged value of every
     training metric (loss, ``rewards/<name>/mean``, ``reward``...). Written to ``final/zoomvlm_run.json`` and the
-    model card."""
+    model card.
+
+    ``start_step``: the step this session resumed from (0 = a run from scratch). Runtime and steps/s are this
+    session's (steps ``start_step + 1 .. global_step``: earlier sessions' are not in the checkpoint); ``train_loss``
+    covers the whole run: TRL's for a run from scratch, else the mean of every loss logged since step 1 (the
+    checkpoint carries the earlier sessions' log; TRL's own would be this session's only).
+    """
     history = trainer.state.log_history
     summary = next((e for e in reversed(history) if "train_runtime" in e), {})
     last: dict[str, float] = {}
     for entry in history:
         if "train_runtime" not in entry:
             last.update({k: v for k, v in entry.items() if isinstance(v, int | float)})
+    train_loss = summary.get("train_loss")
+    if start_step:
+        losses = [e["loss"] for e in history if "loss" in e and "train_runtime" not in e]
+        train_loss = sum(losses) / len(losses) if losses else None
     return {
         "global_step": trainer.state.global_step,
+        "resumed_from_step": start_step,
         "num_processes": trainer.accelerator.num_processes,
         "train_runtime_s": summary.get("train_runtime"),
         "train_steps_per_second": summary.get("train_steps_per_second"),
-        "train_loss": summary.get("train_loss"),
+        "train_loss": train_loss,
         "last_logged": last,
     }
 
 
-def save_final(trainer, processor, output_dir: str | Path, recipe) -> Path:
+def read_final_step(final: Path) -> int | None:
+    """The ``global_step`` a ``final/`` folder's ``zoomvlm_run.json`` records; None without a readable one."""
+    try:
+        return int(json.loads((final / "zoomvlm_run.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_step(checkpoint: str | Path | None) -> int:
+    """The global step a ``checkpoint-N`` folder was saved at (its ``trainer_state.json``); 0 for None."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+def save_final(trainer, processor, output_dir: str | Path, recipe, start_step: int = 0) -> Path:
     """Save the trained model to ``output_dir/final``, publishable as is: ``save_pretrained`` layout (LoRA merged),
-    the processor, the recipe (``zoomvlm_recipe.json``), the run's metrics (``zoomvlm_run.json``) and a model card
-    (``README.md``, :func:`zoomvlm.train.model_card.write_model_card`).
+    the processor, the recipe (``zoomvlm_recipe.json``), the run's metrics (``zoomvlm_run.json``,
+    :func:`run_metrics`) and a model card (``README.md``, :func:`zoomvlm.train.model_card.write_model_card`).
+
+    ``start_step``: the step this session resumed from (:func:`train_resumable`; 0 = from scratch). A session
+    that trained no step (the same command rerun after the run finished) leaves an existing ``final/`` of that
+    step as it is: its metrics and card were the run's, this session's would be zeros.
 
     Under ``accelerate launch`` every process calls this; only the main process writes (the others wait for it), so
     ``final/`` is written once. A peft model is merged into its base weights first, so ``vlm:output_dir/final``
@@ -327,6 +403,12 @@ def save_final(trainer, processor, output_dir: str | Path, recipe) -> Path:
     final = Path(output_dir) / FINAL
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
+    start = start_step
+    done = read_final_step(final)
+    if start == trainer.state.global_step and done == start:
+        logger.info("%s already holds step %d, and this session trained no step: left as it is", final, start)
+        accelerator.wait_for_everyone()
+        return final
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(trainer.model)
         if hasattr(model, "merge_and_unload"):
@@ -334,7 +416,7 @@ def save_final(trainer, processor, output_dir: str | Path, recipe) -> Path:
         model.save_pretrained(final)
         processor.save_pretrained(final)
         (final / "zoomvlm_recipe.json").write_text(json.dumps(recipe.to_json(), indent=2, default=str) + "\n")
-        metrics = run_metrics(trainer)
+        metrics = run_metrics(trainer, start)
         (final / "zoomvlm_run.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(final, recipe, metrics)
         logger.info("saved %s", final)

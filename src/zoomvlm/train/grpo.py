@@ -25,9 +25,9 @@ from zoomvlm.train.common import (
     build_cropper,
     check_resume,
     cropper_views,
-    resume_checkpoint,
     resumed_schedule_callback,
     save_final,
+    train_resumable,
 )
 from zoomvlm.train.recipe import Recipe
 from zoomvlm.train.trl_compat import EpochSeededSamplerMixin
@@ -158,5 +158,5 @@ def run_grpo(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     """
     check_resume(recipe.trainer_args(output_dir).output_dir, recipe)  # before the model loads
     trainer, processor = build_grpo_trainer(recipe, output_dir)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.output_dir))
-    return save_final(trainer, processor, trainer.args.output_dir, recipe)
+    start_step = train_resumable(trainer, trainer.args.output_dir)
+    return save_final(trainer, processor, trainer.args.output_dir, recipe, start_step)

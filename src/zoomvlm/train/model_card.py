@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["KNOWN_DATA", "data_licence", "model_card", "write_model_card"]
+__all__ = ["KNOWN_DATA", "data_licence", "inherited_licences", "model_card", "write_model_card"]
+
+TARGET_REWARDS = ("accuracy", "likelihood", "answer_probability")
+"""Rewards computed with the recipe's target model, as is ``awares`` for a crop-set policy (the card names the
+target only when one of them is used)."""
 
 KNOWN_DATA: dict[str, tuple[str, str]] = {
     "receipts": (
@@ -32,13 +36,71 @@ _KIND_TEXT = {
 }
 
 
+_UNKNOWN = "UNKNOWN: state the data's licence before publishing"
+_SCAN_LINES = 10_000  # rows of a data file whose image paths are read to find the dataset they come from
+
+
+def _known(path: str | Path) -> str | None:
+    """The :data:`KNOWN_DATA` name a path lies in (by folder name), else None."""
+    return next((part for part in reversed(Path(path).parts) if part in KNOWN_DATA), None)
+
+
 def data_licence(path: str | None) -> tuple[str, str]:
-    """``(description, licence)`` of a training-data path: a known bundled dataset by folder name, else unknown."""
+    """``(description, licence)`` of a training-data path.
+
+    A known bundled dataset by folder name; else, for a JSONL file made from them elsewhere (a curation's
+    ``sft.jsonl`` under ``runs/``), the datasets its rows' images (``image`` / ``image_path``) lie in, every
+    licence named (so CC BY-NC is never dropped); else unknown.
+    """
     if path:
-        for part in reversed(Path(path).parts):
-            if part in KNOWN_DATA:
-                return KNOWN_DATA[part]
-    return (str(path), "UNKNOWN: state the data's licence before publishing")
+        name = _known(path)
+        if name:
+            return KNOWN_DATA[name]
+        names = _image_datasets(Path(path))
+        if names == {None}:
+            pass
+        elif names:
+            found = sorted(n for n in names if n)
+            description = "; ".join(KNOWN_DATA[n][0] for n in found)
+            licences = [KNOWN_DATA[n][1] for n in found] + ([_UNKNOWN + " (some images)"] if None in names else [])
+            return (f"{description} (`{path}`'s images)", "; ".join(licences))
+    return (str(path), _UNKNOWN)
+
+
+def _image_datasets(path: Path) -> set[str | None]:
+    """The :data:`KNOWN_DATA` names (None: another source) of the images a JSONL file's rows name; empty when
+    the file cannot be read as JSONL with image paths."""
+    names: set[str | None] = set()
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if i >= _SCAN_LINES:
+                    break
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                image = row.get("image") or row.get("image_path") if isinstance(row, dict) else None
+                if isinstance(image, str):
+                    names.add(_known(image if Path(image).is_absolute() else path.parent / image))
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return names
+
+
+def inherited_licences(init: str | None) -> list[str]:
+    """The licences a base model's own card (``init/README.md``, a zoomvlm ``final/``) states, its own and what it
+    inherited: a checkpoint trained from one keeps them (GRPO on receipts from an SFT on documents is still
+    CC BY-NC). Empty for a hub id or a folder without such a card."""
+    card = Path(init) / "README.md" if init else None
+    if card is None or not card.is_file():
+        return []
+    out = []
+    for line in card.read_text(encoding="utf-8").splitlines():
+        for prefix in ("- licence: ", "- inherited licence: "):
+            if line.startswith(prefix) and line[len(prefix) :] not in out:
+                out.append(line[len(prefix) :])
+    return out
 
 
 def _recipe_name(source: str) -> str:
@@ -88,6 +150,7 @@ def model_card(recipe, metrics: dict) -> str:
         "",
         f"- data: {description} (`{data_path}`)",
         f"- licence: {licence}",
+        *(f"- inherited licence: {x}" for x in inherited_licences(recipe.model.init) if x != licence),
         "- human evidence boxes were never used in training (model-made seed boxes, target rewards only)",
         "",
     ]
@@ -99,16 +162,23 @@ def model_card(recipe, metrics: dict) -> str:
             a = recipe.awares
             lines.append(f"- `awares` = R_ans - C_tool: R_ans `{a.answer_reward}`, alpha_miss {a.alpha_miss}, "
                          f"alpha_use {a.alpha_use}, lam {a.lam}")  # fmt: skip
-        if recipe.target.spec:
+        uses_target = any(n in TARGET_REWARDS for n in recipe.rewards) or (
+            "awares" in recipe.rewards and policy == "crop_set"
+        )
+        if recipe.target.spec and uses_target:
             lines.append(f"- reward target `{recipe.target.spec}` (budget {recipe.target.budget}, "
                          f"metric `{recipe.target.metric}`)")  # fmt: skip
         lines.append("")
     lines += ["## Metrics of the run that made this checkpoint", "", "| metric | value |", "|---|---:|"]
-    for key in ("global_step", "num_processes", "train_runtime_s", "train_steps_per_second", "train_loss"):
-        if metrics.get(key) is not None:
+    for key in ("global_step", "resumed_from_step", "num_processes", "train_runtime_s", "train_steps_per_second",
+                "train_loss"):  # fmt: skip
+        if metrics.get(key) is not None and not (key == "resumed_from_step" and not metrics[key]):
             lines.append(f"| {key} | {_fmt(metrics[key])} |")
     for key, value in sorted(metrics.get("last_logged", {}).items()):
         lines.append(f"| last logged {key} | {_fmt(value)} |")
+    if metrics.get("resumed_from_step"):
+        lines += ["", "Resumed: runtime and steps/s are the last session's (the steps after `resumed_from_step`); "
+                  "`train_loss` is the mean of every loss logged since step 1."]  # fmt: skip
     lines += ["", "Training-time metrics only: evaluate with `zoomvlm eval` before relying on this checkpoint.", ""]
     return "\n".join(lines)
 

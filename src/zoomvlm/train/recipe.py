@@ -461,7 +461,9 @@ def recipe_from_dict(
     rewards = tree.get("rewards") or {}
     if recipe_kind == "awares_grpo" and not rewards:
         rewards = {"awares": 1.0}  # self-zoom GRPO's one reward, R = R_ans - C_tool
-    if not isinstance(rewards, dict) or not all(isinstance(w, int | float) for w in rewards.values()):
+    if not isinstance(rewards, dict) or not all(
+        isinstance(w, int | float) and not isinstance(w, bool) for w in rewards.values()
+    ):  # YAML's `true` is a bool, which Python counts as the int 1
         raise RecipeError(f"{source}: rewards must be a mapping {{name: weight}}, got {rewards!r}")
     bad = {k: w for k, w in rewards.items() if not math.isfinite(w)}
     if bad:

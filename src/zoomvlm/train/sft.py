@@ -17,9 +17,9 @@ from zoomvlm.train.common import (
     build_cropper,
     check_resume,
     cropper_views,
-    resume_checkpoint,
     resumed_schedule_callback,
     save_final,
+    train_resumable,
 )
 from zoomvlm.train.recipe import Recipe
 
@@ -213,5 +213,5 @@ def run_sft(recipe: Recipe, output_dir: str | Path | None = None) -> Path:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config,
                          callbacks=[resumed_schedule_callback(), AugmentEpochCallback(dataset)])  # fmt: skip
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args.output_dir))
-    return save_final(trainer, processor, args.output_dir, recipe)
+    start_step = train_resumable(trainer, args.output_dir)
+    return save_final(trainer, processor, args.output_dir, recipe, start_step)

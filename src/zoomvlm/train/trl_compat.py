@@ -16,6 +16,9 @@ Why private APIs at all:
 - That branch is taken only when ``trainer.tools`` is non-empty; :func:`tool_image_marker` is the one entry
   registered there after ``__init__`` (TRL never calls it: our rollout executes the call). Removing it would
   mean copying TRL's forward-input construction, which is worse.
+- A finished run rerun: ``Trainer.train`` resumed at ``max_steps`` trains one step more (it checks the limit after
+  a step), so :func:`load_checkpoint_weights` loads the last checkpoint through the private
+  ``_load_from_checkpoint`` instead.
 - The tool-call-weighted SFT keeps its trajectory columns through the Trainer's private
   ``_set_signature_columns_if_needed`` and scales TRL's fused-LM-head log-probs (``fused_lm_head``).
 - A GRPO run resumed in its second epoch or later replayed the FIRST epoch's prompt order: TRL's ``RepeatSampler``
@@ -37,6 +40,7 @@ from trl import GRPOTrainer
 __all__ = [
     "EpochSeededSamplerMixin",
     "KeepColumnsMixin",
+    "load_checkpoint_weights",
     "MultiTurnGRPOTrainer",
     "Rollout",
     "tool_image_marker",
@@ -86,6 +90,13 @@ class EpochSeededSamplerMixin:
         if seeded is not None:
             seeded.set_epoch(int(epoch))
         return super()._run_epoch(model, epoch, *args, **kwargs)
+
+
+def load_checkpoint_weights(trainer, checkpoint: str) -> None:
+    """The model weights of ``checkpoint`` into ``trainer.model`` without training (transformers' private
+    ``Trainer._load_from_checkpoint``, what ``train(resume_from_checkpoint=...)`` does first): a finished run's
+    ``final/`` is rebuilt from its last checkpoint without the step ``train`` would add past ``max_steps``."""
+    trainer._load_from_checkpoint(checkpoint)
 
 
 def tool_image_marker(crops: list[str]) -> str:
