@@ -250,6 +250,9 @@ def test_offline_hub_without_local_copy_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("ZOOMVLM_DATA_DIR", raising=False)
     with pytest.raises(DatasetError, match="cannot load lmms-lab/POPE.*offline\\? pass data_dir="):
         load_samples("pope", cache_dir=tmp_path / "cache")
+    monkeypatch.setenv("ZOOMVLM_DATA_DIR", str(tmp_path / "data"))  # set, but the copy is not under it
+    with pytest.raises(DatasetError, match=f"is {tmp_path / 'data'}, but {tmp_path / 'data' / 'lmms-lab/POPE'} does"):
+        load_samples("pope", cache_dir=tmp_path / "cache")
 
 
 def test_schema_changes_fail_with_the_missing_column(load):

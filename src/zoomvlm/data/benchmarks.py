@@ -365,7 +365,15 @@ def load_benchmark(
             source, bench.config, split=split, cache_dir=None if cache_dir is None else str(cache_dir)
         )
     except (OSError, ValueError, ConnectionError) as err:
-        hint = "" if source != bench.hub_id else f" (offline? pass data_dir= or set ${DATA_DIR_ENV})"
+        root = os.environ.get(DATA_DIR_ENV)
+        if source != bench.hub_id:
+            hint = ""
+        elif root:  # set, but the hub copy is not where it looks: say where
+            hint = (f" (${DATA_DIR_ENV} is {root}, but {Path(root) / bench.hub_id} does not exist: download the "
+                    f"dataset there, e.g. `huggingface-cli download {bench.hub_id} --repo-type dataset --local-dir "
+                    f"{Path(root) / bench.hub_id}`)")  # fmt: skip
+        else:
+            hint = f" (offline? pass data_dir= or set ${DATA_DIR_ENV})"
         raise DatasetError(f"{name}: cannot load {source} config={bench.config} split={split}{hint}: {err}") from err
     missing = [c for c in bench.columns if c not in ds.column_names]
     if missing:
