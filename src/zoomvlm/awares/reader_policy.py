@@ -421,31 +421,9 @@ def load_reader(path: str | Path) -> ActionHead:
         ValueError: ``config.json`` is not a JSON object of :class:`ReaderConfig` fields with valid values (e.g. a
             setting written by a newer zoomvlm), or ``head.pt`` does not fit it (the message names the file).
     """
-    from dataclasses import fields
+    from zoomvlm.cropvlm.proposals import load_checkpoint
 
-    path = Path(path)
-    for name in ("head.pt", "config.json"):
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{path} is not a crop-set-reader checkpoint: no {name}")
-    try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path / 'config.json'}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path / 'config.json'}: expected a JSON object of crop-set-reader settings")
-    unknown = sorted(set(raw) - {f.name for f in fields(ReaderConfig)})
-    if unknown:
-        raise ValueError(f"{path / 'config.json'}: unknown settings {unknown} (written by a newer zoomvlm?)")
-    try:
-        model = ActionHead(ReaderConfig(**raw))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path / 'config.json'}: {e}") from e
-    try:
-        model.load_state_dict(torch.load(path / "head.pt", map_location="cpu", weights_only=True))
-    except Exception as e:  # unpickling errors, size mismatches, missing keys
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path / 'head.pt'}: weights do not match {path / 'config.json'} ({first})") from e
-    return model.eval()
+    return load_checkpoint(path, "head.pt", ReaderConfig, ActionHead, "crop-set-reader")
 
 
 class ReaderCropSetPolicy:

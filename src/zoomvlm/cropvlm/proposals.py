@@ -612,29 +612,41 @@ def load_scorer(path: str | Path) -> RegionScorer:
         ValueError: ``config.json`` is not a JSON object of :class:`ScorerConfig` fields with valid values, or
             ``scorer.pt`` does not hold weights of the shape that config describes (the message names the file).
     """
+    return load_checkpoint(path, "scorer.pt", ScorerConfig, RegionScorer, "proposals")
+
+
+def load_checkpoint(path: str | Path, weights: str, config_cls, build, kind: str) -> nn.Module:
+    """A small checkpoint folder (``config.json`` of ``config_cls`` fields + ``weights``, a state dict) ->
+    ``build(config)`` with the weights, in eval mode: the one loader of the reader-perception policies' folders.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says the folder is not a ``kind`` checkpoint).
+        ValueError: ``config.json`` is not a JSON object of ``config_cls`` fields with valid values (e.g. a setting
+            written by a newer zoomvlm), or the weights do not fit that config (the message names the file).
+    """
     path = Path(path)
-    for name in ("scorer.pt", "config.json"):
+    for name in (weights, "config.json"):
         if not (path / name).exists():
-            raise FileNotFoundError(f"{path} is not a proposals checkpoint: no {name}")
+            raise FileNotFoundError(f"{path} is not a {kind} checkpoint: no {name}")
+    config_path = path / "config.json"
     try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path / 'config.json'}: not valid JSON ({e})") from e
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{path / 'config.json'}: expected a JSON object of scorer settings")
-    unknown = sorted(set(raw) - {f.name for f in fields(ScorerConfig)})
+        raise ValueError(f"{config_path}: expected a JSON object of {kind} settings")
+    unknown = sorted(set(raw) - {f.name for f in fields(config_cls)})
     if unknown:
-        raise ValueError(f"{path / 'config.json'}: unknown settings {unknown} (written by a newer zoomvlm?)")
+        raise ValueError(f"{config_path}: unknown settings {unknown} (written by a newer zoomvlm?)")
     try:
-        config = ScorerConfig(**raw)
+        model = build(config_cls(**raw))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path / 'config.json'}: {e}") from e
-    model = RegionScorer(config)
+        raise ValueError(f"{config_path}: {e}") from e
     try:
-        model.load_state_dict(torch.load(path / "scorer.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(torch.load(path / weights, map_location="cpu", weights_only=True))
     except Exception as e:  # unpickling errors, size mismatches, missing keys
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path / 'scorer.pt'}: weights do not match {path / 'config.json'} ({first})") from e
+        raise ValueError(f"{path / weights}: weights do not match {config_path} ({first})") from e
     return model.eval()
 
 
