@@ -12,7 +12,7 @@ from PIL import Image
 
 from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.core.pipeline import build_request, run_batch
-from zoomvlm.data.samples import Sample
+from zoomvlm.data.samples import Sample, read_appended_jsonl
 from zoomvlm.evaluation.run import RunMismatchError, Shard, read_results, read_run, results_files, run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.policies.base import Proposal
@@ -89,6 +89,11 @@ def test_eval_resume_skips_done_and_repairs_torn_line(tmp_path):
     assert target.calls == 2  # s3 (torn) and s4 only
     ids = [r["id"] for r in read_results(out / "results.jsonl")]
     assert sorted(ids) == ["s0", "s1", "s2", "s3", "s4"] and summary["n"] == 5
+    # a whole last record without its newline (a file merged by hand) is kept, and the newline is added
+    text = (out / "results.jsonl").read_text()
+    (out / "results.jsonl").write_text(text.rstrip("\n"))
+    assert len(read_appended_jsonl(out / "results.jsonl", repair=True)) == 5
+    assert (out / "results.jsonl").read_text() == text
 
 
 def test_summary_counts_format_failures_fields_and_only_the_samples_asked_for(tmp_path):

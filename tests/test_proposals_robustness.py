@@ -387,6 +387,9 @@ def test_seed_boxes_survive_a_reader_text_holding_u2028(tmp_path):
     raw = tmp_path / "raw.jsonl"
     raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     assert load_seed_boxes(tmp_path) == {"q1": Box(0.1, 0.2, 0.5, 0.3), "q2": None}
+    raw.write_text(raw.read_text(encoding="utf-8").rstrip("\n"), encoding="utf-8")  # a whole last row, no newline
+    assert load_seed_boxes(tmp_path) == {"q1": Box(0.1, 0.2, 0.5, 0.3), "q2": None}
+    raw.write_text(raw.read_text(encoding="utf-8") + "\n", encoding="utf-8")
     raw.write_text(raw.read_text(encoding="utf-8") + '{"id": "q3", "seed_box": [0.1\n' + json.dumps(rows[1]) + "\n")
     with pytest.raises(ValueError, match=f"{raw}:3"):
         load_seed_boxes(tmp_path)

@@ -643,3 +643,19 @@ def test_rerunning_a_finished_run_keeps_its_metrics_and_an_extended_run_reports_
     assert not (out / "checkpoint-5").exists()
     final, ckpt = load_file(out / "final" / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
     assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+
+
+def test_rerunning_a_finished_run_of_fractional_epochs_trains_nothing(tmp_path, TINY, sft_file):
+    """max_steps unset, 1.5 epochs of 3 steps: transformers plans ceil(4.5) = 5 steps; the same command rerun
+    resumed at step 5 took a step 6 (it counts 5 // 3 = 1 epoch and 2 steps done)."""
+    from zoomvlm.train.sft import run_sft
+
+    out = tmp_path / "run"
+    recipe = load_recipe("tiny_cpu_sft", TINY + [f"data.sft_file={sft_file}", "trainer.save_steps=1",
+                         "trainer.max_steps=-1", "trainer.num_train_epochs=1.5",
+                         "trainer.per_device_train_batch_size=2"])  # fmt: skip
+    run_sft(recipe, out)
+    assert json.loads((out / "final" / "zoomvlm_run.json").read_text())["global_step"] == 5
+    run_sft(recipe, out)
+    assert json.loads((out / "final" / "zoomvlm_run.json").read_text())["global_step"] == 5
+    assert not (out / "checkpoint-6").exists()

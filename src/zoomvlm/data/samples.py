@@ -144,16 +144,17 @@ def upright(img: Image.Image) -> Image.Image:
 
 
 def upright_size(img: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of :func:`upright` ``(img)`` from the header alone (pixels not decoded: a PNG's
-    ``getexif`` decodes the image to find an eXIf chunk after the pixels, so for PNG only a chunk before them,
-    where writers put it, is read)."""
+    """``(width, height)`` of :func:`upright` ``(img)`` from the header alone (pixels not decoded).
+
+    TIFF: Pillow already reports the turned size (and turns the pixels on load). PNG: the EXIF of the chunks
+    before the pixels (``eXIf``, ImageMagick's "Raw profile type exif" text, XMP), read without decoding (a PNG's
+    own ``getexif`` decodes the image to look for an ``eXIf`` chunk after the pixels, where the PNG spec does not
+    put it; such a file gets the size of its stored frame here).
+    """
     w, h = img.size
-    if img.format == "PNG":
-        exif = Image.Exif()
-        if img.info.get("exif"):
-            exif.load(img.info["exif"])
-    else:
-        exif = img.getexif()
+    if img.format == "TIFF":
+        return w, h
+    exif = Image.Image.getexif(img) if img.format == "PNG" else img.getexif()
     return (h, w) if exif.get(_EXIF_ORIENTATION, 1) in _TURNED else (w, h)
 
 
@@ -242,8 +243,9 @@ def iter_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
     Yields:
         ``(where, value)``, ``where`` = ``"<path>:<line number>"`` (1-based).
 
-    Lines end at ``\n`` only (a JSON string may hold U+2028 and other characters ``str.splitlines`` breaks at);
-    a UTF-8 byte-order mark at the start (Windows editors) is skipped.
+    Lines end at ``\n`` (``\r\n`` too; a file with bare ``\r`` line ends, classic Mac OS, reads as one line and
+    is refused as invalid JSON), never inside a JSON string (which may hold U+2028 and other characters
+    ``str.splitlines`` breaks at); a UTF-8 byte-order mark at the start (Windows editors) is skipped.
 
     Raises:
         error: a line is not UTF-8 or not valid JSON (the message names ``file:line``). OSError: the file cannot
@@ -267,20 +269,32 @@ def iter_jsonl(path: str | Path, error: type[ValueError] = ValueError) -> Iterat
 def read_appended_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
     """The records of an append-only JSONL file that a crashed run may have left torn (results, curation).
 
-    A final line without its newline (a write cut by a crash) is not a record. With ``repair=True`` it
-    is truncated away so appending continues on a clean line; any OTHER unparseable line is corruption
-    and raises ValueError naming the line.
+    A final line without its newline that is not a whole JSON object (a write cut by a crash) is not a record;
+    with ``repair=True`` it is truncated away so appending continues on a clean line. A final line without its
+    newline that IS a whole JSON object (a file written or merged by hand without the last newline) is a record;
+    with ``repair=True`` the newline is added. Any OTHER unparseable line is corruption and raises ValueError
+    naming the line.
     """
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
     complete, _, torn = data.rpartition(b"\n")
-    if torn:
-        logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted write", path, len(torn))
-        if repair:
-            with path.open("r+b") as f:
-                f.truncate(len(complete) + 1 if complete else 0)
+    if torn.strip():
+        try:
+            whole = isinstance(json.loads(torn.decode("utf-8")), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = False
+        if whole:
+            complete = data
+            if repair:
+                with path.open("ab") as f:
+                    f.write(b"\n")
+        else:
+            logger.warning("%s: dropping a torn last line (%d bytes) from an interrupted write", path, len(torn))
+            if repair:
+                with path.open("r+b") as f:
+                    f.truncate(len(complete) + 1 if complete else 0)
     records = []
     for lineno, line in enumerate(complete.split(b"\n") if complete else [], start=1):
         if not line.strip():

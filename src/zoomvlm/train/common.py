@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -317,23 +318,35 @@ def train_resumable(trainer, output_dir: str | Path) -> int:
     returns the step it resumed from (0: from scratch), for :func:`save_final` (read before training: the
     checkpoint may be rotated away by ``save_total_limit`` during it).
 
-    A run whose checkpoint already reached ``max_steps`` (the same command rerun after it finished) trains nothing:
-    transformers' ``train`` would take one more step past ``max_steps`` (it checks the limit after a step). Its
-    weights and state are loaded from the checkpoint instead, so ``final/`` can be rebuilt if it is missing.
+    A run whose checkpoint already reached its planned steps (``max_steps``, or its epochs: the same command rerun
+    after it finished) trains nothing: transformers' ``train`` would take one more step past the end (it checks the
+    limit after a step). Its weights and state are loaded from the checkpoint instead, so ``final/`` can be
+    rebuilt if it is missing.
     """
     from transformers import TrainerState
 
     from zoomvlm.train.trl_compat import load_checkpoint_weights
 
     resumed_from = resume_checkpoint(output_dir)
-    start, max_steps = checkpoint_step(resumed_from), trainer.args.max_steps
-    if resumed_from is not None and max_steps > 0 and start >= max_steps:
-        logger.info("%s already reached max_steps=%d: nothing to train", resumed_from, max_steps)
+    start = checkpoint_step(resumed_from)
+    if resumed_from is not None and start >= _planned_steps(trainer):
+        logger.info("%s already reached the run's %d steps: nothing to train", resumed_from, _planned_steps(trainer))
         load_checkpoint_weights(trainer, resumed_from)
         trainer.state = TrainerState.load_from_json(str(Path(resumed_from) / "trainer_state.json"))
         return start
     trainer.train(resume_from_checkpoint=resumed_from)
     return start
+
+
+def _planned_steps(trainer) -> int:
+    """The optimiser steps the run is set to take: ``max_steps``, or with ``max_steps <= 0``
+    ``ceil(num_train_epochs x update steps per epoch)`` as transformers computes it (fractional epochs included)."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
 
 
 def run_metrics(trainer, start_step: int = 0) -> dict:
