@@ -32,6 +32,7 @@ from pathlib import Path
 from PIL import Image
 
 import zoomvlm.core.pipeline as pipeline
+from zoomvlm.cli.argtypes import positive_int
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.metrics import METRICS
 from zoomvlm.data.samples import Sample, load_jsonl
@@ -124,7 +125,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/receipts/val.jsonl")
     parser.add_argument("--budget", default="384")
     parser.add_argument("--policies", default="none,oracle")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N questions only")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 

@@ -14,6 +14,7 @@ import time
 
 from PIL import Image
 
+from zoomvlm.cli.argtypes import positive_int
 from zoomvlm.core.geometry import Budget
 from zoomvlm.core.pipeline import build_request
 from zoomvlm.data.samples import load_jsonl
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/receipts/val.jsonl")
     parser.add_argument("--budget", default="384")
     parser.add_argument("--policies", default="none,center,oracle")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N questions only")
     args = parser.parse_args()
 
     samples = load_jsonl(args.data)[: args.limit]

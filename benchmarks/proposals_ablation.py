@@ -26,10 +26,12 @@ from pathlib import Path
 
 from receipts_cropper_ceiling import y_centre_correlation, y_centre_correlations  # one definition
 
+from zoomvlm.cli.argtypes import positive_int
 from zoomvlm.core.geometry import Budget
 from zoomvlm.data import load_jsonl
 from zoomvlm.evaluation.run import run_eval
 from zoomvlm.policies import load_policy
+from zoomvlm.policies.registry import check_policy_spec
 from zoomvlm.targets.ocr import OCRTarget
 
 DATASETS = {
@@ -47,12 +49,22 @@ def main() -> None:
     parser.add_argument("--baselines", default="none,center,vlm,prior,proposals,oracle",
                         help="built-in policy rows, in order (oracle last)")  # fmt: skip
     parser.add_argument("--budget", default="384")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="first N questions only (a prefix of the same resumable runs)")  # fmt: skip
     parser.add_argument("--shared", default="../shared", help="folder holding data/ (the repo's sibling)")
     args = parser.parse_args()
 
     extra = [r.split("=", 1) for r in args.row]
+    if any(len(e) != 2 or not all(e) for e in extra):
+        parser.error(f"--row takes NAME=SPEC, got {args.row}")
+    unknown = [d for d in args.datasets.split(",") if d not in DATASETS]
+    if unknown:
+        parser.error(f"unknown --datasets {unknown}; choose from {list(DATASETS)}")
+    for spec in [b for b in args.baselines.split(",") if b] + [spec for _, spec in extra]:
+        try:  # a bad spec fails now, not after the rows before it ran
+            check_policy_spec(spec)
+        except ValueError as e:
+            parser.error(str(e))
     for name in args.datasets.split(","):
         data = Path(args.shared) / DATASETS[name].removeprefix("../shared/")
         samples = load_jsonl(data)[: args.limit]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zoomvlm.cli.argtypes import positive_int
 from zoomvlm.core.geometry import Budget
 from zoomvlm.data.samples import load_jsonl
 from zoomvlm.evaluation.run import run_eval
@@ -49,12 +50,15 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/receipts/val.jsonl")
     parser.add_argument("--budget", default="384")
     parser.add_argument("--out", default="runs/ablation")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N questions only")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     args = parser.parse_args()
 
-    samples = load_jsonl(args.data)[: args.limit]
     wanted = args.rows.split(",") if args.rows else [name for name, _ in ROWS]
+    unknown = [w for w in wanted if w not in dict(ROWS)]
+    if unknown:  # a typo printed an empty table
+        parser.error(f"unknown --rows {unknown}; choose from {[name for name, _ in ROWS]}")
+    samples = load_jsonl(args.data)[: args.limit]
     results = {}
     for name, spec in ROWS:
         if name not in wanted:

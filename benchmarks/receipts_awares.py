@@ -41,6 +41,7 @@ from pathlib import Path
 
 from zoomvlm.awares.policies import CropSetPolicy, FixedCropSet, OracleCropSet
 from zoomvlm.awares.protocol import covering_crops, crop_set_proposal
+from zoomvlm.cli.argtypes import positive_int
 from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.data.samples import load_jsonl
 from zoomvlm.evaluation.run import read_run, run_eval
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/receipts/val.jsonl")
     parser.add_argument("--high", default="side:768", help="high-resolution budget (RTR reference)")
     parser.add_argument("--out", default="runs/awares_table")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N questions only")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--reader", default="runs/crop_set_reader_lam0.3/final",
                         help="crop-set-reader checkpoint, AwaRes's crop set (row 'reader GRPO')")  # fmt: skip

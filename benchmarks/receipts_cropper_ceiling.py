@@ -29,12 +29,14 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from zoomvlm.cli.argtypes import positive_int
 from zoomvlm.core.geometry import Box, Budget
 from zoomvlm.data.samples import load_jsonl
 from zoomvlm.evaluation.run import run_eval
 from zoomvlm.policies import load_policy
 from zoomvlm.policies.base import Proposal
 from zoomvlm.policies.baselines import OracleCrop
+from zoomvlm.policies.registry import check_policy_spec
 from zoomvlm.targets.ocr import OCRTarget
 
 
@@ -130,9 +132,14 @@ def main() -> None:
     parser.add_argument("--croppers", default="vlm", help="learned policies, comma-separated (default: shipped)")
     parser.add_argument("--budget", default="384")
     parser.add_argument("--out", default="runs/cropper_ceiling")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N questions only")
     args = parser.parse_args()
 
+    for spec in args.croppers.split(","):
+        try:  # a bad spec fails now, not after the rows before it ran
+            check_policy_spec(spec)
+        except ValueError as e:
+            parser.error(str(e))
     samples = load_jsonl(args.data)[: args.limit]
     rows = {"none": lambda: load_policy("none")}
     for spec in args.croppers.split(","):

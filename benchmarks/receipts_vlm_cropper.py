@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from receipts_cropper_ceiling import y_centre_correlation
 
+from zoomvlm.cli.argtypes import positive_int
 from zoomvlm.core.geometry import Budget
 from zoomvlm.data.samples import load_jsonl
 from zoomvlm.evaluation.run import read_results, run_eval, summarize
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="", help="cropper folder (default: the shipped `vlm`)")
     parser.add_argument("--budget", default="384")
     parser.add_argument("--out", default="runs/vlm_cropper")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N questions only")
     parser.add_argument("--rows", default=None, help="comma-separated row numbers, 0-based (default: all)")
     parser.add_argument("--fresh", action="store_true", help="delete each row's folder first (clean counts)")
     parser.add_argument("--report-only", action="store_true", help="print the table of what --out holds, run nothing")

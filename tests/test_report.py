@@ -83,6 +83,15 @@ def test_runs_measured_against_other_references_or_units_never_share_a_pareto_fr
     assert "see the legend" in _rtr_axis_label(list(groups))
     assert _rtr_axis_label([("b", "native", "pixels")]) == "mean RTR (pixels processed / native pixels)"
     assert _rtr_axis_label([("b", "side:768", "pixels")]) == "mean RTR (pixels processed / whole image at side:768)"
+    # the table says what each RTR divides by and counts (0.4 against a 768 px view is not 0.4 of the native image)
+    from zoomvlm.evaluation.report import markdown_table
+
+    for r in runs:
+        r.records[0].update(policy_seconds=0.0, target_seconds=0.1)
+    rows = {_cells(line)[1]: _cells(line) for line in markdown_table(runs).splitlines()[2:]}
+    vs = _cells(markdown_table(runs).splitlines()[0]).index("RTR vs")
+    assert [rows[n][vs] for n in ("crop-set", "center", "hf")] == ["side:768 (pixels)", "native (pixels)",
+                                                                  "native (tokens)"]  # fmt: skip
 
 
 def test_gallery_rows_mix_right_and_wrong_deterministically():
@@ -112,6 +121,10 @@ def test_runs_on_two_splits_or_under_two_metrics_are_never_one_benchmark(tmp_pat
                                                     "target_seconds": 0.1}])  # fmt: skip
 
     runs = [run("val", "val"), run("test", "test"), run("test-anls", "test", "anls")]
+    forced = run("test-forced", "test")  # an explicit --metric overrode the samples' own: not the same scoring
+    forced.config["metric_override"] = True
+    assert [k[0] for k in rtr_groups([runs[1], forced])] == ["chartqa (test) · relaxed_accuracy",
+                                                            "chartqa (test) · relaxed_accuracy (forced)"]  # fmt: skip
     assert [r.benchmark for r in runs] == ["chartqa (val)", "chartqa (test)", "chartqa (test)"]
     assert [b for b, _ in gallery_rows(runs, 2)] == ["chartqa (val)", "chartqa (test)"]
     assert [k[0] for k in rtr_groups(runs)] == ["chartqa (val)", "chartqa (test) · relaxed_accuracy",

@@ -191,9 +191,13 @@ def cmd_eval(args) -> int:
         target = CachedTarget(target, args.cache)
     bench = BENCHMARKS.get(args.data.lower())
     # an explicit --metric overrides the samples' own (a benchmark's, e.g. OCRBench's HME rule, or a JSONL line's);
-    # run.json says so, since "metric" alone would read the same for the auto and the overridden scoring
-    # (benchmarks: the override is what runs made before this key did too, so they do not need it to resume)
-    overridden = not bench and args.metric != "auto" and any(s.metric for s in samples)
+    # run.json says so, since "metric" alone would read the same for the auto and the overridden scoring (an
+    # OCRBench run resumed with --metric ocrbench scored its HME rows by the plain rule). A benchmark only when the
+    # override changes some sample's metric (runs made before the key resume unchanged otherwise)
+    explicit = args.metric != "auto"
+    overridden = explicit and (
+        any(s.metric and s.metric != args.metric for s in samples) if bench else any(s.metric for s in samples)
+    )
     if args.metric != "auto":
         samples = [dataclasses.replace(s, metric=args.metric) for s in samples]
     metric = args.metric if args.metric != "auto" else (bench.metric if bench else _default_metric(args.target))

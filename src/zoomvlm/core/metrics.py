@@ -85,16 +85,17 @@ def contains(prediction: str, answers: Sequence[str], threshold: float = 0.9) ->
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
     """Average Normalised Levenshtein Similarity for one question (DocVQA; Biten et al. 2019, eq. 1).
 
-    ``max_a s(a)`` with ``s = 1 - NL`` if ``NL < threshold`` else 0, where NL is the Levenshtein distance
-    divided by the longer of the two strings, both lower-cased with whitespace collapsed (the official
-    DocVQA evaluation). ``NL`` exactly 0.5 scores 0, as in the paper (lmms-eval keeps 0.5).
+    ``max_a s(a)`` with ``s = 1 - NL``, set to 0 when ``s < 1 - threshold`` (0 BELOW 0.5, as lmms-eval and the
+    DocVQA evaluation script score it, and METHODS.md asks: ``NL`` exactly 0.5 keeps 0.5; the paper's eq. 1
+    writes ``NL < tau``), where NL is the Levenshtein distance divided by the longer of the two strings, both
+    lower-cased with whitespace collapsed (lmms-eval divides by the unnormalised lengths).
     """
     pred = " ".join(prediction.strip().lower().split())
     best = 0.0
     for ans in answers:
         a = " ".join(ans.strip().lower().split())
         nl = Levenshtein.normalized_distance(pred, a)
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+        best = max(best, 1.0 - nl if nl <= threshold else 0.0)
     return best
 
 

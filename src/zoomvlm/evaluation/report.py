@@ -156,12 +156,14 @@ def _num(v: float | None, fmt: str) -> str:
 def markdown_table(runs: Sequence[Run]) -> str:
     """The report table (GitHub markdown): one row per run, grouped by benchmark in first-seen order.
 
-    Columns: benchmark, run, policy, target, metric, n (with ``shards k/n`` when shards are missing),
-    accuracy % (mean score), RTR (mean Retain Token Ratio, AwaRes sec. 4), policy and target ms per
-    question (wall-clock; for cached answers those of the original call), evidence hit % (where a crop
-    was proposed and evidence exists), cached % (answers served from the response cache).
+    Columns: benchmark, run, policy, target, metric (``(forced)``: an explicit ``--metric`` overrode the samples'
+    own), n (with ``shards k/n`` when shards are missing), accuracy % (mean score), RTR (mean Retain Token Ratio,
+    AwaRes sec. 4), RTR vs (what it divides by and counts: ``native`` or the run's ``--rtr-reference``, e.g. an
+    AwaRes high view, in pixels or a VLM's tokens; RTRs of two references are not comparable), policy and target
+    ms per question (wall-clock; for cached answers those of the original call), evidence hit % (where a crop was
+    proposed and evidence exists), cached % (answers served from the response cache).
     """
-    header = ["benchmark", "run", "policy", "target", "metric", "n", "accuracy %", "RTR", "policy ms/q",
+    header = ["benchmark", "run", "policy", "target", "metric", "n", "accuracy %", "RTR", "RTR vs", "policy ms/q",
               "target ms/q", "evidence hit %", "cached %"]  # fmt: skip
     body = []
     order = list(dict.fromkeys(r.benchmark for r in runs))
@@ -171,9 +173,11 @@ def markdown_table(runs: Sequence[Run]) -> str:
             n = str(s["n"])
             if run.shards_present < run.shards:
                 n += f" (shards {run.shards_present}/{run.shards})"
+            unit = "/".join(sorted({r.get("rtr_unit", "pixels") for r in run.records})) or "pixels"
+            reference = f"{run.config.get('rtr_reference') or 'native'} ({unit})"
             cells = [benchmark_label(bench), run.label, str(run.config.get("policy", "?")),
-                     str(run.config.get("target", "?")), str(run.config.get("metric", "?")), n, _pct(s["accuracy"]),
-                     _num(s["rtr"], ".3f"), _num(s["policy_ms"], ".1f"), _num(s["target_ms"], ".1f"),
+                     str(run.config.get("target", "?")), _scoring(run), n, _pct(s["accuracy"]),
+                     _num(s["rtr"], ".3f"), reference, _num(s["policy_ms"], ".1f"), _num(s["target_ms"], ".1f"),
                      _pct(s["evidence_hit_rate"]), _pct(s["cached_rate"])]  # fmt: skip
             body.append(cells)
     return render_table(header, body, markdown=True, text_columns=5)
@@ -198,6 +202,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], i))
 
 
+def _scoring(run: Run) -> str:
+    """How a run's accuracy was scored: its metric, marked when an explicit ``--metric`` overrode the samples' own
+    (OCRBench's HME rule, a JSONL line's metric), which scores some questions differently under the same name."""
+    metric = str(run.config.get("metric", "?"))
+    return f"{metric} (forced)" if run.config.get("metric_override") else metric
+
+
 def rtr_groups(runs: Sequence[Run]) -> dict[tuple[str, str, str], list[Run]]:
     """Runs whose RTRs can share one Pareto front: ``{(benchmark, reference, unit): runs}`` in first-seen order.
 
@@ -205,15 +216,16 @@ def rtr_groups(runs: Sequence[Run]) -> dict[tuple[str, str, str], list[Run]]:
     view; ``native`` = the whole image at native resolution) and ``unit`` what it counts (``pixels`` or a VLM's
     ``tokens``, from the records). An RTR of 0.4 against a 768 px view and one of 0.4 in tokens are different
     costs, so they never share a front. Nor do accuracies under two metrics: where the runs of one benchmark were
-    scored differently, ``benchmark`` names the metric too (``receipts/val.jsonl · anls``).
+    scored differently, ``benchmark`` names the metric too (``receipts/val.jsonl · anls``; ``(forced)`` when an
+    explicit ``--metric`` overrode the samples' own).
     """
     metrics: dict[str, set[str]] = {}
     for run in runs:
-        metrics.setdefault(run.benchmark, set()).add(str(run.config.get("metric", "?")))
+        metrics.setdefault(run.benchmark, set()).add(_scoring(run))
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
         unit = "/".join(sorted({r.get("rtr_unit", "pixels") for r in run.records})) or "pixels"
-        bench = run.benchmark + (f" · {run.config.get('metric', '?')}" if len(metrics[run.benchmark]) > 1 else "")
+        bench = run.benchmark + (f" · {_scoring(run)}" if len(metrics[run.benchmark]) > 1 else "")
         key = (bench, str(run.config.get("rtr_reference") or "native"), unit)
         groups.setdefault(key, []).append(run)
     return groups
