@@ -306,3 +306,34 @@ def test_the_upstreams_refusal_of_the_servers_key_on_models_is_a_502_without_its
     ok, _ = client_for(lambda r: httpx.Response(200, json={"object": "list", "data": []}))
     with ok:
         assert ok.get("/v1/models").json() == {"object": "list", "data": []}
+
+
+def test_a_client_gone_mid_upload_is_counted_as_499_not_a_server_error():
+    """Half a body, then the client disconnects: 499 (docs/serve.md), not a 500 with a traceback."""
+    import asyncio
+
+    client, _ = client_for(lambda r: httpx.Response(200, json=_answer()))
+    app = client.app
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            messages = [{"type": "http.request", "body": b'{"model": "m", "mess', "more_body": True},
+                        {"type": "http.disconnect"}]  # fmt: skip
+            sent = []
+
+            async def receive():
+                if messages:
+                    return messages.pop(0)
+                await asyncio.sleep(3600)
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                     "query_string": b"", "root_path": "", "server": ("t", 80), "client": ("c", 1),
+                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"500")]}  # fmt: skip
+            await app(scope, receive, send)
+            return [m.get("status") for m in sent if m["type"] == "http.response.start"]
+
+    assert asyncio.run(run()) == [499]

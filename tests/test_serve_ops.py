@@ -44,7 +44,7 @@ def tight(upstream):
     """One request at a time, one waiting; a policy timeout no policy can meet (so every request fails open);
     the default upstream timeout (60 s), so only a client disconnect can end a slow upstream call early."""
     args = ["--upstream", upstream, "--policy", "center", "--max-concurrency", "1", "--max-queue", "1",
-            "--policy-timeout", "0.000001"]  # fmt: skip
+            "--policy-timeout", "0.000001", "--batch-wait-ms", "0"]  # fmt: skip
     proc, url = start_server(args)
     yield url
     stop(proc)
@@ -115,7 +115,8 @@ def test_client_disconnect_mid_stream_closes_upstream(tight, fake):
 
 def test_policy_fail_mode_and_upstream_down():
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    args = ["--upstream", dead, "--policy", "center", "--policy-timeout", "0.000001", "--on-policy-error", "fail",
+    args = ["--upstream", dead, "--policy", "center", "--policy-timeout", "0.000001", "--batch-wait-ms", "0",
+            "--on-policy-error", "fail",
             "--upstream-retries", "1", "--retry-backoff", "0.05"]  # fmt: skip
     proc, url = start_server(args)
     try:

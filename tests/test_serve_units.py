@@ -7,6 +7,7 @@ import asyncio
 import base64
 import email.utils
 import io
+import json
 import threading
 import time
 
@@ -86,6 +87,37 @@ def test_parse_errors_and_question():
         b'{"role": "assistant", "content": "a"}, {"role": "user", "content": [{"type": "text", "text": "new"}]}]}'
     )
     assert question_of(typed) == "new" and raw["temperature"] == 0.2
+    # errors name the field as a client wrote it (not pydantic's union branches, "content.str")
+    for content, param in (([{"type": "text", "text": "a"}, {"type": "imag"}], "messages.0.content.1.type"),
+                           ([{"type": "image_url"}], "messages.0.content.0.image_url"),
+                           ([{"type": "text"}], "messages.0.content.0.text"),
+                           ([{"type": "image_url", "image_url": {}}], "messages.0.content.0.image_url.url"),
+                           (5, "messages.0.content")):  # fmt: skip
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": content}]}).encode()
+        with pytest.raises(ServeError) as info:
+            parse_chat_request(body)
+        assert info.value.param == param, (content, info.value.param)
+    # valid OpenAI bodies: "stream": null, an assistant turn's refusal part
+    _, typed = parse_chat_request(json.dumps({"model": "m", "stream": None, "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+        {"role": "user", "content": "again"}]}).encode())  # fmt: skip
+    assert not typed.stream and question_of(typed) == "again"
+
+
+def test_a_request_the_zoom_cannot_read_is_refused_before_any_work():
+    from zoomvlm.serve.chat import check_question
+
+    image_only = {"model": "m", "messages": [{"role": "system", "content": "read the total"},
+                  {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}  # fmt: skip
+    _, typed = parse_chat_request(json.dumps(image_only).encode())
+    for local in (False, True):
+        with pytest.raises(ServeError) as info:
+            check_question(typed, question_of(typed), local=local)
+        assert info.value.status == 400 and info.value.param == "messages.1.content"
+    _, text_only = parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": " "}]}')
+    check_question(text_only, question_of(text_only), local=False)  # proxied as is: nothing to zoom
+    with pytest.raises(ServeError, match="has no text"):
+        check_question(text_only, question_of(text_only), local=True)  # a local target needs a question
 
 
 def test_images_of_last_user_message_are_zoomed_and_payload_keeps_raw():
@@ -136,6 +168,24 @@ def test_micro_batcher_batches_concurrent_requests():
     assert all(name.startswith("t") for name, _ in calls)
 
 
+def test_a_failing_item_fails_only_its_own_request_not_its_batch():
+    def fn(items):  # fails for any batch holding the bad item, as a real policy or target would
+        if "bad" in items:
+            raise ValueError("a question must be a non-empty string")
+        return [x.upper() for x in items]
+
+    async def run():
+        batcher = MicroBatcher(fn, max_batch=4, max_wait=0.05, name="t")
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(x) for x in ("a", "bad", "c")), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    good_a, bad, good_c = asyncio.run(run())
+    assert good_a[0] == "A" and good_c[0] == "C"
+    assert isinstance(bad, ValueError)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -156,6 +206,12 @@ def test_micro_batcher_batches_concurrent_requests():
         ({"target": "ocr", "upstream_timeout": 0.0}, "upstream-timeout must be"),
         ({"target": "ocr", "body_timeout": float("nan")}, "body-timeout must be"),
         ({"target": "ocr", "batch_wait_ms": -1.0}, "batch-wait-ms must be a finite number >= 0"),
+        # refused before the policy loads: every lone request waited out its policy timeout; a bad target was
+        # named only after a policy had loaded
+        ({"upstream": "http://x/v1", "batch_wait_ms": 3000.0, "policy_timeout": 1.0}, "shorter than --policy-timeout"),
+        ({"target": "bogus"}, "unknown target"),
+        ({"target": "ocr", "budget": "huge"}, "--budget"),
+        ({"target": "ocr", "crop_budget": "-3"}, "--crop-budget"),
     ],
 )
 def test_config_validation(kwargs, match):

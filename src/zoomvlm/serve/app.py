@@ -33,9 +33,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from zoomvlm.serve.batching import MicroBatcher
-from zoomvlm.serve.chat import ChatRequest, RequestImage, load_images, parse_chat_request, question_of, with_crops
+from zoomvlm.serve.chat import (
+    ChatRequest,
+    RequestImage,
+    check_question,
+    load_images,
+    parse_chat_request,
+    question_of,
+    with_crops,
+)
 from zoomvlm.serve.config import ServeConfig
 from zoomvlm.serve.errors import ServeError, error_body, error_response
 from zoomvlm.serve.media import MediaLimits
@@ -564,9 +573,14 @@ def create_app(service: ZoomService) -> FastAPI:
                     f"Content-Type must be application/json, got {content_type or 'none'!r}",
                     "unsupported_media_type",
                 )
-            body = await _read_body_within(request, config.max_body_bytes, config.body_timeout)
+            try:
+                body = await _read_body_within(request, config.max_body_bytes, config.body_timeout)
+            except ClientDisconnect:  # gone mid-upload: not a server error
+                logger.info("client disconnected while sending its request")
+                return Response(status_code=499)
             raw, typed = parse_chat_request(body)
             question = question_of(typed)
+            check_question(typed, question, local=service.upstream is None)
 
             async def work():
                 nonlocal acquired

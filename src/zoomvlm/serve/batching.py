@@ -79,7 +79,8 @@ class MicroBatcher:
         """Queue ``item``; returns ``(result, seconds of the call that computed it)``.
 
         Raises:
-            whatever ``fn`` raised for the batch; RuntimeError if the batcher is stopped.
+            whatever ``fn`` raised for this item (a batch that fails is run again item by item, so one bad request
+            does not fail the ones batched with it); RuntimeError if the batcher is stopped.
         """
         if self._queue is None:
             raise RuntimeError(f"{self.name} is not started")
@@ -112,11 +113,21 @@ class MicroBatcher:
                 results = await loop.run_in_executor(self._executor, self.fn, [item for item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"{self.name} returned {len(results)} results for {len(batch)} items")
-            except Exception as err:  # noqa: BLE001 - handed to every submitter of the batch
+            except Exception as err:  # noqa: BLE001 - one bad item must not fail the requests batched with it
                 logger.warning("%s failed on a batch of %d: %s", self.name, len(batch), err)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+                if len(batch) == 1:
+                    batch[0][1].done() or batch[0][1].set_exception(err)
+                    continue
+                for item, fut in batch:  # each item again on its own: only the failing ones get the error
+                    if fut.done():
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        (result,) = await loop.run_in_executor(self._executor, self.fn, [item])
+                    except Exception as one:  # noqa: BLE001 - this item's own error, to its submitter
+                        fut.done() or fut.set_exception(one)
+                    else:
+                        fut.done() or fut.set_result((result, time.perf_counter() - start))
                 continue
             seconds = time.perf_counter() - start
             for (_, fut), result in zip(batch, results, strict=True):

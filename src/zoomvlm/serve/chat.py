@@ -46,7 +46,14 @@ class _ImagePart(BaseModel):
     image_url: _ImageURL
 
 
-_Part = Annotated[_TextPart | _ImagePart, Field(discriminator="type")]
+class _RefusalPart(BaseModel):  # an assistant turn's refusal (OpenAI schema), kept in the history as sent
+    model_config = ConfigDict(extra="allow")
+    type: Literal["refusal"]
+    refusal: str
+
+
+_Part = Annotated[_TextPart | _ImagePart | _RefusalPart, Field(discriminator="type")]
+_PART_TAGS = ("text", "image_url", "refusal")
 
 
 class _Message(BaseModel):
@@ -61,7 +68,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[_Message] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = False  # null: not streamed (the OpenAI schema allows it)
 
 
 def parse_chat_request(body: bytes) -> tuple[dict, ChatRequest]:
@@ -88,10 +95,36 @@ def parse_chat_request(body: bytes) -> tuple[dict, ChatRequest]:
     try:
         typed = ChatRequest.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
+        first, param = _first_error(err.errors())
         raise ServeError(400, f"invalid request: {param}: {first['msg']}", "invalid_request", param) from err
     return raw, typed
+
+
+def _first_error(errors: list[dict]) -> tuple[dict, str]:
+    """The error to report and its field as a client wrote it (``messages.0.content.1.type``).
+
+    ``content`` is a string OR a list of parts, so pydantic reports both branches; a list that fails inside is
+    reported from the list branch (the string branch's "should be a valid string" named a ``content.str`` field
+    that does not exist). The branch labels pydantic adds (``list[...]``, the parts' discriminator tag) are dropped.
+    """
+
+    def deep_in_list(e: dict) -> bool:
+        loc = e["loc"]
+        k = next((i for i, p in enumerate(loc) if isinstance(p, str) and "[" in p), None)
+        return k is not None and len(loc) > k + 1
+
+    first = next((e for e in errors if deep_in_list(e)), errors[0])
+    raw_loc, loc = list(first["loc"]), []
+    for i, p in enumerate(raw_loc):
+        after_index = i > 0 and isinstance(raw_loc[i - 1], int) and i > 1 and "[" in str(raw_loc[i - 2])
+        if isinstance(p, str) and ("[" in p or (p == "str" and i > 0 and raw_loc[i - 1] == "content")):
+            continue  # a branch label of the str | list union
+        if isinstance(p, str) and after_index and p in _PART_TAGS:
+            continue  # the discriminator tag pydantic puts after a part's index
+        loc.append(p)
+    if first.get("type") == "union_tag_invalid":
+        loc.append("type")
+    return first, ".".join(str(p) for p in loc)
 
 
 @dataclass
@@ -134,6 +167,25 @@ def question_of(typed: ChatRequest) -> str:
     return ""
 
 
+def check_question(typed: ChatRequest, question: str, local: bool) -> None:
+    """Refuse a request the zoom cannot read: no text in the last user message while it holds images (the policy
+    reads the question to choose crops), or, answered locally, no question at all.
+
+    Raises:
+        ServeError: 400 ``invalid_request`` naming the message (one such request failed every request batched
+            with it).
+    """
+    if question.strip():
+        return
+    last = _last_user(typed)
+    has_images = any(i == last for i, _, _ in image_parts(typed))
+    if has_images or local:
+        where = f"messages.{last}.content" if last is not None else "messages"
+        what = "holds images but no text" if has_images else "has no text"
+        raise ServeError(400, f"the last user message {what}: the zoom policy reads the question", "invalid_request",
+                         where)  # fmt: skip
+
+
 def _last_user(typed: ChatRequest) -> int | None:
     users = [i for i, m in enumerate(typed.messages) if m.role == "user"]
     return users[-1] if users else None
@@ -164,11 +216,12 @@ async def load_images(typed: ChatRequest, limits: MediaLimits, max_images: int) 
         param = f"messages.{i}.content.{j}.image_url"
         if url.startswith("data:"):
             decoded = await asyncio.to_thread(decode_data_url, url, limits, param, pixels)
-            # an image turned upright by its EXIF tag is re-encoded, so the upstream sees the frame the crops use
-            kept_url = image_data_url(decoded.image) if decoded.oriented else url
+            # an image turned upright by its EXIF tag is re-encoded (off the event loop: ~0.2 s for 40 MP), so the
+            # upstream sees the frame the crops use
+            kept_url = await asyncio.to_thread(image_data_url, decoded.image) if decoded.oriented else url
         elif url.split(":", 1)[0].lower() in ("http", "https"):
             decoded = await fetch_remote_image(url, limits, param, pixels)
-            kept_url = image_data_url(decoded.image)
+            kept_url = await asyncio.to_thread(image_data_url, decoded.image)
         else:
             raise ServeError(
                 400, "image_url must be a data: URL (or an allowed https URL)", "invalid_image_url", param

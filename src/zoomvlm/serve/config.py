@@ -170,6 +170,22 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.batch_wait_ms / 1000 >= self.policy_timeout:  # a lone request would wait out its policy timeout
+            raise ValueError(
+                f"--batch-wait-ms {self.batch_wait_ms:g} must be shorter than --policy-timeout "
+                f"({self.policy_timeout:g} s): every request alone in its batch would fail open"
+            )
+        from zoomvlm.core.geometry import Budget
+        from zoomvlm.targets import check_target_spec
+
+        if self.target:  # before the policy loads (minutes for a large one)
+            check_target_spec(self.target)
+        for name in ("budget", "crop_budget"):
+            if getattr(self, name) is not None:
+                try:
+                    Budget.parse(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"--{name.replace('_', '-')}: {e}") from e
 
     @property
     def allowed_domains(self) -> tuple[str, ...]:
