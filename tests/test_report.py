@@ -219,3 +219,26 @@ def test_gallery_renders_in_headless_chromium(two_runs, tmp_path):
     blue = (np.abs(pixels - BLUE).sum(axis=1) < 60).sum()
     red = (np.abs(pixels - (230, 40, 40)).sum(axis=1) < 60).sum()
     assert blue > 20_000 and red > 100, (blue, red)
+
+
+def test_a_run_on_fewer_questions_is_drawn_apart_and_kept_off_the_front(tmp_path, monkeypatch):
+    """`none` on 2 of the 6 questions `center` answered: its 100 % is over another set, so it may not make the
+    front that `center` is on (it did, and `center` looked dominated)."""
+    from matplotlib.axes import Axes
+
+    from zoomvlm.evaluation.report import Run, plot_accuracy_vs_rtr
+
+    def run(name, n, score, rtr):
+        records = [{"id": str(i), "score": score, "rtr": rtr, "policy_seconds": 0.0, "target_seconds": 0.1}
+                   for i in range(n)]  # fmt: skip
+        return Run(tmp_path / name, name, {"data": "d.jsonl"}, records)
+
+    steps, notes = [], []
+    real_step, real_annotate = Axes.step, Axes.annotate
+    monkeypatch.setattr(Axes, "step", lambda self, x, y, *a, **k: steps.append((list(x), list(y))) or real_step(
+        self, x, y, *a, **k))  # fmt: skip
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: notes.append(text) or real_annotate(
+        self, text, *a, **k))  # fmt: skip
+    plot_accuracy_vs_rtr([run("center", 6, 0.5, 0.02), run("none", 2, 1.0, 0.01)], tmp_path / "p.png")
+    assert steps == [([0.02, 0.02], [50.0, 50.0])]  # the front is center's alone
+    assert notes == ["center", "none (2/6 q)"]

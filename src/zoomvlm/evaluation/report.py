@@ -244,7 +244,8 @@ def plot_accuracy_vs_rtr(runs: Sequence[Run], path: str | Path) -> Path:
     """Save the accuracy-vs-RTR scatter (PNG, matplotlib Agg): one labelled point per run, one colour per
     benchmark and RTR measure (:func:`rtr_groups`), and each group's Pareto front as a staircase (the best
     accuracy reachable at or below each RTR). The x axis is logarithmic when the RTRs span 10x or more. Runs
-    without records are left out.
+    without records are left out; a run on fewer questions than the largest of its group (``--limit``, or not
+    finished) is drawn hollow, labelled ``n/N q`` and kept off the front (its accuracy is over another set).
 
     Returns:
         ``path``.
@@ -260,23 +261,34 @@ def plot_accuracy_vs_rtr(runs: Sequence[Run], path: str | Path) -> Path:
     several = len({(ref, unit) for _, ref, unit in groups}) > 1
     for k, ((bench, ref, unit), members) in enumerate(groups.items()):
         color = colors[k % len(colors)]
-        pts, labels = [], []
+        pts, labels, sizes = [], [], []
         for run in members:
             s = run.stats()
             if s["n"] and s["rtr"] is not None and s["accuracy"] is not None:
                 pts.append((s["rtr"], 100 * s["accuracy"]))
                 labels.append(run.label)
+                sizes.append(s["n"])
         if not pts:
             continue
         rtrs += [p[0] for p in pts]
+        # a run on fewer questions than the group's largest (--limit, unfinished) is an accuracy on another set:
+        # drawn hollow, labelled n / N, and kept off the Pareto front
+        full = [i for i, n in enumerate(sizes) if n == max(sizes)]
+        labels = [
+            lab if sizes[i] == max(sizes) else f"{lab} ({sizes[i]}/{max(sizes)} q)" for i, lab in enumerate(labels)
+        ]
         legend = benchmark_label(bench) + (f" (RTR: {unit} vs {ref})" if several else "")
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, s=40, zorder=3, label=legend)
+        ax.scatter([pts[i][0] for i in full], [pts[i][1] for i in full], color=color, s=40, zorder=3, label=legend)
+        partial = [i for i in range(len(pts)) if i not in full]
+        if partial:
+            ax.scatter([pts[i][0] for i in partial], [pts[i][1] for i in partial], facecolors="none",
+                       edgecolors=color, s=40, zorder=3)  # fmt: skip
         seen: dict[tuple[float, float], int] = {}
         for (x, y), label in zip(pts, labels, strict=True):
             k = seen[(round(x, 3), round(y, 1))] = seen.get((round(x, 3), round(y, 1)), -1) + 1
             # runs on the same point (e.g. two policies that never crop) get stacked labels, not overprinted
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 + 10 * k), fontsize=8)
-        front = [pts[i] for i in pareto_front(pts)]
+        front = [pts[full[i]] for i in pareto_front([pts[i] for i in full])]
         xs, ys = [p[0] for p in front], [p[1] for p in front]
         ax.step(xs + [max(p[0] for p in pts)], ys + [ys[-1]], where="post", color=color, alpha=0.6, lw=1.5, zorder=2)
     if rtrs and min(rtrs) > 0 and max(rtrs) / min(rtrs) >= 10:
