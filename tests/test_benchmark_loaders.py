@@ -348,13 +348,16 @@ def test_cli_eval_on_a_benchmark_by_name(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--data", "pope", "--split", "nosuchsplit", "--out", str(tmp_path / "r2")]) == 2
     assert "cannot load" in capsys.readouterr().err
     # OCRBench scores its handwritten-maths rows by their own rule; an explicit --metric ocrbench forces the plain
-    # one on them under the same name: run.json says so, and the two do not resume into one run
+    # one on them under the same name: run.json says so from the first run, whatever prefix --limit loaded (the
+    # first row is not HME), and an auto run does not resume into it
     write_hub_copy(tmp_path / "hub", "ocrbench")
     ocr = ["eval", "--data", "ocrbench", "--target", "ocr", "--out", str(tmp_path / "ocr"), "--no-progress"]
-    assert main([*ocr, "--limit", "1", "--metric", "ocrbench"]) == 0  # row 0 only: nothing overridden yet
-    assert "metric_override" not in json.loads((tmp_path / "ocr" / "run.json").read_text())
-    assert main([*ocr, "--limit", "2", "--metric", "ocrbench"]) == 2  # row 1 is HME: now forced, another config
-    assert "metric_override: was None, now True" in capsys.readouterr().err
+    assert main([*ocr, "--limit", "1", "--metric", "ocrbench"]) == 0
+    assert json.loads((tmp_path / "ocr" / "run.json").read_text())["metric_override"] is True
+    assert main([*ocr, "--limit", "2", "--metric", "ocrbench"]) == 0  # extended: the same scoring
+    capsys.readouterr()
+    assert main([*ocr, "--limit", "2"]) == 2  # auto: HME rows by their own rule, another run
+    assert "metric_override: was True, now None" in capsys.readouterr().err
 
 
 def _sideways(fmt: str) -> bytes:

@@ -217,6 +217,13 @@ def test_a_resume_that_drops_a_setting_or_changes_the_scoring_is_refused(tmp_pat
     assert "metric_override: was None, now True" in capsys.readouterr().err
     assert main([*base, "--metric", "anls", "--out", str(tmp_path / "r3")]) == 0
     assert json.loads((tmp_path / "r3" / "results.jsonl").read_text())["metric"] == "anls"
+    # an explicit metric equal to every line's own changes nothing: not recorded (the report marked it "forced")
+    assert main([*base, "--metric", "contains", "--out", str(tmp_path / "r6")]) == 0
+    run = json.loads((tmp_path / "r6" / "run.json").read_text())
+    assert "metric_override" not in run
+    run["metric_override"] = True  # as the rule before recorded it: that run still resumes with its command
+    (tmp_path / "r6" / "run.json").write_text(json.dumps(run))
+    assert main([*base[:-1], "2", "--metric", "contains", "--out", str(tmp_path / "r6")]) == 0
     # crop-set@HIGH is part of the policy's name unless it is the default anyway
     out = str(tmp_path / "r4")
     fixed = ["eval", "--data", str(data), "--no-progress", "--rtr-reference", "side:768", "--out", out]

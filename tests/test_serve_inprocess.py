@@ -337,3 +337,13 @@ def test_a_client_gone_mid_upload_is_counted_as_499_not_a_server_error():
             return [m.get("status") for m in sent if m["type"] == "http.response.start"]
 
     assert asyncio.run(run()) == [499]
+
+
+def test_a_proxied_image_only_turn_goes_upstream_with_its_question_in_the_system_prompt():
+    client, seen = client_for(lambda r: httpx.Response(200, json=_answer()))
+    url = image_url(Image.new("RGB", (64, 64), "white"))
+    image_only = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+    body = {"model": "m", "messages": [{"role": "system", "content": "Read the total."}, image_only]}
+    with client:
+        reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200 and len(seen) == 1

@@ -104,20 +104,20 @@ def test_parse_errors_and_question():
     assert not typed.stream and question_of(typed) == "again"
 
 
-def test_a_request_the_zoom_cannot_read_is_refused_before_any_work():
+def test_a_request_a_local_target_cannot_answer_is_refused_before_any_work():
     from zoomvlm.serve.chat import check_question
 
     image_only = {"model": "m", "messages": [{"role": "system", "content": "read the total"},
                   {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}  # fmt: skip
     _, typed = parse_chat_request(json.dumps(image_only).encode())
-    for local in (False, True):
-        with pytest.raises(ServeError) as info:
-            check_question(typed, question_of(typed), local=local)
-        assert info.value.status == 400 and info.value.param == "messages.1.content"
+    with pytest.raises(ServeError) as info:  # a local target answers the last user message's question
+        check_question(typed, question_of(typed), local=True)
+    assert info.value.status == 400 and info.value.param == "messages.1.content"
+    check_question(typed, question_of(typed), local=False)  # proxied: the upstream reads the system prompt
     _, text_only = parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": " "}]}')
-    check_question(text_only, question_of(text_only), local=False)  # proxied as is: nothing to zoom
+    check_question(text_only, question_of(text_only), local=False)
     with pytest.raises(ServeError, match="has no text"):
-        check_question(text_only, question_of(text_only), local=True)  # a local target needs a question
+        check_question(text_only, question_of(text_only), local=True)
 
 
 def test_images_of_last_user_message_are_zoomed_and_payload_keeps_raw():
@@ -174,8 +174,10 @@ def test_a_failing_item_fails_only_its_own_request_not_its_batch():
             raise ValueError("a question must be a non-empty string")
         return [x.upper() for x in items]
 
+    sizes = []
+
     async def run():
-        batcher = MicroBatcher(fn, max_batch=4, max_wait=0.05, name="t")
+        batcher = MicroBatcher(fn, max_batch=4, max_wait=0.05, name="t", on_batch=sizes.append)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(x) for x in ("a", "bad", "c")), return_exceptions=True)
         await batcher.stop()
@@ -184,6 +186,8 @@ def test_a_failing_item_fails_only_its_own_request_not_its_batch():
     good_a, bad, good_c = asyncio.run(run())
     assert good_a[0] == "A" and good_c[0] == "C"
     assert isinstance(bad, ValueError)
+    assert sizes == [3, 1, 1, 1]  # every call is in the batch-size metric
+    assert good_c[1] >= good_a[1]  # c's seconds include the failed batch and a's rerun before it
 
 
 @pytest.mark.parametrize(

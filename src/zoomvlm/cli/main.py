@@ -95,6 +95,18 @@ def _build(args):
     return load_policy(args.policy), load_target(args.target, budget=budget), crop_budget
 
 
+def _recorded_override(out: str | Path, explicit: bool) -> bool:
+    """A JSONL run whose run.json recorded ``metric_override`` when ANY line carried a metric (before the rule
+    became "a line whose metric the override changes"): an explicit ``--metric`` keeps recording it, so that run
+    still resumes under the same command."""
+    if not explicit:
+        return False
+    try:
+        return bool(json.loads((Path(out) / "run.json").read_text(encoding="utf-8")).get("metric_override"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _default_metric(target_spec: str) -> str:
     # A reader answers with a whole transcript, so exact-style metrics would always fail it.
     return "contains" if target_spec.split(":")[0] == "ocr" else "anls"
@@ -194,10 +206,14 @@ def cmd_eval(args) -> int:
     # run.json says so, since "metric" alone would read the same for the auto and the overridden scoring (an
     # OCRBench run resumed with --metric ocrbench scored its HME rows by the plain rule). A benchmark only when the
     # override changes some sample's metric (runs made before the key resume unchanged otherwise)
+    # decided from what the data may hold, not from the loaded --limit prefix (a prefix without HME rows would
+    # record no override, and the same command without --limit then refused to resume)
     explicit = args.metric != "auto"
-    overridden = explicit and (
-        any(s.metric and s.metric != args.metric for s in samples) if bench else any(s.metric for s in samples)
-    )
+    if bench:
+        overridden = explicit and any(m != args.metric for m in bench.row_metrics)
+    else:
+        overridden = explicit and any(s.metric and s.metric != args.metric for s in samples)
+        overridden = overridden or _recorded_override(args.out, explicit)
     if args.metric != "auto":
         samples = [dataclasses.replace(s, metric=args.metric) for s in samples]
     metric = args.metric if args.metric != "auto" else (bench.metric if bench else _default_metric(args.target))

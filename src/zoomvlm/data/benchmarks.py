@@ -104,6 +104,12 @@ class Benchmark:
         """The benchmark's metric name (OCRBench rows may use the ``ocrbench_hme`` variant)."""
         return _DEFAULT_METRIC[self.name]
 
+    @property
+    def row_metrics(self) -> tuple[str, ...]:
+        """Every metric its rows may carry (:attr:`metric`, and OCRBench's ``ocrbench_hme`` for HME100k): an
+        explicit ``--metric`` outside this set, or any when there are several, changes how some row is scored."""
+        return (self.metric, "ocrbench_hme") if self.name == "ocrbench" else (self.metric,)
+
 
 # ---- question formats -----------------------------------------------------------------------------------
 _INLINE_OPTION = re.compile(r"\(([A-Z])\)\s*")

@@ -157,13 +157,13 @@ def markdown_table(runs: Sequence[Run]) -> str:
     """The report table (GitHub markdown): one row per run, grouped by benchmark in first-seen order.
 
     Columns: benchmark, run, policy, target, metric (``(forced)``: an explicit ``--metric`` overrode the samples'
-    own), n (with ``shards k/n`` when shards are missing), accuracy % (mean score), RTR (mean Retain Token Ratio,
-    AwaRes sec. 4), RTR vs (what it divides by and counts: ``native`` or the run's ``--rtr-reference``, e.g. an
-    AwaRes high view, in pixels or a VLM's tokens; RTRs of two references are not comparable), policy and target
+    own), RTR vs (what RTR divides by and counts: ``native`` or the run's ``--rtr-reference``, e.g. an AwaRes high
+    view, in pixels or a VLM's tokens; RTRs of two references are not comparable), n (with ``shards k/n`` when
+    shards are missing), accuracy % (mean score), RTR (mean Retain Token Ratio, AwaRes sec. 4), policy and target
     ms per question (wall-clock; for cached answers those of the original call), evidence hit % (where a crop was
     proposed and evidence exists), cached % (answers served from the response cache).
     """
-    header = ["benchmark", "run", "policy", "target", "metric", "n", "accuracy %", "RTR", "RTR vs", "policy ms/q",
+    header = ["benchmark", "run", "policy", "target", "metric", "RTR vs", "n", "accuracy %", "RTR", "policy ms/q",
               "target ms/q", "evidence hit %", "cached %"]  # fmt: skip
     body = []
     order = list(dict.fromkeys(r.benchmark for r in runs))
@@ -176,11 +176,11 @@ def markdown_table(runs: Sequence[Run]) -> str:
             unit = "/".join(sorted({r.get("rtr_unit", "pixels") for r in run.records})) or "pixels"
             reference = f"{run.config.get('rtr_reference') or 'native'} ({unit})"
             cells = [benchmark_label(bench), run.label, str(run.config.get("policy", "?")),
-                     str(run.config.get("target", "?")), _scoring(run), n, _pct(s["accuracy"]),
-                     _num(s["rtr"], ".3f"), reference, _num(s["policy_ms"], ".1f"), _num(s["target_ms"], ".1f"),
+                     str(run.config.get("target", "?")), _scoring(run), reference, n, _pct(s["accuracy"]),
+                     _num(s["rtr"], ".3f"), _num(s["policy_ms"], ".1f"), _num(s["target_ms"], ".1f"),
                      _pct(s["evidence_hit_rate"]), _pct(s["cached_rate"])]  # fmt: skip
             body.append(cells)
-    return render_table(header, body, markdown=True, text_columns=5)
+    return render_table(header, body, markdown=True, text_columns=6)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -22,8 +22,9 @@ class MicroBatcher:
     """Collects items submitted by concurrent requests and runs ``fn`` on up to ``max_batch`` at once.
 
     Args:
-        fn: ``fn(items) -> results``, one result per item, in order (e.g. ``policy.propose`` wrapped);
-            an exception fails every item of that batch.
+        fn: ``fn(items) -> results``, one result per item, in order (e.g. ``policy.propose`` wrapped). When it
+            raises on a batch of several, each item is run again on its own, so only the items that fail alone get
+            the error (one bad request no longer fails the requests batched with it).
         max_batch: most items per call.
         max_wait: seconds the first item of a batch waits for more (0 = take what is queued now).
         name: thread name prefix, for logs.
@@ -80,7 +81,8 @@ class MicroBatcher:
 
         Raises:
             whatever ``fn`` raised for this item (a batch that fails is run again item by item, so one bad request
-            does not fail the ones batched with it); RuntimeError if the batcher is stopped.
+            does not fail the ones batched with it; the seconds returned for a rerun item count from the failed
+            batch's start); RuntimeError if the batcher is stopped.
         """
         if self._queue is None:
             raise RuntimeError(f"{self.name} is not started")
@@ -121,12 +123,12 @@ class MicroBatcher:
                 for item, fut in batch:  # each item again on its own: only the failing ones get the error
                     if fut.done():
                         continue
-                    start = time.perf_counter()
+                    self.on_batch(1)
                     try:
                         (result,) = await loop.run_in_executor(self._executor, self.fn, [item])
                     except Exception as one:  # noqa: BLE001 - this item's own error, to its submitter
                         fut.done() or fut.set_exception(one)
-                    else:
+                    else:  # the seconds it waited on: the failed batch and the reruns before its own
                         fut.done() or fut.set_result((result, time.perf_counter() - start))
                 continue
             seconds = time.perf_counter() - start

@@ -168,22 +168,22 @@ def question_of(typed: ChatRequest) -> str:
 
 
 def check_question(typed: ChatRequest, question: str, local: bool) -> None:
-    """Refuse a request the zoom cannot read: no text in the last user message while it holds images (the policy
-    reads the question to choose crops), or, answered locally, no question at all.
+    """Refuse a request a LOCAL target cannot answer: no text in the last user message (its prompt is the question;
+    it raised inside the batch, as a 502). Proxied requests are not refused: the upstream reads the whole
+    conversation (the question may be in the system prompt or an earlier turn); a policy that needs the question
+    fails for that request alone and it goes on without crops (``--on-policy-error open``).
 
     Raises:
-        ServeError: 400 ``invalid_request`` naming the message (one such request failed every request batched
-            with it).
+        ServeError: 400 ``invalid_request`` naming the message.
     """
-    if question.strip():
+    if question.strip() or not local:
         return
     last = _last_user(typed)
     has_images = any(i == last for i, _, _ in image_parts(typed))
-    if has_images or local:
-        where = f"messages.{last}.content" if last is not None else "messages"
-        what = "holds images but no text" if has_images else "has no text"
-        raise ServeError(400, f"the last user message {what}: the zoom policy reads the question", "invalid_request",
-                         where)  # fmt: skip
+    where = f"messages.{last}.content" if last is not None else "messages"
+    what = "holds images but no text" if has_images else "has no text"
+    raise ServeError(400, f"the last user message {what}: a local target answers its question", "invalid_request",
+                     where)  # fmt: skip
 
 
 def _last_user(typed: ChatRequest) -> int | None:
