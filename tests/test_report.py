@@ -150,7 +150,7 @@ def test_report_table_plot_and_gallery(two_runs, tmp_path):
     assert none_row[1:3] == ["none", "none"] and none_row[6:8] == ["6", "50.0"]  # n, accuracy (3 of 6 right)
     assert center_row[1:3] == ["center", "center"] and center_row[6:8] == ["6", "66.7"]
     s_center = load_run(two_runs[1]).stats()
-    assert center_row[7] == f"{s_center['rtr']:.3f}" and center_row[-1] == "0.0"  # nothing cached
+    assert center_row[8] == f"{s_center['rtr']:.3f}" and center_row[-1] == "0.0"  # nothing cached
     assert "![accuracy vs RTR](accuracy_vs_rtr.png)" in table
 
     with Image.open(paths["plot"]) as img:
