@@ -194,6 +194,16 @@ def test_expand_shifts_back_inside():
         ("I need more detail. GET_CROPS: ['top-left', 'center']", ["0", "4"]),
         ("GET_CROPS: ['3', '3']", ["3"]),
         ("The total is 9.00", None),
+        # the call after prose that names it, and in markdown (the first mention with a list is the call)
+        ("I will use GET_CROPS to read the total. GET_CROPS: ['3']", ["3"]),
+        ("**GET_CROPS**: ['3']", ["3"]),
+        ("GET_CROPS: `['3']`", ["3"]),
+        # near-miss spellings of the token are the call, not a direct answer
+        ("GET_CROP: ['3']", ["3"]),
+        ("GET-CROPS: ['3']", ["3"]),
+        # the plain words in an answer are not a call
+        ("They get crops from the field.", None),
+        ("NO_CROPS (the low view is enough, no need to get crops)", None),
     ],
 )
 def test_parse_get_crops_golden(text, keys):
@@ -203,7 +213,7 @@ def test_parse_get_crops_golden(text, keys):
 @pytest.mark.parametrize(
     "text, reason",
     [("GET_CROPS: ['9']", "unknown crop '9'"), ("GET_CROPS: []", "empty"), ("GET_CROPS please", "without a"),
-     ("GET_CROPS: [banana]", "unknown crop 'banana'")],
+     ("GET_CROPS: [banana]", "unknown crop 'banana'"), ("I would call GET_CROP here", "without a")],
 )  # fmt: skip
 def test_parse_get_crops_garbage_raises(text, reason):
     with pytest.raises(ToolCallError, match=reason):

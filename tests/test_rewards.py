@@ -184,3 +184,4 @@ def test_semantic_similarity_with_the_real_minilm_scores_each_prediction_against
     assert same == pytest.approx(1.0, abs=1e-4)  # an exact match among several gold answers wins
     assert company > 0.5 > unrelated >= 0.0  # scored against its own answers, not the first row's
     assert sim(["x"], ["9.00"]) == sim(["x"], [["9.00"]])  # a bare string is one gold answer
+    assert sim(["", "  "], [["12.50"], ["12.50"]]) == [0.0, 0.0]  # no answer is worth nothing (was ~0.16)

@@ -134,21 +134,32 @@ def parse_get_crops(text: str) -> list[str] | None:
     Tolerant where the official parser is not: any case, optional colon, single/double/no quotes,
     spaces, crop names (``'top-left'``) as well as indices, ``all``. Duplicates are dropped, order kept.
 
+    The call may come anywhere in the text, after prose that names it ("I will use GET_CROPS ... GET_CROPS:
+    ['3']") and in markdown (``**GET_CROPS**: ['3']``, backticks): the first mention followed by a list is the
+    call. Near-miss spellings (``GET_CROP``, ``GET-CROPS``) are read as the call too, never as a direct answer.
+
     Returns:
-        ``None`` when the text contains no ``GET_CROPS`` (a direct answer), else the list of keys of
+        ``None`` when the text holds no call: no mention at all, or only the plain words "get crops" with no list
+        after them (an answer that says "they get crops from the field"), else the list of keys of
         :data:`CROP_SET`.
 
     Raises:
-        ToolCallError: ``GET_CROPS`` is present but its list is missing, empty or names an unknown crop.
-            Callers count these; they are never silently replaced by the full image.
+        ToolCallError: the call's token (``GET_CROPS``, ``GETCROPS``, ``GET-CROP``...) is present but no list
+            follows any mention, or the list is empty or names an unknown crop. Callers count these; they are
+            never silently replaced by the full image.
     """
     # whole words only: "budget crops" or "Target crops: wheat" in an answer are not tool calls
-    match = re.search(r"\bget[_ ]?crops\b", text, flags=re.IGNORECASE)
-    if match is None:
+    mentions = list(re.finditer(r"\bget([_\- ]?)crops?\b", text, flags=re.IGNORECASE))
+    if not mentions:
         return None
-    rest = text[match.end() :]
-    listed = re.match(r"\s*:?\s*\[([^\]]*)\]", rest)
+    listed = None
+    for mention in mentions:
+        listed = re.match(r"[\s:*`=]*\[([^\]]*)\]", text[mention.end() :])
+        if listed is not None:
+            break
     if listed is None:
+        if all(m.group(1) == " " for m in mentions):  # the words in prose, not the call's token
+            return None
         raise ToolCallError(f"GET_CROPS without a [...] list: {text.strip()[:80]!r}")
     items = [t.strip().strip("'\"").strip().lower() for t in listed.group(1).split(",")]
     if "" in items[:-1] and any(items):  # ['3',,'4']: a missing key (a trailing comma is tolerated)

@@ -380,9 +380,11 @@ HAND_SET = {
     "crop.area": -1.0,
 }
 """The initial policy's weights: NO_CROPS logit ``12 conf + 2 looks - 11.5``, GET_CROPS logit
-``2 logp + 2 mass - rank - area`` (``logp`` in [-1, 0]). So NO_CROPS wins when the best region was read at confidence
-above ~0.93 and looks like an answer (with a sure scorer, mass ~1, a quadrant's logit is ~1.7); a region that does
-not look like an answer is always fetched."""
+``2 logp + 2 mass - rank - area`` (``logp`` in [-1, 0]). With a sure scorer (mass ~1, a quadrant's logit ~1.7)
+NO_CROPS wins only when the best region was read at confidence above ~0.93 and looks like an answer. With an unsure
+scorer the GET_CROPS logits fall (low mass, negative logp), and a region read at confidence ~0.96 or more can win
+NO_CROPS even when it does not look like an answer (``12 conf - 11.5`` up to 0.5): the rule is the comparison of
+the two logits, not "always fetch what does not look like an answer"."""
 
 
 def hand_set_head(config: ReaderConfig | None = None) -> ActionHead:

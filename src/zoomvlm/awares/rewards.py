@@ -96,7 +96,8 @@ class SemanticSimilarity:
         return self._model
 
     def __call__(self, predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> list[float]:
-        """One score in ``[0, 1]`` per prediction; ``answers[i]`` are the gold answers of prediction ``i``."""
+        """One score in ``[0, 1]`` per prediction (0 for an empty one); ``answers[i]`` are the gold answers of
+        prediction ``i``."""
         golds = [[a] if isinstance(a, str) else list(a) for a in answers]
         flat = [g for gs in golds for g in gs]
         emb = self.model.encode(list(predictions) + flat, convert_to_tensor=True, normalize_embeddings=True)
@@ -105,7 +106,10 @@ class SemanticSimilarity:
         for i, gs in enumerate(golds):
             sims = (gold[k : k + len(gs)] @ pred[i]).tolist()
             k += len(gs)
-            out.append(float(min(1.0, max(0.0, max(sims)))))
+            # no answer (a rollout that called crops and stopped) is worth nothing: the empty string's embedding
+            # scored ~0.16 against "12.50", above a wrong answer
+            empty = not str(predictions[i]).strip()
+            out.append(0.0 if empty else float(min(1.0, max(0.0, max(sims)))))
         return out
 
 
