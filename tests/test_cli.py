@@ -96,6 +96,11 @@ def test_demo_replaces_only_the_run_folders_it_wrote(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--limit", "1", "--no-progress"]) == 2
     assert "none exists and was not written by zoomvlm demo" in capsys.readouterr().err
     assert (mine / "results.jsonl").read_text() == '{"id": "x"}\n'
+    # a `zoomvlm eval --policy none --out runs/none` run of the user's (same three files; its run.json names data)
+    (mine / "run.json").write_text(json.dumps({"data": "/my/data.jsonl", "policy": "none", "target": "ocr@side:384"}))
+    assert main(["demo", "--out", str(tmp_path), "--limit", "1", "--no-progress"]) == 2
+    assert (mine / "results.jsonl").read_text() == '{"id": "x"}\n'
+    capsys.readouterr()
     for name in DEMO_POLICIES:  # the demo's own folders from an earlier run: replaced
         (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / DEMO_MARK).write_text("")

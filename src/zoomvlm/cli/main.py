@@ -282,7 +282,14 @@ def _old_demo_run(run_dir: Path, name: str) -> bool:
         config = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
         return False
-    return config.get("policy") == name and str(config.get("target", "")).startswith("ocr@")
+    # the demo called run_eval without a config, so its run.json has no "data"; every `zoomvlm eval` run has one
+    # (`eval --policy none --out runs/none` on the user's own data was otherwise indistinguishable, and deleted)
+    return (
+        isinstance(config, dict)
+        and "data" not in config
+        and config.get("policy") == name
+        and str(config.get("target", "")).startswith("ocr@")
+    )
 
 
 def cmd_demo(args) -> int:
@@ -294,6 +301,13 @@ def cmd_demo(args) -> int:
     from zoomvlm.targets import load_target
 
     samples = load_jsonl(demo_data_path())[: args.limit]
+    if args.no_progress:  # transformers' own "Loading weights" bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if args.picture >= len(samples):
+        print(f"zoomvlm demo: --picture {args.picture} is past the {len(samples)} questions: drawing the last one",
+              file=sys.stderr)  # fmt: skip
     target = load_target("ocr", budget=Budget.parse(args.budget))
     out = Path(args.out)
     print(f"zoomvlm demo: {len(samples)} questions on {len({s.image for s in samples})} bundled receipts, "
@@ -394,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="zoomvlm-demo", help="where results and pictures go. Default: %(default)s")
     p.add_argument("--budget", default="384", help="the reader's per-view budget. Default: %(default)s")
     p.add_argument("--picture", type=non_negative_int, default=2,
-                   help="which question (index) to draw. Default: %(default)s")  # fmt: skip
+                   help="which question (index, from 0) to draw; with --limit, at most the last one. "
+                   "Default: %(default)s")  # fmt: skip
     p.add_argument("--limit", type=positive_int, default=None, help="first N bundled questions only (of 12)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (the models' loading bars too)")
     p.set_defaults(func=cmd_demo)
 
     from zoomvlm.cli.train import add_commands as add_train_commands

@@ -58,7 +58,8 @@ crop). Human evidence boxes are never read. Outputs in --out: raw.jsonl (resumab
 (self-zoom SFT/GRPO), actions.jsonl (external crop-set policy SFT: NO_CROPS / GET_CROPS), curation.json.
 judges (--judge):
   metric[:NAME]   the dataset metric: LR iff score(low) >= 0.5 or >= score(high). Default: metric:contains
-  llm:MODEL       an OpenAI-compatible LLM judge ($OPENAI_BASE_URL, $OPENAI_API_KEY); prompt in curate_awares.py
+  llm:MODEL       an OpenAI-compatible LLM judge ($OPENAI_BASE_URL, $OPENAI_API_KEY); its prompt:
+                  JUDGE_PROMPT in zoomvlm/awares/curation.py
 """
 
 
@@ -150,7 +151,8 @@ def add_commands(sub) -> None:
     p.add_argument("--judge", default="metric:contains", help="metric[:NAME] or llm:MODEL. Default: %(default)s")
     p.add_argument("--grounder", choices=("ocr", "vlm"), default="ocr", help="boxes HR evidence. Default: ocr")
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct", help="grounding VLM for --grounder vlm")
-    p.add_argument("--ocr-budget", default="side:2048", help="reading resolution of --grounder ocr")
+    p.add_argument("--ocr-budget", default="side:2048",
+                   help="reading resolution of --grounder ocr. Default: %(default)s")  # fmt: skip
     p.add_argument("--seeds", default=None, metavar="DIR",
                    help="replay seed boxes from a `zoomvlm curate boxes` output folder (same samples)")  # fmt: skip
     p.add_argument("--iou-threshold", type=unit_interval, default=0.2,

@@ -13,9 +13,12 @@ sample, and the files it writes hold only model-made boxes. Two grounders propos
 
 Files written by :func:`curate_boxes` into ``out_dir``:
 
+- ``raw.jsonl``: one line per sample as it is grounded, ``{"id", "seed_box", "found", "raw", "error"}`` (the
+  unexpanded box), so an interrupted run resumes where it stopped (a torn last line is redone).
+- ``settings.json``: the grounder and its settings; a resume under other settings is refused.
 - ``seeds.jsonl``: one line per sample, ``{"id", "seed_box", "box", "found", "grounder", "raw", "error"}``
-  (``seed_box`` and ``box`` normalised ``[x0, y0, x1, y1]``; ``box`` is after expansion). Written as samples
-  are grounded, so an interrupted run resumes where it stopped.
+  (``seed_box`` and ``box`` normalised ``[x0, y0, x1, y1]``; ``box`` is after expansion), written when every
+  sample is grounded (the expansion needs the areas of all of them).
 - ``sft.jsonl``: the SFT conversations, ``{"id", "image", "question", "prompt", "completion"}`` with
   ``prompt`` = one user turn ``[image, cropper_prompt(question)]`` and ``completion`` = one assistant turn
   ``"[x1, y1, x2, y2]."`` (integer percentages), TRL's conversational prompt-completion format.
@@ -146,8 +149,8 @@ class OCRGrounder:
             squashed = _squash(text)
             if not squashed:
                 continue
-            # partial_ratio aligns the shorter string inside the longer; require the line to be at least as
-            # long as the answer so a 2-character line cannot "contain" a long company name.
+            # partial_ratio aligns the shorter string inside the longer; require the line to be at least 0.8 of
+            # the answer's length so a 2-character line cannot "contain" a long company name.
             score = max(fuzz.partial_ratio(a, squashed) if len(squashed) >= 0.8 * len(a) else 0.0 for a in targets)
             scored.append((score, is_pair, text, box))
         best = max((s for s, *_ in scored), default=0.0)
