@@ -160,3 +160,47 @@ def test_sft_record_is_trl_prompt_completion():
     assert r["prompt"][0]["role"] == "user" and r["completion"][0]["role"] == "assistant"
     assert r["prompt"][0]["content"][1]["text"].startswith("What is the date?\nOutline the region")
     assert r["completion"][0]["content"][0]["text"] == "[0, 0, 100, 100]."
+
+
+class _Rows:
+    """A reader stand-in: the given rows of ``(text, (x0, y0, x1, y1))`` lines, in pixels of a 1000 x 1000 view."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def read(self, view):
+        from types import SimpleNamespace
+
+        def quad(x0, y0, x1, y1):
+            return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+        return [[SimpleNamespace(text=t, box=quad(*b)) for t, b in row] for row in self.rows]
+
+
+_RECEIPT = [
+    [("ITEM A", (0, 100, 300, 120)), ("5.00", (800, 100, 900, 120))],
+    [("TOTAL :", (0, 500, 300, 520)), ("RM", (600, 500, 650, 520)), ("39.80", (800, 500, 900, 520))],
+]
+
+
+@pytest.mark.parametrize(
+    "answer, rows, box, raw",
+    [
+        # an amount matches a whole number of equal value: not inside 19.00 / 41.00, and 39.8 = 39.80
+        ("9.00", [[("SUBTOTAL 19.00", (0, 100, 1000, 120))], [("TOTAL 9.00", (0, 500, 1000, 520))]],
+         [0.0, 0.5, 1.0, 0.52], "TOTAL 9.00"),
+        ("1.00", [[("Total Qty: 1.00", (0, 100, 1000, 120))], [("Change 41.00", (0, 300, 1000, 320))]],
+         [0.0, 0.1, 1.0, 0.12], "Total Qty: 1.00"),
+        ("39.80", [[("TOTAL 39.8", (0, 100, 1000, 120))]], [0.0, 0.1, 1.0, 0.12], "TOTAL 39.8"),
+        ("RM 39.80", _RECEIPT, [0.8, 0.5, 0.9, 0.52], "39.80"),
+        # a text answer the reader split over one row: that row's matching lines, not the row above too
+        ("TOTAL : RM", _RECEIPT, [0.0, 0.5, 0.65, 0.52], "TOTAL : RM 39.80"),
+    ],
+)  # fmt: skip
+def test_the_ocr_grounder_boxes_the_answer_and_only_it(answer, rows, box, raw):
+    from PIL import Image
+
+    from zoomvlm.cropvlm.curation import OCRGrounder
+
+    seed = OCRGrounder(reader=_Rows(rows)).ground(Image.new("RGB", (1000, 1000)), "q", [answer], key=answer)
+    assert seed.found and seed.box.as_list(3) == box and seed.raw == raw

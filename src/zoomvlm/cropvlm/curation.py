@@ -5,7 +5,8 @@ sample, and the files it writes hold only model-made boxes. Two grounders propos
 (image, question, answer):
 
 - :class:`OCRGrounder` (``ocr``): reads the image with the OCR reader and returns the union of the text
-  lines whose text fuzzily contains the answer (rapidfuzz ``partial_ratio`` on case-folded, space-free text);
+  lines whose text contains the answer (an amount: a number of equal value; other text: rapidfuzz
+  ``partial_ratio`` on case-folded, space-free text; a line, a row of lines, or two rows);
   the whole image when no line matches (counted as a failure).
 - :class:`VLMGrounder` (``vlm``): asks a grounding VLM (default Qwen2.5-VL-7B-Instruct) CropVLM's grounding
   prompt and parses ``bbox_2d`` in the pixel frame of the image the model saw, mapped back to the original
@@ -86,6 +87,49 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text.casefold())
 
 
+_CURRENCY = re.compile(r"^(?:rm|myr|usd|us\$|s\$|\$|eur|€|£)|(?:rm|myr|usd|eur|€|£)$")
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def _as_number(text: str) -> float | None:
+    """The value of an amount-like answer or token (squashed text: ``rm39.80``, ``1,050.00``, ``9``), else None.
+    A comma before exactly 3 digits groups thousands; any other comma is a decimal point (``39,80``)."""
+    bare = _CURRENCY.sub("", text)
+    if not _NUMBER.fullmatch(bare):
+        return None
+    bare = re.sub(r",(?=\d{3}(?!\d))", "", bare).replace(",", ".")
+    try:
+        return float(bare)
+    except ValueError:  # "1.2.3"
+        return None
+
+
+def _match(targets: Sequence[str], joined: str) -> tuple[float, tuple[int, int] | None]:
+    """``(score 0-100, (start, end) of the match in joined)`` of the best answer in a candidate's squashed text.
+
+    An amount-like answer matches only a whole number of equal value (``39.80`` = ``39.8``, ``RM 39.80`` in
+    ``TOTAL:39.80``; ``1.00`` is not inside ``41.00``, nor ``9.00`` inside ``19.00``): fuzzy matching has no token
+    boundaries, and one digit decides an amount. Other answers: rapidfuzz ``partial_ratio`` (the shorter string
+    aligned inside the longer), when the text is at least 0.8 of the answer's length (a 2-character line cannot
+    "contain" a long company name).
+    """
+    from rapidfuzz import fuzz
+
+    best: tuple[float, tuple[int, int] | None] = (0.0, None)
+    for a in targets:
+        value = _as_number(a)
+        if value is not None:
+            hit = next((m.span() for m in _NUMBER.finditer(joined) if _as_number(m.group()) == value), None)
+            if hit is not None:
+                return 100.0, hit
+            continue
+        if len(joined) >= 0.8 * len(a):
+            al = fuzz.partial_ratio_alignment(a, joined)
+            if al is not None and al.score > best[0]:
+                best = (al.score, (al.dest_start, al.dest_end))
+    return best
+
+
 class OCRGrounder:
     """``ocr``: the OCR reader finds the answer's text line(s); their union is the seed box.
 
@@ -133,32 +177,38 @@ class OCRGrounder:
 
     def ground(self, image: Image.Image, question: str, answers: Sequence[str], key: str = "") -> SeedBox:
         """The seed box of ``answers`` in ``image`` (``key`` identifies the image for the per-image cache)."""
-        from rapidfuzz import fuzz
 
         rows = self._lines(key or str(id(image)), image)
         targets = [_squash(a) for a in answers if _squash(a)]
         if not targets:
             return SeedBox(Box.full(), False, error="no non-empty answer")
-        # Candidates: every line, and every pair of adjacent rows joined (answers that wrap over two lines).
-        candidates: list[tuple[bool, str, Box]] = [(False, t, b) for row in rows for t, b in row]
-        for upper, lower in zip(rows, rows[1:], strict=False):
-            text = " ".join(t for t, _ in upper + lower)
-            candidates.append((True, text, _union([b for _, b in upper + lower])))
+        # Candidates, in order of preference: every line; every row of several lines joined (an answer the reader
+        # split, "RM" | "39.80"); every pair of adjacent rows joined (answers that wrap over two lines). The box
+        # of a joined candidate is the union of the lines the match falls in, not of its whole rows.
+        candidates: list[tuple[int, list[tuple[str, Box]]]] = [(0, [line]) for row in rows for line in row]
+        candidates += [(1, list(row)) for row in rows if len(row) > 1]
+        candidates += [(2, list(upper + lower)) for upper, lower in zip(rows, rows[1:], strict=False)]
         scored = []
-        for is_pair, text, box in candidates:
-            squashed = _squash(text)
-            if not squashed:
+        for kind, parts in candidates:
+            texts = [_squash(t) for t, _ in parts]
+            joined = "".join(texts)
+            if not joined:
                 continue
-            # partial_ratio aligns the shorter string inside the longer; require the line to be at least 0.8 of
-            # the answer's length so a 2-character line cannot "contain" a long company name.
-            score = max(fuzz.partial_ratio(a, squashed) if len(squashed) >= 0.8 * len(a) else 0.0 for a in targets)
-            scored.append((score, is_pair, text, box))
+            score, span = _match(targets, joined)
+            starts = [sum(len(x) for x in texts[:k]) for k in range(len(texts))]
+            hit = [b for (t, b), st, sq in zip(parts, starts, texts, strict=True)
+                   if span is None or (st < span[1] and st + len(sq) > span[0])]  # fmt: skip
+            scored.append((score, kind, " ".join(t for t, _ in parts), _union(hit or [b for _, b in parts])))
         best = max((s for s, *_ in scored), default=0.0)
         if best < self.threshold:
-            return SeedBox(Box.full(), False, error=f"answer not found by OCR (best partial_ratio {best:.0f})")
-        # Prefer single lines: a pair only enters when no single line matches as well.
-        single = [(s, t, b) for s, pair, t, b in scored if not pair and s >= best - 1.0]
-        chosen = single or [(s, t, b) for s, pair, t, b in scored if s >= best - 1.0][:1]
+            return SeedBox(Box.full(), False, error=f"answer not found by OCR (best match {best:.0f})")
+        # single lines within 1 point of the best are united (an amount on both the TOTAL and the CASH line);
+        # a joined row or pair only enters when no single line matches as well
+        for kind in (0, 1, 2):
+            chosen = [(s, t, b) for s, k, t, b in scored if k == kind and s >= best - 1.0]
+            if chosen:
+                chosen = chosen if kind == 0 else chosen[:1]
+                break
         return SeedBox(_union([b for *_, b in chosen]), True, raw=" | ".join(t for _, t, _ in chosen))
 
 
