@@ -120,11 +120,16 @@ def test_curation_refuses_to_resume_with_another_reading_budget_or_threshold(dem
             return SeedBox(Box(0.1, 0.1, 0.5, 0.2), True)
 
     curate_boxes(demo_samples[:1], Fixed(budget="side:2048", threshold=90), tmp_path, progress=False)
-    assert grounder_settings(Fixed()) == {"grounder": "ocr", "budget": "side:2048", "threshold": 90.0}
+    assert grounder_settings(Fixed()) == {"grounder": "ocr", "budget": "side:2048", "threshold": 90.0, "match": "v2"}
     with pytest.raises(ValueError, match="budget: 'side:2048' -> 'side:1024'"):
         curate_boxes(demo_samples[:2], Fixed(budget="side:1024", threshold=90), tmp_path, progress=False)
     with pytest.raises(ValueError, match="threshold: 90"):
         curate_boxes(demo_samples[:2], Fixed(budget="side:2048", threshold=50), tmp_path, progress=False)
+    # a curation started under the earlier matching rule (no "match" in its settings) is not continued
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "match"}))
+    with pytest.raises(ValueError, match="match"):
+        curate_boxes(demo_samples[:2], Fixed(budget="side:2048", threshold=90), tmp_path, progress=False)
 
 
 def test_curation_rejects_samples_without_answers(demo_samples, tmp_path):

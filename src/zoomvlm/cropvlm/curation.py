@@ -155,7 +155,9 @@ class OCRGrounder:
 
     def settings(self) -> dict:
         """What makes this grounder's boxes (a resumed curation must match them, :func:`start_curation`)."""
-        return {"budget": str(self.budget), "threshold": self.threshold}
+        # "match": the matching rule; v2 reads amounts as numbers and boxes the matched lines of a row, so a
+        # curation started under the earlier rule is not continued under this one
+        return {"budget": str(self.budget), "threshold": self.threshold, "match": "v2"}
 
     @property
     def reader(self):
