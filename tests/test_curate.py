@@ -209,3 +209,34 @@ def test_the_ocr_grounder_boxes_the_answer_and_only_it(answer, rows, box, raw):
 
     seed = OCRGrounder(reader=_Rows(rows)).ground(Image.new("RGB", (1000, 1000)), "q", [answer], key=answer)
     assert seed.found and seed.box.as_list(3) == box and seed.raw == raw
+
+
+@pytest.mark.parametrize(
+    "answer, rows",
+    [
+        ("0012", [[("Total 12.00", (0, 100, 300, 120))], [("Cash 12.00", (0, 300, 300, 320))]]),  # digits, not 12
+        ("12.50", [[("1", (0, 100, 50, 120)), ("2.50", (800, 100, 900, 120))]]),  # two lines do not fuse
+        ("139.80", [[("ITEM 1", (0, 100, 300, 120))], [("39.80", (800, 300, 900, 320))]]),  # nor two rows
+        ("1.00", [[("COUNTER 1", (0, 100, 300, 120))]]),  # an amount is not an integer token
+    ],
+)  # fmt: skip
+def test_the_ocr_grounder_does_not_find_a_number_that_is_not_there(answer, rows):
+    from PIL import Image
+
+    from zoomvlm.cropvlm.curation import OCRGrounder
+
+    assert not OCRGrounder(reader=_Rows(rows)).ground(Image.new("RGB", (1000, 1000)), "q", [answer], key=answer).found
+
+
+def test_the_ocr_grounder_finds_numbers_beside_other_numbers_and_ids_with_zeros():
+    from PIL import Image
+
+    from zoomvlm.cropvlm.curation import OCRGrounder
+
+    def ground(answer, rows):
+        return OCRGrounder(reader=_Rows(rows)).ground(Image.new("RGB", (1000, 1000)), "q", [answer], key=answer)
+
+    assert ground("39.80", [[("2 19.90 39.80", (0, 100, 1000, 120))]]).found  # numbers of one line stay apart
+    assert ground("2018", [[("25/01/2018 1:22:56PM", (0, 100, 1000, 120))]]).found
+    ids = [[("Table 7", (0, 100, 300, 120))], [("Invoice No: 007", (0, 500, 500, 520))]]
+    assert ground("007", ids).raw == "Invoice No: 007"  # leading zeros count

@@ -213,7 +213,8 @@ def test_parse_get_crops_golden(text, keys):
 @pytest.mark.parametrize(
     "text, reason",
     [("GET_CROPS: ['9']", "unknown crop '9'"), ("GET_CROPS: []", "empty"), ("GET_CROPS please", "without a"),
-     ("GET_CROPS: [banana]", "unknown crop 'banana'"), ("I would call GET_CROP here", "without a")],
+     ("GET_CROPS: [banana]", "unknown crop 'banana'"), ("I would call GET_CROP here", "without a"),
+     ("GET CROPS: '3'", "without a"), ("get crops: 0, 5", "without a")],
 )  # fmt: skip
 def test_parse_get_crops_garbage_raises(text, reason):
     with pytest.raises(ToolCallError, match=reason):

@@ -158,7 +158,7 @@ def parse_get_crops(text: str) -> list[str] | None:
         if listed is not None:
             break
     if listed is None:
-        if all(m.group(1) == " " for m in mentions):  # the words in prose, not the call's token
+        if all(_in_prose(m, text) for m in mentions):  # the words in prose, not the call's token
             return None
         raise ToolCallError(f"GET_CROPS without a [...] list: {text.strip()[:80]!r}")
     items = [t.strip().strip("'\"").strip().lower() for t in listed.group(1).split(",")]
@@ -175,6 +175,16 @@ def parse_get_crops(text: str) -> list[str] | None:
         if key not in keys:
             keys.append(key)
     return keys
+
+
+def _in_prose(mention: re.Match, text: str) -> bool:
+    """A "get crops" mention that is plain words of an answer, not the call: spelled with a space, not in capitals,
+    and not followed by ``:`` or ``=`` (``GET CROPS: '3'`` is a malformed call, and counted as one)."""
+    return (
+        mention.group(1) == " "
+        and not mention.group(0).isupper()
+        and re.match(r"[\s*`]*[:=]", text[mention.end() :]) is None
+    )
 
 
 def format_get_crops(keys: Sequence[str]) -> str:

@@ -88,45 +88,66 @@ def _squash(text: str) -> str:
 
 
 _CURRENCY = re.compile(r"^(?:rm|myr|usd|us\$|s\$|\$|eur|€|£)|(?:rm|myr|usd|eur|€|£)$")
-_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\d.,])\d[\d,]*(?:\.\d+)?(?![\d])")
+"""A number token of a line: digits with thousands commas and a decimal part, never part of a longer number."""
 
 
-def _as_number(text: str) -> float | None:
-    """The value of an amount-like answer or token (squashed text: ``rm39.80``, ``1,050.00``, ``9``), else None.
-    A comma before exactly 3 digits groups thousands; any other comma is a decimal point (``39,80``)."""
+def _number_key(text: str, currency: bool = False) -> tuple[str, object] | None:
+    """How a number-like answer or token compares (squashed, case-folded text), else None.
+
+    ``("amount", Decimal)`` for a decimal amount (``39.80``, ``rm39.80``, ``1,050.00``) or a currency amount
+    (``rm39``): equal when the values are (``39.8`` = ``39.80``). ``("digits", str)`` for an integer without a
+    currency (a year, a quantity, an invoice number ``007``): equal only as the same digits. A comma before exactly
+    3 digits groups thousands; any other comma is a decimal point (``39,80``).
+    """
+    from decimal import Decimal, InvalidOperation
+
     bare = _CURRENCY.sub("", text)
-    if not _NUMBER.fullmatch(bare):
+    currency = currency or bare != text
+    if not re.fullmatch(r"\d[\d,]*(?:\.\d+)?", bare):
         return None
     bare = re.sub(r",(?=\d{3}(?!\d))", "", bare).replace(",", ".")
+    if "." not in bare and not currency:
+        return "digits", bare
     try:
-        return float(bare)
-    except ValueError:  # "1.2.3"
+        return "amount", Decimal(bare)
+    except InvalidOperation:  # "1.2.3"
         return None
 
 
-def _match(targets: Sequence[str], joined: str) -> tuple[float, tuple[int, int] | None]:
-    """``(score 0-100, (start, end) of the match in joined)`` of the best answer in a candidate's squashed text.
+def _match(targets: Sequence[str], texts: Sequence[str]) -> tuple[float, set[int] | None]:
+    """``(score 0-100, indices of the lines the match falls in)`` of the best answer in a candidate's lines.
 
-    An amount-like answer matches only a whole number of equal value (``39.80`` = ``39.8``, ``RM 39.80`` in
-    ``TOTAL:39.80``; ``1.00`` is not inside ``41.00``, nor ``9.00`` inside ``19.00``): fuzzy matching has no token
-    boundaries, and one digit decides an amount. Other answers: rapidfuzz ``partial_ratio`` (the shorter string
-    aligned inside the longer), when the text is at least 0.8 of the answer's length (a 2-character line cannot
-    "contain" a long company name).
+    A number-like answer (:func:`_number_key`) matches only a whole number token of one line that compares equal:
+    ``39.80`` = ``39.8`` and ``RM 39.80`` in ``TOTAL: 39.80``, but ``1.00`` is not inside ``41.00`` nor equal to
+    ``COUNTER 1``, ``9.00`` is not inside ``19.00``, ``007`` is not ``7``, and two numbers of a line or of two
+    lines never fuse (fuzzy matching has no token boundaries, and one digit decides an amount). Other answers:
+    rapidfuzz ``partial_ratio`` over the lines' squashed text joined (the shorter string aligned inside the
+    longer), when that text is at least 0.8 of the answer's length (a 2-character line cannot "contain" a long
+    company name).
     """
     from rapidfuzz import fuzz
 
-    best: tuple[float, tuple[int, int] | None] = (0.0, None)
+    squashed = [_squash(t) for t in texts]
+    joined = "".join(squashed)
+    starts = [sum(len(x) for x in squashed[:k]) for k in range(len(squashed))]
+    best: tuple[float, set[int] | None] = (0.0, None)
     for a in targets:
-        value = _as_number(a)
-        if value is not None:
-            hit = next((m.span() for m in _NUMBER.finditer(joined) if _as_number(m.group()) == value), None)
-            if hit is not None:
-                return 100.0, hit
+        key = _number_key(a)
+        if key is not None:
+            for k, text in enumerate(texts):
+                for m in _NUMBER.finditer(text.casefold()):
+                    before = text.casefold()[max(0, m.start() - 3) : m.start()].replace(" ", "")
+                    token = _number_key(m.group(), currency=bool(_CURRENCY.search(before)))
+                    if token == key:
+                        return 100.0, {k}
             continue
         if len(joined) >= 0.8 * len(a):
             al = fuzz.partial_ratio_alignment(a, joined)
             if al is not None and al.score > best[0]:
-                best = (al.score, (al.dest_start, al.dest_end))
+                hit = {k for k, (st, sq) in enumerate(zip(starts, squashed, strict=True))
+                       if st < al.dest_end and st + len(sq) > al.dest_start}  # fmt: skip
+                best = (al.score, hit)
     return best
 
 
@@ -192,14 +213,10 @@ class OCRGrounder:
         candidates += [(2, list(upper + lower)) for upper, lower in zip(rows, rows[1:], strict=False)]
         scored = []
         for kind, parts in candidates:
-            texts = [_squash(t) for t, _ in parts]
-            joined = "".join(texts)
-            if not joined:
+            if not "".join(_squash(t) for t, _ in parts):
                 continue
-            score, span = _match(targets, joined)
-            starts = [sum(len(x) for x in texts[:k]) for k in range(len(texts))]
-            hit = [b for (t, b), st, sq in zip(parts, starts, texts, strict=True)
-                   if span is None or (st < span[1] and st + len(sq) > span[0])]  # fmt: skip
+            score, lines = _match(targets, [t for t, _ in parts])
+            hit = [b for k, (_, b) in enumerate(parts) if lines is None or k in lines]
             scored.append((score, kind, " ".join(t for t, _ in parts), _union(hit or [b for _, b in parts])))
         best = max((s for s, *_ in scored), default=0.0)
         if best < self.threshold:
